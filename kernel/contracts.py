@@ -1,0 +1,356 @@
+"""The contract every provider speaks: OpenAI's chat-completions shape as the lingua franca.
+
+Requests refuse unknown fields (a typo such as ``temprature`` is an error naming the field, not a
+silently ignored option). Responses are built by providers from their vendor's wire format.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "AssistantMessage",
+    "ChatRequest",
+    "ChatResponse",
+    "Choice",
+    "ContentPart",
+    "EmbedRequest",
+    "EmbedResponse",
+    "FinishReason",
+    "FunctionCall",
+    "FunctionDefinition",
+    "ImagePart",
+    "ImageURL",
+    "JsonSchemaFormat",
+    "Message",
+    "NamedToolChoice",
+    "ResponseFormat",
+    "ResponseFormatJsonObject",
+    "ResponseFormatJsonSchema",
+    "ResponseFormatText",
+    "StreamDone",
+    "StreamError",
+    "StreamEvent",
+    "StreamStart",
+    "SystemMessage",
+    "TextDelta",
+    "TextPart",
+    "Tool",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolChoice",
+    "ToolMessage",
+    "Usage",
+    "UserMessage",
+    "message_text",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+# --- content parts -------------------------------------------------------------------------------
+
+
+class TextPart(_Strict):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ImageURL(_Strict):
+    url: str = Field(description="An https URL or a data: URL with base64 image bytes.")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"] = "image_url"
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+# --- messages ------------------------------------------------------------------------------------
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str = Field(description="JSON-encoded arguments, exactly as the model produced them.")
+
+    def parsed_arguments(self) -> Any:
+        return json.loads(self.arguments) if self.arguments else {}
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class SystemMessage(_Strict):
+    role: Literal["system"] = "system"
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class UserMessage(_Strict):
+    role: Literal["user"] = "user"
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class AssistantMessage(_Strict):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    name: str | None = None
+    refusal: str | None = None
+
+
+class ToolMessage(_Strict):
+    role: Literal["tool"] = "tool"
+    content: str | list[TextPart]
+    tool_call_id: str
+
+
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+
+
+def message_text(message: SystemMessage | UserMessage | AssistantMessage | ToolMessage) -> str:
+    """The text of a message, with parts joined and images left out."""
+    content = message.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.text for part in content if isinstance(part, TextPart))
+
+
+# --- tools and output formats --------------------------------------------------------------------
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class _NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"] = "function"
+    function: _NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatText(_Strict):
+    type: Literal["text"] = "text"
+
+
+class ResponseFormatJsonObject(_Strict):
+    type: Literal["json_object"] = "json_object"
+
+
+class ResponseFormatJsonSchema(_Strict):
+    type: Literal["json_schema"] = "json_schema"
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema, Field(discriminator="type")
+]
+
+
+# --- request -------------------------------------------------------------------------------------
+
+
+class ChatRequest(_Strict):
+    """One chat completion. ``model`` is the provider's own model name (routing has already happened)."""
+
+    model: str = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, gt=0)
+    stop: list[str] | None = Field(default=None, max_length=4)
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_choice_needs_tools(self) -> ChatRequest:
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = {tool.function.name for tool in self.tools or []}
+            if self.tool_choice.function.name not in names:
+                raise ValueError(
+                    f"tool_choice names {self.tool_choice.function.name!r}, which is not among the "
+                    f"tools offered ({sorted(names) or 'none'})"
+                )
+        elif self.tool_choice == "required" and not self.tools:
+            raise ValueError("tool_choice 'required' needs at least one tool")
+        return self
+
+    @property
+    def needs_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def needs_json_schema(self) -> bool:
+        return isinstance(self.response_format, ResponseFormatJsonSchema)
+
+    @property
+    def has_images(self) -> bool:
+        return any(
+            isinstance(m, UserMessage)
+            and not isinstance(m.content, str)
+            and any(isinstance(p, ImagePart) for p in m.content)
+            for m in self.messages
+        )
+
+
+# --- response ------------------------------------------------------------------------------------
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "error"]
+
+
+class Usage(BaseModel):
+    """Normalised token counts. ``cached_tokens`` are part of ``prompt_tokens``; ``reasoning_tokens``
+    are part of ``completion_tokens`` (OpenAI's convention; providers convert to it)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @model_validator(mode="after")
+    def _fill_total(self) -> Usage:
+        if not self.total_tokens:
+            self.total_tokens = self.prompt_tokens + self.completion_tokens
+        return self
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            total_tokens=self.total_tokens + other.total_tokens,
+            cached_tokens=self.cached_tokens + other.cached_tokens,
+            reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
+        )
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: FinishReason = "stop"
+
+
+class ChatResponse(BaseModel):
+    id: str
+    model: str
+    provider: str
+    created: int = 0
+    choices: list[Choice]
+    usage: Usage = Field(default_factory=Usage)
+
+    @property
+    def text(self) -> str:
+        """The first choice's text ('' when it only called tools)."""
+        return self.choices[0].message.content or "" if self.choices else ""
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        return list(self.choices[0].message.tool_calls or []) if self.choices else []
+
+    @property
+    def finish_reason(self) -> FinishReason:
+        return self.choices[0].finish_reason if self.choices else "error"
+
+
+# --- streaming -----------------------------------------------------------------------------------
+
+
+class StreamStart(BaseModel):
+    type: Literal["start"] = "start"
+    id: str
+    model: str
+    provider: str
+
+
+class TextDelta(BaseModel):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ToolCallDelta(BaseModel):
+    """A fragment of a tool call: the first fragment of a call carries ``id`` and ``name``."""
+
+    type: Literal["tool_call"] = "tool_call"
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+class StreamDone(BaseModel):
+    type: Literal["done"] = "done"
+    finish_reason: FinishReason
+    usage: Usage = Field(default_factory=Usage)
+
+
+class StreamError(BaseModel):
+    """The stream broke after it started. The answer so far is incomplete and must not be used."""
+
+    type: Literal["error"] = "error"
+    error_type: str
+    message: str
+    retryable: bool
+
+
+StreamEvent = Annotated[
+    StreamStart | TextDelta | ToolCallDelta | StreamDone | StreamError, Field(discriminator="type")
+]
+
+
+# --- embeddings ----------------------------------------------------------------------------------
+
+
+class EmbedRequest(_Strict):
+    model: str = Field(min_length=1)
+    input: list[str] = Field(min_length=1)
+    dimensions: int | None = Field(default=None, gt=0)
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    provider: str
+    embeddings: list[list[float]]
+    usage: Usage = Field(default_factory=Usage)

@@ -1,0 +1,232 @@
+"""The base class every provider plugin implements.
+
+A provider declares what it is (``name``, ``version``, the kernel API range it was written for) and what
+it can do (``capabilities``) as class data, so the kernel can refuse a request the provider cannot serve
+before any network call. Transport is the plugin's business; the kernel never does I/O.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kernel.contracts import (
+    AssistantMessage,
+    ChatRequest,
+    ChatResponse,
+    Choice,
+    EmbedRequest,
+    EmbedResponse,
+    FinishReason,
+    FunctionCall,
+    StreamDone,
+    StreamError,
+    StreamEvent,
+    StreamStart,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+)
+from kernel.errors import MissingCredentials, StreamInterrupted, UnsupportedCapability
+
+__all__ = [
+    "KERNEL_API_VERSION",
+    "Capabilities",
+    "Provider",
+    "ProviderSettings",
+    "collect_stream",
+]
+
+KERNEL_API_VERSION = 1
+"""Bumped when the Provider contract changes incompatibly. Plugins declare the range they support."""
+
+
+class Capabilities(BaseModel):
+    """What a provider can do. ``json_schema_mode`` says how structured output is obtained:
+    ``native`` (the API enforces a schema), ``tool`` (a forced tool call carries the JSON), or ``none``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    chat: bool = True
+    stream: bool = True
+    tools: bool = True
+    json_schema: bool = True
+    json_schema_mode: Literal["native", "tool", "none"] = "native"
+    embeddings: bool = False
+    vision: bool = False
+
+    def names(self) -> list[str]:
+        return [
+            name
+            for name in ("chat", "stream", "tools", "json_schema", "embeddings", "vision")
+            if getattr(self, name)
+        ]
+
+
+class ProviderSettings(BaseModel):
+    """Per-worker configuration of one provider. Secrets live here and in the environment only; they
+    never enter workflow inputs, results or history."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_key: str | None = Field(default=None, repr=False)
+    base_url: str | None = None
+    timeout: float = Field(default=600.0, gt=0)
+    connect_timeout: float = Field(default=10.0, gt=0)
+    headers: dict[str, str] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Provider(ABC):
+    """A plugin that serves models of one LLM service."""
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "0.0.0"
+    kernel_api: ClassVar[tuple[int, int]] = (1, 1)
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    api_key_env: ClassVar[str | None] = None
+    """Environment variable the API key is read from when the settings give none."""
+    default_base_url: ClassVar[str | None] = None
+    description: ClassVar[str] = ""
+
+    def __init__(
+        self, *, settings: ProviderSettings | None = None, environ: Mapping[str, str] | None = None
+    ) -> None:
+        self.settings = settings or ProviderSettings()
+        self._environ = os.environ if environ is None else environ
+
+    # --- credentials and capability checks -------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        url = self.settings.base_url or self.default_base_url
+        if not url:
+            raise UnsupportedCapability(
+                f"provider {self.name!r} needs a base_url in its settings", provider=self.name
+            )
+        return url.rstrip("/")
+
+    def has_credentials(self) -> bool:
+        if self.api_key_env is None:
+            return True
+        return bool(self.settings.api_key or self._environ.get(self.api_key_env))
+
+    def api_key(self) -> str:
+        """The API key, or ``MissingCredentials`` naming the environment variable to set."""
+        key = self.settings.api_key or (self._environ.get(self.api_key_env) if self.api_key_env else None)
+        if not key:
+            raise MissingCredentials(
+                f"provider {self.name!r} has no API key: set the environment variable "
+                f"{self.api_key_env} on the worker (or api_key in the provider settings)",
+                provider=self.name,
+                env_var=self.api_key_env,
+            )
+        return key
+
+    def check_chat(self, request: ChatRequest, *, stream: bool = False) -> None:
+        """Refuse a request whose features the provider does not declare, before any network call."""
+        caps = self.capabilities
+        missing: list[str] = []
+        if not caps.chat:
+            missing.append("chat")
+        if stream and not caps.stream:
+            missing.append("stream")
+        if request.needs_tools and not caps.tools:
+            missing.append("tools")
+        if request.needs_json_schema and not caps.json_schema:
+            missing.append("json_schema")
+        if request.has_images and not caps.vision:
+            missing.append("vision")
+        if missing:
+            raise UnsupportedCapability(
+                f"provider {self.name!r} does not support {', '.join(missing)} "
+                f"(it supports: {', '.join(caps.names()) or 'nothing'})",
+                provider=self.name,
+                model=request.model,
+            )
+
+    def check_embed(self, request: EmbedRequest) -> None:
+        if not self.capabilities.embeddings:
+            raise UnsupportedCapability(
+                f"provider {self.name!r} does not offer embeddings "
+                f"(it supports: {', '.join(self.capabilities.names())})",
+                provider=self.name,
+                model=request.model,
+            )
+
+    # --- the calls -------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def chat(self, request: ChatRequest) -> ChatResponse:
+        """One completion. Raises a ``kernel.errors.ProviderError`` subclass on failure; never retries."""
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        """Typed stream events: ``StreamStart``, deltas, then ``StreamDone`` or ``StreamError``.
+
+        An error before the first event is raised; after it, it is yielded as ``StreamError``."""
+        raise UnsupportedCapability(f"provider {self.name!r} does not stream", provider=self.name)
+
+    async def embed(self, request: EmbedRequest) -> EmbedResponse:
+        self.check_embed(request)
+        raise UnsupportedCapability(f"provider {self.name!r} does not embed", provider=self.name)
+
+    async def aclose(self) -> None:
+        """Release connections. Called once when the worker stops."""
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "kernel_api": list(self.kernel_api),
+            "capabilities": self.capabilities.names(),
+            "json_schema_mode": self.capabilities.json_schema_mode,
+            "credentials_env": self.api_key_env,
+            "credentials_present": self.has_credentials(),
+            "description": self.description,
+        }
+
+
+async def collect_stream(events: AsyncIterator[StreamEvent], *, provider: str) -> ChatResponse:
+    """Assemble stream events into a ``ChatResponse``; a ``StreamError`` or a stream that ends
+    without ``StreamDone`` raises ``StreamInterrupted`` rather than returning a truncated answer."""
+    response_id, model = "", ""
+    text: list[str] = []
+    calls: dict[int, dict[str, Any]] = {}
+    done: StreamDone | None = None
+    async for event in events:
+        if isinstance(event, StreamStart):
+            response_id, model = event.id, event.model
+        elif isinstance(event, TextDelta):
+            text.append(event.text)
+        elif isinstance(event, ToolCallDelta):
+            call = calls.setdefault(event.index, {"id": "", "name": "", "arguments": []})
+            call["id"] = event.id or call["id"]
+            call["name"] = event.name or call["name"]
+            call["arguments"].append(event.arguments)
+        elif isinstance(event, StreamError):
+            raise StreamInterrupted(
+                f"the stream from {provider!r} broke off: {event.message}", provider=provider, model=model
+            )
+        elif isinstance(event, StreamDone):
+            done = event
+    if done is None:
+        raise StreamInterrupted(
+            f"the stream from {provider!r} ended without a finish reason", provider=provider, model=model
+        )
+    tool_calls = [
+        ToolCall(id=c["id"], function=FunctionCall(name=c["name"], arguments="".join(c["arguments"])))
+        for _, c in sorted(calls.items())
+    ]
+    finish: FinishReason = done.finish_reason
+    message = AssistantMessage(content="".join(text) or None, tool_calls=tool_calls or None)
+    return ChatResponse(
+        id=response_id,
+        model=model,
+        provider=provider,
+        choices=[Choice(message=message, finish_reason=finish)],
+        usage=done.usage,
+    )
