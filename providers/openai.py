@@ -1,0 +1,220 @@
+"""OpenAI chat completions and embeddings, and the base of every OpenAI-compatible service.
+
+The kernel's contract is OpenAI's own shape, so mapping is thin: the request is dumped as is (with
+``max_completion_tokens`` for reasoning models), responses and stream chunks are parsed into contracts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+from kernel.contracts import (
+    AssistantMessage,
+    ChatRequest,
+    ChatResponse,
+    Choice,
+    EmbedRequest,
+    EmbedResponse,
+    FinishReason,
+    FunctionCall,
+    StreamDone,
+    StreamEvent,
+    StreamStart,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
+from kernel.errors import ContentFiltered, MalformedResponse, error_from_status
+from kernel.provider import Capabilities
+from providers._http import HttpProvider, iter_sse
+
+__all__ = ["OpenAIProvider"]
+
+_FINISH_REASONS: dict[str | None, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "content_filter": "content_filter",
+    None: "stop",
+}
+_REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
+
+
+class OpenAIProvider(HttpProvider):
+    name = "openai"
+    version = "1.0.0"
+    kernel_api = (1, 1)
+    description = "OpenAI chat completions and embeddings (api.openai.com or any compatible base URL)"
+    capabilities = Capabilities(embeddings=True, vision=True, json_schema_mode="native")
+    api_key_env: ClassVar[str | None] = "OPENAI_API_KEY"
+    base_url_env: ClassVar[str | None] = "OPENAI_BASE_URL"
+    default_base_url: ClassVar[str | None] = "https://api.openai.com/v1"
+    chat_path: ClassVar[str] = "/chat/completions"
+    embeddings_path: ClassVar[str] = "/embeddings"
+    stream_usage: ClassVar[bool] = True
+    """Whether the service honours ``stream_options.include_usage`` (some compatible servers refuse it)."""
+
+    # --- calls -----------------------------------------------------------------------------------
+
+    async def chat(self, request: ChatRequest) -> ChatResponse:
+        self.check_chat(request)
+        data = await self._post_json(
+            self.chat_path, self._map_request(request, stream=False), model=request.model
+        )
+        return self._parse_response(data, request.model)
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        self.check_chat(request, stream=True)
+        return self._guard_stream(self._stream_events(request), model=request.model)
+
+    async def embed(self, request: EmbedRequest) -> EmbedResponse:
+        self.check_embed(request)
+        payload: dict[str, Any] = {"model": request.model, "input": request.input, "encoding_format": "float"}
+        if request.dimensions:
+            payload["dimensions"] = request.dimensions
+        data = await self._post_json(self.embeddings_path, payload, model=request.model)
+        try:
+            rows = sorted(data["data"], key=lambda row: row["index"])
+            vectors = [[float(x) for x in row["embedding"]] for row in rows]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._malformed(request.model, exc) from exc
+        return EmbedResponse(
+            model=str(data.get("model") or request.model),
+            provider=self.name,
+            embeddings=vectors,
+            usage=self._map_usage(data.get("usage")),
+        )
+
+    # --- mapping ---------------------------------------------------------------------------------
+
+    def _map_request(self, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
+        payload = request.model_dump(mode="json", exclude_none=True, by_alias=True)
+        max_tokens = payload.pop("max_tokens", None)
+        if max_tokens is not None:
+            reasoning = request.model.startswith(_REASONING_PREFIXES)
+            payload["max_completion_tokens" if reasoning else "max_tokens"] = max_tokens
+        if stream:
+            payload["stream"] = True
+            if self.stream_usage:
+                payload["stream_options"] = {"include_usage": True}
+        return payload
+
+    def _map_usage(self, usage: Any) -> Usage:
+        if not isinstance(usage, dict):
+            return Usage()
+        prompt_details = usage.get("prompt_tokens_details") or {}
+        completion_details = usage.get("completion_tokens_details") or {}
+        return Usage(
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            total_tokens=int(usage.get("total_tokens") or 0),
+            cached_tokens=int(prompt_details.get("cached_tokens") or 0),
+            reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
+        )
+
+    def _parse_response(self, data: Any, model: str) -> ChatResponse:
+        try:
+            choices = []
+            for raw in data["choices"]:
+                message = raw["message"]
+                calls = [
+                    ToolCall(
+                        id=c["id"],
+                        function=FunctionCall(
+                            name=c["function"]["name"], arguments=c["function"]["arguments"] or ""
+                        ),
+                    )
+                    for c in message.get("tool_calls") or []
+                ]
+                finish = _FINISH_REASONS.get(raw.get("finish_reason"), "stop")
+                choices.append(
+                    Choice(
+                        index=int(raw.get("index", 0)),
+                        message=AssistantMessage(
+                            content=message.get("content"),
+                            tool_calls=calls or None,
+                            refusal=message.get("refusal"),
+                        ),
+                        finish_reason=finish,
+                    )
+                )
+            response = ChatResponse(
+                id=str(data.get("id") or ""),
+                model=str(data.get("model") or model),
+                provider=self.name,
+                created=int(data.get("created") or 0),
+                choices=choices,
+                usage=self._map_usage(data.get("usage")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._malformed(model, exc) from exc
+        if not choices:
+            raise MalformedResponse(f"{self.name} answered without choices", provider=self.name, model=model)
+        if response.finish_reason == "content_filter" and not response.text and not response.tool_calls:
+            raise ContentFiltered(
+                f"{self.name} filtered the answer of model {model!r}", provider=self.name, model=model
+            )
+        return response
+
+    async def _stream_events(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        payload = self._map_request(request, stream=True)
+        finish: FinishReason | None = None
+        usage = Usage()
+        started = False
+        async with self._open_stream(self.chat_path, payload, model=request.model) as response:
+            async for sse in iter_sse(response):
+                if sse.data == "[DONE]":
+                    if finish is not None:
+                        yield StreamDone(finish_reason=finish, usage=usage)
+                    return
+                chunk = _loads(sse.data)
+                if isinstance(chunk.get("error"), dict):
+                    message, code = self._error_details(chunk, sse.data)
+                    raise self._stream_error(message, code, request.model)
+                if not started:
+                    started = True
+                    yield StreamStart(
+                        id=str(chunk.get("id") or ""),
+                        model=str(chunk.get("model") or request.model),
+                        provider=self.name,
+                    )
+                if chunk.get("usage"):
+                    usage = self._map_usage(chunk["usage"])
+                for choice in chunk.get("choices") or []:
+                    if choice.get("index", 0) != 0:
+                        continue
+                    delta = choice.get("delta") or {}
+                    if delta.get("content"):
+                        yield TextDelta(text=delta["content"])
+                    for call in delta.get("tool_calls") or []:
+                        function = call.get("function") or {}
+                        yield ToolCallDelta(
+                            index=int(call.get("index", 0)),
+                            id=call.get("id"),
+                            name=function.get("name"),
+                            arguments=function.get("arguments") or "",
+                        )
+                    if choice.get("finish_reason"):
+                        finish = _FINISH_REASONS.get(choice["finish_reason"], "stop")
+
+    def _stream_error(self, message: str, code: str | None, model: str) -> Exception:
+        status = 429 if code and "rate" in code else 500
+        return error_from_status(status, message, provider=self.name, model=model, code=code)
+
+    def _malformed(self, model: str, exc: Exception) -> MalformedResponse:
+        return MalformedResponse(
+            f"{self.name} answered with an unexpected shape ({type(exc).__name__}: {exc})",
+            provider=self.name,
+            model=model,
+        )
+
+
+def _loads(data: str) -> dict[str, Any]:
+    value = json.loads(data)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {data[:80]!r}")
+    return value
