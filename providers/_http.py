@@ -41,8 +41,7 @@ async def iter_sse(response: httpx.Response) -> AsyncIterator[ServerSentEvent]:
         if not line:
             if data:
                 yield ServerSentEvent(event, "\n".join(data))
-            event: str = "message"
-    data: list[str] = []
+            event, data = "message", []
             continue
         if line.startswith(":"):
             continue
