@@ -1,0 +1,142 @@
+"""The ``llm_chat`` activity: resolve a model through the registry and call its provider, once.
+
+Temporal owns retries: the provider never retries, and a kernel error leaves here as an
+``ApplicationError`` that says whether Temporal may retry it and after how long. API keys are read by
+the provider from the worker's environment or settings; they never enter inputs, results or history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import structlog
+from pydantic import BaseModel, Field
+from temporalio import activity
+
+from activities.errors import to_application_error
+from kernel.contracts import ChatRequest, ChatResponse, StreamEvent, TextDelta, ToolCallDelta
+from kernel.errors import KernelflowError
+from kernel.pricing import PriceTable
+from kernel.provider import collect_stream
+from kernel.registry import Registry
+
+__all__ = ["LLM_CHAT", "LlmActivities", "LlmCallInput", "LlmCallResult"]
+
+LLM_CHAT = "llm_chat"
+"""The activity's name: public API, never renamed."""
+
+_T = TypeVar("_T")
+_log = structlog.get_logger("kernelflow.activity")
+
+
+class LlmCallInput(BaseModel):
+    """One model call. ``model`` is ``provider/model`` or a worker alias; ``request.model`` is ignored
+    and replaced by the provider's own model name once resolved."""
+
+    model: str
+    request: ChatRequest
+    step_id: str = ""
+    pipeline: str = ""
+    stream: bool = False
+
+
+class LlmCallResult(BaseModel):
+    response: ChatResponse
+    model_ref: str = Field(description="The resolved provider/model that answered.")
+    provider: str
+    cost_usd: float | None = Field(description="None when the model's price is unknown.")
+    latency_ms: float
+
+
+class LlmActivities:
+    """Holds the worker's registry and prices; its bound methods are the activities."""
+
+    def __init__(
+        self, registry: Registry, *, prices: PriceTable | None = None, heartbeat_every: float = 5.0
+    ) -> None:
+        self.registry = registry
+        self.prices = prices or PriceTable()
+        self.heartbeat_every = heartbeat_every
+
+    @activity.defn(name=LLM_CHAT)
+    async def chat(self, call: LlmCallInput) -> LlmCallResult:
+        info = activity.info()
+        log = _log.bind(
+            workflow_id=info.workflow_id,
+            activity_id=info.activity_id,
+            step=call.step_id,
+            model=call.model,
+            attempt=info.attempt,
+        )
+        started = time.perf_counter()
+        try:
+            provider, model_name = self.registry.resolve(call.model)
+            request = call.request.model_copy(update={"model": model_name})
+            if call.stream:
+                response = await self._heartbeating(
+                    self._stream(provider.stream(request), provider.name), info.is_local
+                )
+            else:
+                provider.check_chat(request)
+                response = await self._heartbeating(provider.chat(request), info.is_local)
+        except KernelflowError as exc:
+            log.warning(
+                "llm call failed", error_type=type(exc).__name__, error=str(exc), retryable=exc.retryable
+            )
+            raise to_application_error(exc) from exc
+        latency_ms = (time.perf_counter() - started) * 1000
+        cost = self.prices.cost(provider.name, model_name, response.usage)
+        log.info(
+            "llm call finished",
+            provider=provider.name,
+            latency_ms=round(latency_ms, 1),
+            prompt_tokens=response.usage.prompt_tokens,
+            completion_tokens=response.usage.completion_tokens,
+            finish_reason=response.finish_reason,
+        )
+        return LlmCallResult(
+            response=response,
+            model_ref=f"{provider.name}/{model_name}",
+            provider=provider.name,
+            cost_usd=cost,
+            latency_ms=latency_ms,
+        )
+
+    async def _stream(self, events: Any, provider: str) -> ChatResponse:
+        received = 0
+
+        async def counted() -> Any:
+            nonlocal received
+            event: StreamEvent
+            async for event in events:
+                if isinstance(event, TextDelta | ToolCallDelta):
+                    received += 1
+                    if not activity.info().is_local:
+                        activity.heartbeat({"chunks": received})
+                yield event
+
+        return await collect_stream(counted(), provider=provider)
+
+    async def _heartbeating(self, work: Awaitable[_T], is_local: bool) -> _T:
+        """Await ``work`` while heartbeating, so a lost worker is noticed within the heartbeat timeout
+        and a cancelled workflow cancels the call (closing its connection)."""
+        task = asyncio.ensure_future(work)
+        if is_local:
+            return await task
+        interval = self.heartbeat_every
+        heartbeat_timeout = activity.info().heartbeat_timeout
+        if heartbeat_timeout:
+            interval = min(interval, heartbeat_timeout.total_seconds() / 3)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=interval)
+                if done:
+                    return task.result()
+                activity.heartbeat()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
