@@ -1,0 +1,54 @@
+"""Models each simulated vendor knows, so an unknown name fails the way the real cloud fails.
+
+Each wire module looks its vendor up in `KNOWN_MODELS`; a vendor's list is filled in alongside
+its wire module. Any name starting with `sim-` is known to every vendor, and a known name
+followed by a dated snapshot suffix (`gpt-4o-2024-08-06`) is known too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+__all__ = ["KNOWN_MODELS", "SIM_MODEL_PREFIX", "is_known_model", "models_for"]
+
+SIM_MODEL_PREFIX = "sim-"
+
+KNOWN_MODELS: dict[str, frozenset[str]] = {
+    "openai": frozenset(
+        {
+            "gpt-4o",
+            "gpt-4o-mini",
+            "gpt-4.1",
+            "gpt-4.1-mini",
+            "gpt-4.1-nano",
+            "gpt-5",
+            "gpt-5-mini",
+            "o3",
+            "o4-mini",
+            "text-embedding-3-small",
+            "text-embedding-3-large",
+        }
+    ),
+    # Filled in together with simulator/anthropic_wire.py, gemini_wire.py and ollama_wire.py.
+    "anthropic": frozenset(),
+    "gemini": frozenset(),
+    "ollama": frozenset(),
+}
+
+_SNAPSHOT_SUFFIX = re.compile(r"-\d{4}-\d{2}-\d{2}$")
+
+
+def is_known_model(vendor: str, model: str, extra: Iterable[str] = ()) -> bool:
+    """Whether `vendor` serves `model`; `extra` adds names configured at start."""
+    if model.startswith(SIM_MODEL_PREFIX):
+        return True
+    known = KNOWN_MODELS.get(vendor, frozenset())
+    extra_names = frozenset(extra)
+    base = _SNAPSHOT_SUFFIX.sub("", model)
+    return model in known or model in extra_names or base in known or base in extra_names
+
+
+def models_for(vendor: str, extra: Iterable[str] = ()) -> list[str]:
+    """The sorted model names listed by a vendor's models endpoint."""
+    return sorted(KNOWN_MODELS.get(vendor, frozenset()) | frozenset(extra))
