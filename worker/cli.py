@@ -1,0 +1,370 @@
+"""The ``kernelflow`` command: worker, dev, run, demo, providers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ApplicationError
+
+from kernel.errors import ConfigurationError, KernelflowError
+from kernel.pipeline import PipelineSpec, load_pipeline
+from worker.config import WorkerSettings, load_config
+from worker.logs import configure_logging
+from workflows.pipeline import PipelineResult, PipelineStatus
+
+__all__ = ["main"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_PIPELINE = REPO_ROOT / "examples" / "ticket-triage.yaml"
+DEMO_INPUTS = {
+    "ticket": "I was charged twice for my March invoice and the second charge is still pending. "
+    "Please refund it before Friday, or I will have to dispute it with my bank.",
+    "customer": "ACME Corp",
+}
+DEMO_FAULTS = [
+    # The primary drafting model is in an outage: every call answers 503, so the step falls back.
+    {"fault": "503", "model": "gpt-4.1", "retry_after": 0.2},
+]
+
+
+# --- progress ------------------------------------------------------------------------------------
+
+
+class Progress:
+    """Prints each step's transitions once, as a person reading a terminal wants them."""
+
+    def __init__(self, out: TextIO = sys.stderr) -> None:
+        self.out = out
+        self._seen: dict[str, tuple[str, str | None, int]] = {}
+
+    def __call__(self, status: PipelineStatus) -> None:
+        for step in status.steps:
+            key = (step.status, step.model, len(step.failures))
+            if self._seen.get(step.id) == key or step.status == "pending":
+                continue
+            previous = self._seen.get(step.id)
+            self._seen[step.id] = key
+            if (previous is not None and len(step.failures) > previous[2]) or (
+                previous is None and step.failures
+            ):
+                for failure in step.failures[(previous[2] if previous else 0) :]:
+                    self._line(
+                        f"  ! {step.id:<14} {failure.model} failed: {failure.error_type}: {_short(failure.message)}"
+                    )
+            if step.status == "running":
+                self._line(f"  … {step.id:<14} {step.model}")
+            elif step.status == "completed":
+                cost = "price unknown" if step.cost_usd is None else f"${step.cost_usd:.6f}"
+                self._line(f"  ✓ {step.id:<14} {step.model}  {step.usage.total_tokens} tokens  {cost}")
+            elif step.status in ("failed", "cancelled"):
+                self._line(f"  ✗ {step.id:<14} {step.status}" + (f": {step.error}" if step.error else ""))
+
+    def _line(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+
+def _short(text: str, limit: int = 140) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _print_result(result: PipelineResult, *, as_json: bool) -> None:
+    if as_json:
+        print(result.model_dump_json(indent=2))
+        return
+    print(f"\npipeline {result.pipeline}: {result.status}" + (f" ({result.reason})" if result.reason else ""))
+    for name, value in result.outputs.items():
+        rendered = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        print(f"\n  {name}:\n    " + "\n    ".join(str(rendered).splitlines() or [""]))
+    usage = result.usage
+    print(
+        f"\n  usage: {usage.prompt_tokens} prompt + {usage.completion_tokens} completion = {usage.total_tokens} tokens"
+        + (f" ({usage.cached_tokens} cached)" if usage.cached_tokens else "")
+    )
+    cost = f"${result.cost_usd:.6f}"
+    if result.cost_unknown_models:
+        cost += f" + unknown for {', '.join(result.cost_unknown_models)}"
+    print(f"  cost:  {cost}")
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+def _parse_inputs(pairs: Sequence[str], raw_json: str | None) -> dict[str, Any]:
+    inputs: dict[str, Any] = {}
+    if raw_json:
+        try:
+            loaded = json.loads(raw_json)
+        except ValueError as exc:
+            raise ConfigurationError(f"--input-json is not valid JSON: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigurationError("--input-json must be a JSON object of input names to values")
+        inputs.update(loaded)
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ConfigurationError(f"--input takes name=value, got {pair!r}")
+        inputs[name] = value
+    return inputs
+
+
+def _coerce_inputs(spec: PipelineSpec, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``--input n=5`` arrives as text; convert it when the pipeline declares a non-string type."""
+    coerced = dict(inputs)
+    for name, value in inputs.items():
+        declared = spec.inputs.get(name)
+        if declared is None or declared.type == "string" or not isinstance(value, str):
+            continue
+        try:
+            coerced[name] = json.loads(value)
+        except ValueError:
+            coerced[name] = value
+    return coerced
+
+
+async def _cmd_run(args: argparse.Namespace) -> int:
+    from worker.app import build_registry, connect
+    from worker.client import check_models, follow, start_pipeline
+
+    settings = WorkerSettings.from_env(**_overrides(args))
+    spec = load_pipeline(args.pipeline)
+    inputs = _coerce_inputs(spec, _parse_inputs(args.input or [], args.input_json))
+    spec.resolve_inputs(inputs)
+    check_models(spec, build_registry(load_config(settings.config_file)))
+    client = await connect(settings.temporal_address, settings.namespace)
+    handle = await start_pipeline(
+        client, spec, inputs, task_queue=settings.task_queue, workflow_id=args.id, tenant=args.tenant
+    )
+    print(f"started {handle.id} on task queue {settings.task_queue}", file=sys.stderr)
+    if args.no_wait:
+        print(handle.id)
+        return 0
+    result = await follow(handle, None if args.json else Progress())
+    _print_result(result, as_json=args.json)
+    return 0 if result.status == "completed" else 3
+
+
+async def _cmd_worker(args: argparse.Namespace) -> int:
+    from worker.app import run_worker
+
+    settings = WorkerSettings.from_env(**_overrides(args))
+    configure_logging(settings.log_format, settings.log_level)
+    await run_worker(settings)
+    return 0
+
+
+def _cmd_providers(args: argparse.Namespace) -> int:
+    from worker.app import build_registry
+
+    settings = WorkerSettings.from_env()
+    registry = build_registry(load_config(settings.config_file))
+    rows = registry.describe()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'provider':<14} {'version':<8} {'api':<5} {'credentials':<34} capabilities")
+    for row in rows:
+        env = row["credentials_env"]
+        creds = (
+            "not needed"
+            if env is None
+            else (f"{env} set" if row["credentials_present"] else f"{env} MISSING")
+        )
+        api = "{}..{}".format(*row["kernel_api"])
+        print(f"{row['name']:<14} {row['version']:<8} {api:<5} {creds:<34} {', '.join(row['capabilities'])}")
+    if registry.aliases:
+        print("\naliases: " + ", ".join(f"{k} -> {v}" for k, v in sorted(registry.aliases.items())))
+    return 0
+
+
+def _free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise OSError("no free TCP port on 127.0.0.1")
+
+
+async def _cmd_dev(args: argparse.Namespace) -> int:
+    from simulator.server import SimulatorServer
+    from worker.app import build_registry, build_worker, connect, simulator_settings
+    from worker.devserver import DevServer
+    from worker.search_attributes import ensure_search_attributes
+
+    configure_logging("console", args.log_level)
+    settings = WorkerSettings.from_env()
+    stop = asyncio.Event()
+    _on_signals(stop)
+    sim = None if args.no_simulator else SimulatorServer(port=args.sim_port)
+    try:
+        overrides = simulator_settings(sim.start()) if sim is not None else None
+        async with DevServer(state_dir=args.state_dir, port=args.port, ui_port=args.ui_port) as server:
+            client = await connect(server.target, settings.namespace)
+            await ensure_search_attributes(client, settings.namespace)
+            registry = build_registry(load_config(settings.config_file), provider_settings=overrides)
+            worker = build_worker(client, task_queue=settings.task_queue, registry=registry)
+            async with worker:
+                print(f"Temporal   {server.target}  (namespace {settings.namespace}, data {server.db_path})")
+                print(f"Web UI     {server.ui_url}")
+                if sim is not None:
+                    print(
+                        f"Simulator  {sim.url}  (providers {', '.join(sorted(overrides or {}))} point here)"
+                    )
+                else:
+                    print(
+                        "Simulator  off: providers call the real clouds with the API keys in the environment"
+                    )
+                print(f"Worker     task queue {settings.task_queue}, providers: {', '.join(registry.names)}")
+                print("Ctrl-C stops everything.", flush=True)
+                await stop.wait()
+            await registry.aclose()
+    finally:
+        if sim is not None:
+            sim.stop()
+    return 0
+
+
+async def _cmd_demo(args: argparse.Namespace) -> int:
+    from simulator.core import SimulatorConfig
+    from simulator.server import SimulatorServer
+    from worker.app import build_registry, build_worker, connect, simulator_settings
+    from worker.client import follow, start_pipeline, workflow_url
+    from worker.devserver import DevServer
+
+    configure_logging("console", "error")
+    spec = load_pipeline(args.pipeline)
+    port, ui_port = _free_port(args.port), _free_port(args.ui_port)
+    print("Kernelflow demo: embedded Temporal server, LLM-cloud simulator and worker, all on 127.0.0.1")
+    with SimulatorServer(config=SimulatorConfig(faults=list(DEMO_FAULTS))) as sim:
+        async with DevServer(state_dir=args.state_dir, port=port, ui_port=ui_port) as server:
+            client = await connect(server.target)
+            registry = build_registry(provider_settings=simulator_settings(sim.url))
+            task_queue = "kernelflow-demo"
+            async with build_worker(client, task_queue=task_queue, registry=registry):
+                print(f"  Temporal {server.target} · Web UI {server.ui_url} · simulator {sim.url}")
+                print(f"  simulated outage: {DEMO_FAULTS[0]['model']} answers 503 on every call\n")
+                handle = await start_pipeline(client, spec, DEMO_INPUTS, task_queue=task_queue)
+                print(f"pipeline {spec.name} started as workflow {handle.id}", flush=True)
+                result = await follow(handle, Progress(sys.stdout))
+            await registry.aclose()
+            _print_result(result, as_json=False)
+            calls = sim.stats()
+            print(
+                f"  simulator served {calls['requests']} calls ({calls['faults_injected']} of them injected faults)"
+            )
+            print(
+                f"\n  Web UI of this run (while a server runs on this state, e.g. `kernelflow dev --ui-port {ui_port}`):"
+            )
+            print(f"    {workflow_url(server.ui_url or '', 'default', handle.id)}")
+    return 0 if result.status == "completed" else 3
+
+
+def _on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    keys = {
+        "address": "temporal_address",
+        "namespace": "namespace",
+        "task_queue": "task_queue",
+        "config": "config_file",
+    }
+    return {
+        target: getattr(args, src) for src, target in keys.items() if getattr(args, src, None) is not None
+    }
+
+
+# --- entry point ---------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kernelflow", description="Durable LLM pipelines on Temporal.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def temporal_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--address", help="Temporal frontend (env TEMPORAL_ADDRESS, default localhost:7233)")
+        p.add_argument("--namespace", help="Temporal namespace (env TEMPORAL_NAMESPACE, default default)")
+        p.add_argument("--task-queue", help="task queue (env KERNELFLOW_TASK_QUEUE, default kernelflow)")
+        p.add_argument("--config", help="YAML config file (env KERNELFLOW_CONFIG)")
+
+    worker = sub.add_parser("worker", help="run a worker against a Temporal server")
+    temporal_options(worker)
+
+    dev = sub.add_parser("dev", help="embedded Temporal dev server + simulator + worker, until Ctrl-C")
+    dev.add_argument("--port", type=int, default=7233)
+    dev.add_argument("--ui-port", type=int, default=8233)
+    dev.add_argument("--sim-port", type=int, default=8400)
+    dev.add_argument("--state-dir", default=".state")
+    dev.add_argument(
+        "--no-simulator", action="store_true", help="call the real clouds (keys from the environment)"
+    )
+    dev.add_argument("--log-level", default="info")
+
+    run = sub.add_parser("run", help="start a pipeline, show its progress, print its outputs")
+    run.add_argument("pipeline", help="pipeline YAML file")
+    run.add_argument("--input", action="append", metavar="NAME=VALUE", help="an input (repeatable)")
+    run.add_argument("--input-json", metavar="JSON", help="inputs as a JSON object")
+    run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.add_argument("--id", help="workflow id (default: pipeline name + random suffix)")
+    run.add_argument("--tenant", help="tenant, searchable in the Web UI as KernelflowTenant")
+    run.add_argument("--no-wait", action="store_true", help="print the workflow id and return at once")
+    temporal_options(run)
+
+    demo = sub.add_parser("demo", help="run the example pipeline on embedded everything, then stop")
+    demo.add_argument("--pipeline", default=str(DEMO_PIPELINE))
+    demo.add_argument("--port", type=int, default=7233)
+    demo.add_argument("--ui-port", type=int, default=8233)
+    demo.add_argument("--state-dir", default=".state")
+
+    providers = sub.add_parser("providers", help="list provider plugins, capabilities and credentials")
+    providers.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        if args.command == "providers":
+            return _cmd_providers(args)
+        handler = {"worker": _cmd_worker, "dev": _cmd_dev, "run": _cmd_run, "demo": _cmd_demo}[args.command]
+        return asyncio.run(handler(args))
+    except KeyboardInterrupt:
+        return 130
+    except KernelflowError as exc:
+        print(f"kernelflow: {exc}", file=sys.stderr)
+        return 2
+    except WorkflowFailureError as exc:
+        cause = exc.cause
+        while (
+            isinstance(cause, BaseException)
+            and cause.__cause__ is not None
+            and not isinstance(cause, ApplicationError)
+        ):
+            cause = cause.__cause__
+        print(f"kernelflow: pipeline failed: {cause}", file=sys.stderr)
+        return 3
+    except (OSError, RuntimeError) as exc:
+        print(f"kernelflow: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
