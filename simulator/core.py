@@ -352,6 +352,10 @@ class Simulator:
     def admit(self, request: SimRequest, *, header: str | None = None) -> Admission:
         """Count `request` and decide its fate from the directives in its messages and `header`.
 
+        The first applicable fault whose `times` budget is not spent wins, so
+        `[[sim: fault=429 times=1 key=a]] [[sim: fault=500 times=1 key=b]]` answers 429, then 500,
+        then succeeds.
+
         Raises `DirectiveError` when a directive cannot be read.
         """
         found: list[Directive] = []
@@ -361,8 +365,10 @@ class Simulator:
             if _MARKER in message.text:
                 found.extend(parse_directives(message.text))
         with self._lock:
-            active = [d for d in (*found, *self._rules) if d.applies_to(request) and self._spend(d)]
-            admission = _merge(active)
+            active = [d for d in dict.fromkeys((*found, *self._rules)) if d.applies_to(request)]
+            # `times` budgets the fault only: tags, replies and delays apply to every request.
+            faulting = next((d for d in active if d.fault is not None and self._spend(d)), None)
+            admission = _merge(active, faulting)
             self._requests += 1
             self._by_model[request.model] += 1
             self._by_wire[request.wire] += 1
@@ -380,16 +386,15 @@ class Simulator:
         return self._budgets[key] <= directive.times
 
 
-def _merge(active: list[Directive]) -> Admission:
+def _merge(active: list[Directive], faulting: Directive | None) -> Admission:
     if not active:
         return _NO_DIRECTIVES
     fault: Fault | None = None
     hang_seconds = DEFAULT_HANG_SECONDS
-    for d in active:
-        if d.fault is not None:
-            fault = Fault(d.fault, d.retry_after, d.retry_after_ms)
-            hang_seconds = d.hang_seconds if d.hang_seconds is not None else DEFAULT_HANG_SECONDS
-            break
+    if faulting is not None and faulting.fault is not None:
+        fault = Fault(faulting.fault, faulting.retry_after, faulting.retry_after_ms)
+        if faulting.hang_seconds is not None:
+            hang_seconds = faulting.hang_seconds
     return Admission(
         fault=fault,
         latency=_first(d.latency for d in active) or 0.0,
