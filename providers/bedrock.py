@@ -1,0 +1,572 @@
+"""Amazon Bedrock's Converse API (``/model/{id}/converse`` and ``/converse-stream``) and Titan embeddings.
+
+Requests are signed with AWS Signature Version 4 (``providers._sigv4``) from ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY`` and an optional ``AWS_SESSION_TOKEN``. The stream is AWS event-stream binary
+framing, decoded here with its CRCs checked. Structured output goes through a forced tool whose input
+schema is the requested JSON schema; its input comes back as the answer's text. Bedrock reports
+``inputTokens`` without the cache reads and writes, so they are added to ``prompt_tokens``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+import httpx
+
+from kernel.contracts import (
+    AssistantMessage,
+    ChatRequest,
+    ChatResponse,
+    Choice,
+    EmbedRequest,
+    EmbedResponse,
+    FinishReason,
+    FunctionCall,
+    ImagePart,
+    Message,
+    NamedToolChoice,
+    ResponseFormatJsonObject,
+    ResponseFormatJsonSchema,
+    StreamDone,
+    StreamEvent,
+    StreamStart,
+    SystemMessage,
+    TextDelta,
+    TextPart,
+    ToolCall,
+    ToolCallDelta,
+    ToolMessage,
+    Usage,
+    UserMessage,
+    message_text,
+)
+from kernel.errors import (
+    ContentFiltered,
+    InvalidRequest,
+    MalformedResponse,
+    MissingCredentials,
+    ProviderError,
+    StreamInterrupted,
+    error_from_status,
+)
+from kernel.provider import Capabilities
+from providers._http import HttpProvider
+from providers._sigv4 import AwsCredentials, EventStreamDecoder, EventStreamMessage, sign
+
+__all__ = ["BedrockProvider"]
+
+_FINISH_REASONS: dict[str | None, FinishReason] = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "tool_use": "tool_calls",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "guardrail_intervened": "content_filter",
+    "content_filtered": "content_filter",
+    "malformed_model_output": "error",
+    "malformed_tool_use": "error",
+    None: "stop",
+}
+# AWS error type -> the HTTP status whose kernel class fits it (Bedrock's own statuses disagree in places:
+# ModelNotReadyException is a 429 but means the model is loading; a bad access key is a 403).
+_ERROR_STATUS: dict[str, int] = {
+    "ThrottlingException": 429,
+    "ServiceQuotaExceededException": 429,
+    "ServiceUnavailableException": 503,
+    "ModelNotReadyException": 503,
+    "ValidationException": 400,
+    "AccessDeniedException": 403,
+    "ResourceNotFoundException": 404,
+    "UnrecognizedClientException": 401,
+    "InvalidSignatureException": 401,
+    "ExpiredTokenException": 401,
+    "IncompleteSignatureException": 401,
+    "MissingAuthenticationTokenException": 401,
+    "ModelTimeoutException": 408,
+    "InternalServerException": 500,
+    "ModelErrorException": 500,
+    "ModelStreamErrorException": 500,
+}
+_IMAGE_FORMATS = {
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "image/jpg": "jpeg",
+    "image/gif": "gif",
+    "image/webp": "webp",
+}
+_JSON_OBJECT_TOOL = "json_object"
+
+
+# --- the provider --------------------------------------------------------------------------------
+
+
+class BedrockProvider(HttpProvider):
+    name = "bedrock"
+    version = "1.0.0"
+    kernel_api = (1, 1)
+    description = "Amazon Bedrock Converse API (SigV4) and Titan text embeddings"
+    capabilities = Capabilities(embeddings=True, vision=True, json_schema_mode="tool")
+    api_key_env: ClassVar[str | None] = "AWS_ACCESS_KEY_ID"
+    secret_key_env: ClassVar[str] = "AWS_SECRET_ACCESS_KEY"
+    base_url_env: ClassVar[str | None] = "BEDROCK_ENDPOINT_URL"
+    service: ClassVar[str] = "bedrock"
+
+    # --- connection ------------------------------------------------------------------------------
+
+    @property
+    def region(self) -> str:
+        region = (
+            self.settings.options.get("region")
+            or self._environ.get("AWS_REGION")
+            or self._environ.get("AWS_DEFAULT_REGION")
+        )
+        if not region:
+            raise MissingCredentials(
+                f"provider {self.name!r} needs an AWS region: set the environment variable AWS_REGION "
+                "on the worker (or options.region in the provider settings)",
+                provider=self.name,
+                env_var="AWS_REGION",
+            )
+        return str(region)
+
+    @property
+    def base_url(self) -> str:
+        if self.settings.base_url:
+            return self.settings.base_url.rstrip("/")
+        override = self._environ.get("BEDROCK_ENDPOINT_URL")
+        if override:
+            return override.rstrip("/")
+        return f"https://bedrock-runtime.{self.region}.amazonaws.com"
+
+    def has_credentials(self) -> bool:
+        return bool(self._environ.get("AWS_ACCESS_KEY_ID") and self._environ.get(self.secret_key_env))
+
+    def credentials(self) -> AwsCredentials:
+        """The AWS keys, or ``MissingCredentials`` naming the variables to set."""
+        access = self._environ.get("AWS_ACCESS_KEY_ID")
+        secret = self._environ.get(self.secret_key_env)
+        if not access or not secret:
+            missing = [n for n, v in (("AWS_ACCESS_KEY_ID", access), (self.secret_key_env, secret)) if not v]
+            raise MissingCredentials(
+                f"provider {self.name!r} has no AWS credentials: set the environment variables "
+                f"{' and '.join(missing)} on the worker (AWS_SESSION_TOKEN too for temporary credentials)",
+                provider=self.name,
+                env_var=missing[0],
+            )
+        return AwsCredentials(access, secret, self._environ.get("AWS_SESSION_TOKEN") or None)
+
+    def _signed_request(self, path: str, payload: Mapping[str, Any], accept: str) -> httpx.Request:
+        credentials, region = self.credentials(), self.region
+        url = self._url(path)
+        body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        headers = {"content-type": "application/json", "accept": accept}
+        headers.update(
+            sign("POST", url, headers, body, credentials=credentials, region=region, service=self.service)
+        )
+        return self.client.build_request("POST", url, content=body, headers=headers)
+
+    async def _post_signed(self, path: str, payload: Mapping[str, Any], *, model: str) -> tuple[Any, str]:
+        request = self._signed_request(path, payload, "application/json")
+        try:
+            response = await self.client.send(request)
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, model) from exc
+        if response.status_code >= 400:
+            raise self._status_error(response, response.text, model)
+        try:
+            return response.json(), response.headers.get("x-amzn-requestid", "")
+        except ValueError as exc:
+            raise MalformedResponse(
+                f"{self.name} answered HTTP {response.status_code} with a body that is not JSON: {response.text[:200]!r}",
+                provider=self.name,
+                model=model,
+                status_code=response.status_code,
+            ) from exc
+
+    @asynccontextmanager
+    async def _open_signed_stream(
+        self, path: str, payload: Mapping[str, Any], *, model: str
+    ) -> AsyncIterator[httpx.Response]:
+        request = self._signed_request(path, payload, "application/vnd.amazon.eventstream")
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, model) from exc
+        try:
+            if response.status_code >= 400:
+                try:
+                    text = (await response.aread()).decode("utf-8", "replace")
+                except httpx.HTTPError:
+                    text = ""
+                raise self._status_error(response, text, model)
+            yield response
+        finally:
+            await response.aclose()
+
+    def _status_error(self, response: httpx.Response, text: str, model: str | None) -> ProviderError:
+        try:
+            body: Any = json.loads(text) if text else None
+        except ValueError:
+            body = None
+        error_type = _error_type(response.headers.get("x-amzn-errortype"), body)
+        message = body.get("message") or body.get("Message") if isinstance(body, dict) else None
+        return self._aws_error(error_type, str(message or text[:300] or "(empty body)"), model, response)
+
+    def _aws_error(
+        self, error_type: str, message: str, model: str | None, response: httpx.Response | None = None
+    ) -> ProviderError:
+        status = _ERROR_STATUS.get(error_type) or (response.status_code if response is not None else 500)
+        return error_from_status(
+            status,
+            f"{error_type}: {message}" if error_type else message,
+            provider=self.name,
+            model=model,
+            code=error_type or None,
+            headers=response.headers if response is not None else None,
+        )
+
+    # --- calls -----------------------------------------------------------------------------------
+
+    async def chat(self, request: ChatRequest) -> ChatResponse:
+        self.check_chat(request)
+        payload = self._map_request(request)
+        data, request_id = await self._post_signed(
+            _model_path(request.model, "converse"), payload, model=request.model
+        )
+        return self._parse_response(data, request, request_id)
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        self.check_chat(request, stream=True)
+        payload = self._map_request(request)
+        self.credentials()  # refuse before the first event when no keys or region are set
+        _ = self.region
+        return self._guard_stream(self._stream_events(request, payload), model=request.model)
+
+    async def embed(self, request: EmbedRequest) -> EmbedResponse:
+        self.check_embed(request)
+        if not request.model.startswith("amazon.titan-embed-text"):
+            raise InvalidRequest(
+                f"model {request.model!r}: {self.name} embeds with Amazon Titan text models only "
+                "(amazon.titan-embed-text-v2:0 or amazon.titan-embed-text-v1)",
+                provider=self.name,
+                model=request.model,
+            )
+        vectors: list[list[float]] = []
+        tokens = 0
+        for text in request.input:  # Titan embeds one text per call
+            payload: dict[str, Any] = {"inputText": text}
+            if request.dimensions:
+                payload["dimensions"] = request.dimensions
+            data, _ = await self._post_signed(
+                _model_path(request.model, "invoke"), payload, model=request.model
+            )
+            try:
+                vectors.append([float(x) for x in data["embedding"]])
+                tokens += int(data.get("inputTextTokenCount") or 0)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise self._malformed(request.model, exc) from exc
+        return EmbedResponse(
+            model=request.model, provider=self.name, embeddings=vectors, usage=Usage(prompt_tokens=tokens)
+        )
+
+    # --- mapping ---------------------------------------------------------------------------------
+
+    def _output_tool(self, request: ChatRequest) -> str | None:
+        """The name of the forced tool that carries structured output, if the request asks for it."""
+        if isinstance(request.response_format, ResponseFormatJsonSchema):
+            return request.response_format.json_schema.name
+        if isinstance(request.response_format, ResponseFormatJsonObject):
+            return _JSON_OBJECT_TOOL
+        return None
+
+    def _map_request(self, request: ChatRequest) -> dict[str, Any]:
+        system = [
+            {"text": message_text(m)}
+            for m in request.messages
+            if isinstance(m, SystemMessage) and message_text(m)
+        ]
+        payload: dict[str, Any] = {"messages": self._map_messages(request)}
+        if system:
+            payload["system"] = system
+        inference = {
+            "maxTokens": request.max_tokens,
+            "temperature": request.temperature,
+            "topP": request.top_p,
+            "stopSequences": request.stop,
+        }
+        inference = {key: value for key, value in inference.items() if value is not None}
+        if inference:
+            payload["inferenceConfig"] = inference
+        tool_config = self._map_tools(request, payload["messages"])
+        if tool_config:
+            payload["toolConfig"] = tool_config
+        return payload
+
+    def _map_tools(self, request: ChatRequest, messages: list[dict[str, Any]]) -> dict[str, Any] | None:
+        tools = [
+            {
+                "toolSpec": {
+                    "name": t.function.name,
+                    **({"description": t.function.description} if t.function.description else {}),
+                    "inputSchema": {"json": t.function.parameters},
+                }
+            }
+            for t in request.tools or []
+        ]
+        history_uses_tools = any("toolUse" in b or "toolResult" in b for m in messages for b in m["content"])
+        choice: dict[str, Any] | None = None
+        if request.tool_choice == "none":
+            # Bedrock wants the tools declared whenever the history holds tool blocks.
+            if not history_uses_tools:
+                tools = []
+        elif isinstance(request.tool_choice, NamedToolChoice):
+            choice = {"tool": {"name": request.tool_choice.function.name}}
+        elif request.tool_choice == "required":
+            choice = {"any": {}}
+        elif tools:
+            choice = {"auto": {}}
+        output_tool = self._output_tool(request)
+        if output_tool is not None:
+            schema: dict[str, Any] = {"type": "object"}
+            description = "Give the final answer as the input of this tool."
+            if isinstance(request.response_format, ResponseFormatJsonSchema):
+                schema = request.response_format.json_schema.json_schema
+                description = request.response_format.json_schema.description or description
+            offered = bool(tools) and request.tool_choice != "none"
+            tools.append(
+                {
+                    "toolSpec": {
+                        "name": output_tool,
+                        "description": description,
+                        "inputSchema": {"json": schema},
+                    }
+                }
+            )
+            choice = {"any": {}} if offered else {"tool": {"name": output_tool}}
+        if not tools:
+            return None
+        config: dict[str, Any] = {"tools": tools}
+        if choice is not None:
+            config["toolChoice"] = choice
+        return config
+
+    def _map_messages(self, request: ChatRequest) -> list[dict[str, Any]]:
+        """Converse messages alternate user and assistant: consecutive turns of one role are merged and
+        tool results travel as ``toolResult`` blocks of a user turn."""
+        turns: list[dict[str, Any]] = []
+        for index, message in enumerate(request.messages):
+            if isinstance(message, SystemMessage):
+                continue
+            role = "assistant" if message.role == "assistant" else "user"
+            blocks = self._map_blocks(message, index, request.model)
+            if not blocks:
+                continue
+            if turns and turns[-1]["role"] == role:
+                turns[-1]["content"].extend(blocks)
+            else:
+                turns.append({"role": role, "content": blocks})
+        return turns
+
+    def _map_blocks(self, message: Message, index: int, model: str) -> list[dict[str, Any]]:
+        where = f"messages[{index}]"
+        if isinstance(message, ToolMessage):
+            result = {"toolUseId": message.tool_call_id, "content": [{"text": message_text(message)}]}
+            return [{"toolResult": result}]
+        if isinstance(message, UserMessage):
+            if isinstance(message.content, str):
+                return [{"text": message.content}] if message.content else []
+            blocks: list[dict[str, Any]] = []
+            for part in message.content:
+                if isinstance(part, TextPart):
+                    if part.text:
+                        blocks.append({"text": part.text})
+                elif isinstance(part, ImagePart):
+                    blocks.append({"image": _image_block(part.image_url.url, where, model)})
+            return blocks
+        blocks = []
+        if isinstance(message, AssistantMessage):
+            if message.content:
+                blocks.append({"text": message.content})
+            for call in message.tool_calls or []:
+                try:
+                    arguments = call.function.parsed_arguments()
+                except ValueError as exc:
+                    raise InvalidRequest(
+                        f"{where}.tool_calls: the arguments of {call.function.name!r} are not valid JSON ({exc})",
+                        provider=self.name,
+                        model=model,
+                    ) from exc
+                blocks.append(
+                    {"toolUse": {"toolUseId": call.id, "name": call.function.name, "input": arguments}}
+                )
+        return blocks
+
+    def _map_usage(self, usage: Any) -> Usage:
+        if not isinstance(usage, dict):
+            return Usage()
+        cache_read = int(usage.get("cacheReadInputTokens") or 0)
+        cache_write = int(usage.get("cacheWriteInputTokens") or 0)
+        prompt = int(usage.get("inputTokens") or 0) + cache_read + cache_write
+        completion = int(usage.get("outputTokens") or 0)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cache_read)
+
+    def _parse_response(self, data: Any, request: ChatRequest, request_id: str) -> ChatResponse:
+        output_tool = self._output_tool(request)
+        try:
+            blocks = data["output"]["message"]["content"]
+            text: list[str] = []
+            calls: list[ToolCall] = []
+            for block in blocks:
+                if "text" in block:
+                    text.append(str(block["text"]))
+                elif "toolUse" in block:
+                    use = block["toolUse"]
+                    arguments = _dumps(use.get("input") or {})
+                    if use["name"] == output_tool:
+                        text = [arguments]
+                        continue
+                    calls.append(
+                        ToolCall(
+                            id=str(use["toolUseId"]),
+                            function=FunctionCall(name=str(use["name"]), arguments=arguments),
+                        )
+                    )
+            stop_reason = data.get("stopReason")
+            finish = _FINISH_REASONS.get(stop_reason, "stop")
+            if finish == "tool_calls" and not calls:
+                finish = "stop"  # only the structured-output tool was called
+            usage = self._map_usage(data.get("usage"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._malformed(request.model, exc) from exc
+        if finish == "content_filter" and not calls and not "".join(text):
+            raise ContentFiltered(
+                f"{self.name} filtered the answer of model {request.model!r} ({stop_reason})",
+                provider=self.name,
+                model=request.model,
+            )
+        message = AssistantMessage(content="".join(text) or None, tool_calls=calls or None)
+        return ChatResponse(
+            id=request_id or _fallback_id(data),
+            model=request.model,
+            provider=self.name,
+            choices=[Choice(message=message, finish_reason=finish)],
+            usage=usage,
+        )
+
+    async def _stream_events(
+        self, request: ChatRequest, payload: dict[str, Any]
+    ) -> AsyncIterator[StreamEvent]:
+        output_tool = self._output_tool(request)
+        decoder = EventStreamDecoder()
+        tool_index: dict[int, int] = {}  # content block index -> tool call ordinal
+        answer_blocks: set[int] = set()  # blocks carrying the structured-output tool's input
+        finish: FinishReason | None = None
+        started = False
+        path = _model_path(request.model, "converse-stream")
+        async with self._open_signed_stream(path, payload, model=request.model) as response:
+            request_id = response.headers.get("x-amzn-requestid", "")
+            async for chunk in response.aiter_bytes():
+                for message in decoder.feed(chunk):
+                    kind, body = self._event(message, request.model)
+                    if not started:
+                        started = True
+                        yield StreamStart(
+                            id=request_id or _fallback_id(body), model=request.model, provider=self.name
+                        )
+                    block = int(body.get("contentBlockIndex", 0))
+                    if kind == "contentBlockStart":
+                        use = (body.get("start") or {}).get("toolUse")
+                        if use and use.get("name") == output_tool:
+                            answer_blocks.add(block)
+                        elif use:
+                            tool_index[block] = len(tool_index)
+                            yield ToolCallDelta(
+                                index=tool_index[block], id=str(use["toolUseId"]), name=str(use["name"])
+                            )
+                    elif kind == "contentBlockDelta":
+                        delta = body.get("delta") or {}
+                        if "text" in delta:
+                            yield TextDelta(text=str(delta["text"]))
+                        elif "toolUse" in delta:
+                            fragment = str(delta["toolUse"].get("input") or "")
+                            if block in answer_blocks:
+                                yield TextDelta(text=fragment)
+                            elif block in tool_index:
+                                yield ToolCallDelta(index=tool_index[block], arguments=fragment)
+                    elif kind == "messageStop":
+                        finish = _FINISH_REASONS.get(body.get("stopReason"), "stop")
+                        if finish == "tool_calls" and not tool_index:
+                            finish = "stop"
+                    elif kind == "metadata" and finish is not None:
+                        yield StreamDone(finish_reason=finish, usage=self._map_usage(body.get("usage")))
+                        return
+        if decoder.pending:
+            raise StreamInterrupted(
+                f"{self.name} stream ended inside an event ({decoder.pending} bytes left over)",
+                provider=self.name,
+                model=request.model,
+            )
+        if finish is not None:
+            yield StreamDone(finish_reason=finish)
+
+    def _event(self, message: EventStreamMessage, model: str) -> tuple[str, dict[str, Any]]:
+        headers = message.headers
+        message_type = headers.get(":message-type", "event")
+        if message_type == "exception":
+            error_type = str(headers.get(":exception-type") or "InternalServerException")
+            body = _loads(message.payload) if message.payload else {}
+            error_type = error_type[:1].upper() + error_type[1:]
+            raise self._aws_error(error_type, str(body.get("message") or error_type), model)
+        if message_type == "error":
+            code = str(headers.get(":error-code") or "InternalServerException")
+            raise self._aws_error(code, str(headers.get(":error-message") or code), model)
+        return str(headers.get(":event-type") or ""), _loads(message.payload) if message.payload else {}
+
+    def _malformed(self, model: str, exc: Exception) -> MalformedResponse:
+        return MalformedResponse(
+            f"{self.name} answered with an unexpected shape ({type(exc).__name__}: {exc})",
+            provider=self.name,
+            model=model,
+        )
+
+
+def _model_path(model: str, action: str) -> str:
+    return f"/model/{quote(model, safe='')}/{action}"
+
+
+def _error_type(header: str | None, body: Any) -> str:
+    raw = header or (body.get("__type") if isinstance(body, dict) else None) or ""
+    return str(raw).split(":", 1)[0].rsplit("#", 1)[-1].strip()
+
+
+def _image_block(url: str, where: str, model: str) -> dict[str, Any]:
+    media_type, sep, data = url.partition(";base64,")
+    image_format = _IMAGE_FORMATS.get(media_type.removeprefix("data:").lower()) if sep else None
+    if not url.startswith("data:") or image_format is None:
+        raise InvalidRequest(
+            f"{where}: Bedrock takes images as base64 bytes, so an image_url must be a data: URL of a "
+            f"png, jpeg, gif or webp image, not {url[:60]!r}",
+            provider="bedrock",
+            model=model,
+        )
+    return {"format": image_format, "source": {"bytes": data}}
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _loads(payload: bytes) -> dict[str, Any]:
+    value = json.loads(payload)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {payload[:80]!r}")
+    return value
+
+
+def _fallback_id(data: Any) -> str:
+    return "bedrock-" + hashlib.blake2b(repr(data).encode(), digest_size=8).hexdigest()
