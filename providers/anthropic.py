@@ -1,0 +1,439 @@
+"""Anthropic's Messages API (``POST /v1/messages``).
+
+The kernel speaks OpenAI's shape, so the mapping is real work: system messages move to the top-level
+``system`` field, tool calls and tool results become ``tool_use`` / ``tool_result`` content blocks (tool
+results travel in a user turn, consecutive ones merged), ``max_tokens`` is always sent because Anthropic
+requires it, and usage is converted (Anthropic's ``input_tokens`` leaves out cache reads and writes).
+
+Structured output is native: ``output_config.format`` with a JSON schema. Models that predate it get the
+schema as a forced tool whose input is returned as the answer's text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+from kernel.contracts import (
+    AssistantMessage,
+    ChatRequest,
+    ChatResponse,
+    Choice,
+    FinishReason,
+    FunctionCall,
+    ImagePart,
+    NamedToolChoice,
+    ResponseFormatJsonObject,
+    ResponseFormatJsonSchema,
+    StreamDone,
+    StreamEvent,
+    StreamStart,
+    SystemMessage,
+    TextDelta,
+    TextPart,
+    ToolCall,
+    ToolCallDelta,
+    ToolMessage,
+    Usage,
+    UserMessage,
+    message_text,
+)
+from kernel.errors import ContentFiltered, InvalidRequest, MalformedResponse, ProviderError, error_from_status
+from kernel.provider import Capabilities
+from providers._http import HttpProvider, iter_sse
+
+__all__ = ["AnthropicProvider"]
+
+_FINISH_REASONS: dict[str | None, FinishReason] = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+    None: "stop",
+}
+# Anthropic's error types, for errors that arrive inside a stream without an HTTP status of their own.
+_ERROR_STATUS: dict[str, int] = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
+# Models without ``output_config.format``: structured output goes through a forced tool instead.
+_TOOL_SCHEMA_MODELS = re.compile(r"^claude-(3|instant|2|sonnet-4(-0|-\d{8}|$)|opus-4(-0|-1|-\d{8}|$))")
+_DATA_URL = re.compile(r"^data:(?P<media>[\w/+.-]+);base64,(?P<data>.*)$", re.DOTALL)
+_JSON_OBJECT_INSTRUCTION = "Answer with a single JSON object and nothing else."
+ANTHROPIC_VERSION = "2023-06-01"
+
+
+class AnthropicProvider(HttpProvider):
+    name = "anthropic"
+    version = "1.0.0"
+    kernel_api = (1, 1)
+    description = "Anthropic Messages API (api.anthropic.com or any compatible base URL); no embeddings"
+    capabilities = Capabilities(embeddings=False, vision=True, json_schema_mode="native")
+    api_key_env: ClassVar[str | None] = "ANTHROPIC_API_KEY"
+    base_url_env: ClassVar[str | None] = "ANTHROPIC_BASE_URL"
+    default_base_url: ClassVar[str | None] = "https://api.anthropic.com"
+    messages_path: ClassVar[str] = "/v1/messages"
+    default_max_tokens: ClassVar[int] = 4096
+    """Sent when the request gives no ``max_tokens`` (Anthropic refuses a request without one)."""
+
+    # --- connection ------------------------------------------------------------------------------
+
+    def _auth_headers(self) -> dict[str, str]:
+        return {"x-api-key": self.api_key(), "anthropic-version": ANTHROPIC_VERSION}
+
+    def _error_details(self, body: Any, text: str) -> tuple[str, str | None]:
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict) and isinstance(error.get("type"), str):
+            return str(error.get("message") or text[:300]), error["type"]
+        return super()._error_details(body, text)
+
+    # --- calls -----------------------------------------------------------------------------------
+
+    async def chat(self, request: ChatRequest) -> ChatResponse:
+        self.check_chat(request)
+        payload = self._map_request(request, stream=False)
+        data = await self._post_json(self.messages_path, payload, model=request.model)
+        return self._parse_response(data, request)
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        self.check_chat(request, stream=True)
+        payload = self._map_request(request, stream=True)
+        return self._guard_stream(self._stream_events(request, payload), model=request.model)
+
+    # --- request mapping -------------------------------------------------------------------------
+
+    def _map_request(self, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
+        """The Messages API body. Raises ``InvalidRequest`` naming the field for what Anthropic refuses."""
+        self.api_key()  # missing credentials are reported before anything else
+        system, messages = self._map_messages(request)
+        payload: dict[str, Any] = {
+            "model": request.model,
+            "max_tokens": request.max_tokens
+            or int(self.settings.options.get("max_tokens", 0) or 0)
+            or self.default_max_tokens,
+            "messages": messages,
+        }
+        if request.temperature is not None:
+            if request.temperature > 1:
+                raise InvalidRequest(
+                    f"temperature={request.temperature} is out of range for {self.name}: it accepts 0 to 1",
+                    provider=self.name,
+                    model=request.model,
+                )
+            payload["temperature"] = request.temperature
+        if request.top_p is not None:
+            payload["top_p"] = request.top_p
+        if request.stop:
+            payload["stop_sequences"] = list(request.stop)
+        if request.user:
+            payload["metadata"] = {"user_id": request.user}
+        tools = [
+            {
+                "name": tool.function.name,
+                **({"description": tool.function.description} if tool.function.description else {}),
+                "input_schema": tool.function.parameters,
+                **({"strict": tool.function.strict} if tool.function.strict is not None else {}),
+            }
+            for tool in request.tools or []
+        ]
+        tool_choice = self._map_tool_choice(request) if tools else None
+        response_format = request.response_format
+        if isinstance(response_format, ResponseFormatJsonSchema):
+            schema = response_format.json_schema
+            if self._schema_via_tool(request.model):
+                tools.append(
+                    {
+                        "name": schema.name,
+                        "description": schema.description or "Record the answer in this exact shape.",
+                        "input_schema": schema.json_schema,
+                    }
+                )
+                tool_choice = {"type": "tool", "name": schema.name}
+            else:
+                payload["output_config"] = {"format": {"type": "json_schema", "schema": schema.json_schema}}
+        elif isinstance(response_format, ResponseFormatJsonObject):
+            system = f"{system}\n\n{_JSON_OBJECT_INSTRUCTION}" if system else _JSON_OBJECT_INSTRUCTION
+        if system:
+            payload["system"] = system
+        if tools:
+            payload["tools"] = tools
+        if tool_choice is not None:
+            payload["tool_choice"] = tool_choice
+        if stream:
+            payload["stream"] = True
+        return payload
+
+    def _schema_via_tool(self, model: str) -> bool:
+        return bool(_TOOL_SCHEMA_MODELS.match(model))
+
+    def _map_tool_choice(self, request: ChatRequest) -> dict[str, Any] | None:
+        choice = request.tool_choice
+        mapped: dict[str, Any]
+        if isinstance(choice, NamedToolChoice):
+            mapped = {"type": "tool", "name": choice.function.name}
+        elif choice == "none":
+            return {"type": "none"}
+        elif choice == "required":
+            mapped = {"type": "any"}
+        elif choice == "auto" or request.parallel_tool_calls is False:
+            mapped = {"type": "auto"}
+        else:
+            return None
+        if request.parallel_tool_calls is False:
+            mapped["disable_parallel_tool_use"] = True
+        return mapped
+
+    def _map_messages(self, request: ChatRequest) -> tuple[str, list[dict[str, Any]]]:
+        """(system text, turns). Consecutive turns of one role are merged, so the tool results answering
+        one assistant turn arrive together in a single user turn, as Anthropic requires."""
+        system: list[str] = []
+        turns: list[dict[str, Any]] = []
+
+        def add(role: str, blocks: list[dict[str, Any]]) -> None:
+            if not blocks:
+                return
+            if turns and turns[-1]["role"] == role:
+                turns[-1]["content"].extend(blocks)
+            else:
+                turns.append({"role": role, "content": blocks})
+
+        for position, message in enumerate(request.messages):
+            if isinstance(message, SystemMessage):
+                system.append(message_text(message))
+            elif isinstance(message, UserMessage):
+                add("user", self._user_blocks(message, position, request.model))
+            elif isinstance(message, ToolMessage):
+                result: dict[str, Any] = {
+                    "type": "tool_result",
+                    "tool_use_id": message.tool_call_id,
+                    "content": message_text(message),
+                }
+                add("user", [result])
+            else:
+                blocks: list[dict[str, Any]] = []
+                if message.content:
+                    blocks.append({"type": "text", "text": message.content})
+                for call in message.tool_calls or []:
+                    blocks.append(
+                        {
+                            "type": "tool_use",
+                            "id": call.id,
+                            "name": call.function.name,
+                            "input": self._call_input(call, position, request.model),
+                        }
+                    )
+                add("assistant", blocks)
+        return "\n\n".join(s for s in system if s), turns
+
+    def _user_blocks(self, message: UserMessage, position: int, model: str) -> list[dict[str, Any]]:
+        if isinstance(message.content, str):
+            return [{"type": "text", "text": message.content}] if message.content else []
+        blocks: list[dict[str, Any]] = []
+        for part in message.content:
+            if isinstance(part, TextPart):
+                if part.text:
+                    blocks.append({"type": "text", "text": part.text})
+            elif isinstance(part, ImagePart):
+                blocks.append({"type": "image", "source": self._image_source(part, position, model)})
+        return blocks
+
+    def _image_source(self, part: ImagePart, position: int, model: str) -> dict[str, Any]:
+        url = part.image_url.url
+        if url.startswith("data:"):
+            match = _DATA_URL.match(url)
+            if match is None:
+                raise InvalidRequest(
+                    f"messages[{position}] has an image data: URL that is not base64 "
+                    f"('data:<media type>;base64,<bytes>' is required), got {url[:40]!r}",
+                    provider=self.name,
+                    model=model,
+                )
+            return {"type": "base64", "media_type": match["media"], "data": match["data"]}
+        return {"type": "url", "url": url}
+
+    def _call_input(self, call: ToolCall, position: int, model: str) -> dict[str, Any]:
+        try:
+            arguments = call.function.parsed_arguments()
+        except ValueError as exc:
+            raise InvalidRequest(
+                f"messages[{position}].tool_calls id {call.id!r} has arguments that are not JSON: {exc}",
+                provider=self.name,
+                model=model,
+            ) from exc
+        if not isinstance(arguments, dict):
+            raise InvalidRequest(
+                f"messages[{position}].tool_calls id {call.id!r} has arguments that are not a JSON object "
+                f"(Anthropic needs an object), got {call.function.arguments[:60]!r}",
+                provider=self.name,
+                model=model,
+            )
+        return arguments
+
+    # --- response mapping ------------------------------------------------------------------------
+
+    def _map_usage(self, usage: Any) -> Usage:
+        """Anthropic counts cache reads and writes apart from ``input_tokens``; the kernel counts them in."""
+        if not isinstance(usage, dict):
+            return Usage()
+        cache_read = int(usage.get("cache_read_input_tokens") or 0)
+        cache_write = int(usage.get("cache_creation_input_tokens") or 0)
+        details = usage.get("output_tokens_details") or {}
+        return Usage(
+            prompt_tokens=int(usage.get("input_tokens") or 0) + cache_read + cache_write,
+            completion_tokens=int(usage.get("output_tokens") or 0),
+            cached_tokens=cache_read,
+            reasoning_tokens=int(details.get("thinking_tokens") or 0) if isinstance(details, dict) else 0,
+        )
+
+    def _schema_tool_name(self, request: ChatRequest) -> str | None:
+        """The forced tool carrying structured output, when that is how this request asks for it."""
+        if isinstance(request.response_format, ResponseFormatJsonSchema) and self._schema_via_tool(
+            request.model
+        ):
+            return request.response_format.json_schema.name
+        return None
+
+    def _parse_response(self, data: Any, request: ChatRequest) -> ChatResponse:
+        model = request.model
+        schema_tool = self._schema_tool_name(request)
+        try:
+            if data.get("type") == "error":
+                raise self._stream_error(data, model)
+            text: list[str] = []
+            calls: list[ToolCall] = []
+            stop_reason = data.get("stop_reason")
+            for block in data["content"]:
+                kind = block["type"]
+                if kind == "text":
+                    text.append(block["text"])
+                elif kind == "tool_use" and block["name"] == schema_tool:
+                    text.append(json.dumps(block["input"], separators=(",", ":")))
+                    stop_reason = "end_turn" if stop_reason == "tool_use" else stop_reason
+                elif kind == "tool_use":
+                    arguments = json.dumps(block["input"], separators=(",", ":"))
+                    calls.append(
+                        ToolCall(
+                            id=block["id"], function=FunctionCall(name=block["name"], arguments=arguments)
+                        )
+                    )
+            finish = _FINISH_REASONS.get(stop_reason, "stop")
+            response = ChatResponse(
+                id=str(data.get("id") or ""),
+                model=str(data.get("model") or model),
+                provider=self.name,
+                choices=[
+                    Choice(
+                        message=AssistantMessage(content="".join(text) or None, tool_calls=calls or None),
+                        finish_reason=finish,
+                    )
+                ],
+                usage=self._map_usage(data.get("usage")),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise self._malformed(model, exc) from exc
+        if response.finish_reason == "content_filter" and not response.text and not response.tool_calls:
+            raise ContentFiltered(
+                f"{self.name} refused to answer with model {model!r}", provider=self.name, model=model
+            )
+        return response
+
+    async def _stream_events(
+        self, request: ChatRequest, payload: dict[str, Any]
+    ) -> AsyncIterator[StreamEvent]:
+        schema_tool = self._schema_tool_name(request)
+        usage: dict[str, Any] = {}
+        stop_reason: str | None = None
+        tool_index: dict[int, int] = {}  # content block index -> tool call ordinal
+        schema_blocks: set[int] = set()  # content blocks whose JSON input is the answer's text
+        sent_arguments: set[int] = set()
+        async with self._open_stream(self.messages_path, payload, model=request.model) as response:
+            try:
+                async for sse in iter_sse(response):
+                    if sse.event == "ping":
+                        continue
+                    event = _loads(sse.data)
+                    kind = event.get("type", sse.event)
+                    if kind == "error":
+                        raise self._stream_error(event, request.model)
+                    if kind == "message_start":
+                        message = event["message"]
+                        usage.update(message.get("usage") or {})
+                        yield StreamStart(
+                            id=str(message.get("id") or ""),
+                            model=str(message.get("model") or request.model),
+                            provider=self.name,
+                        )
+                    elif kind == "content_block_start":
+                        index, block = int(event["index"]), event["content_block"]
+                        if block.get("type") == "text" and block.get("text"):
+                            yield TextDelta(text=block["text"])
+                        elif block.get("type") == "tool_use" and block.get("name") == schema_tool:
+                            schema_blocks.add(index)
+                        elif block.get("type") == "tool_use":
+                            tool_index[index] = len(tool_index)
+                            yield ToolCallDelta(index=tool_index[index], id=block["id"], name=block["name"])
+                            if block.get("input"):
+                                sent_arguments.add(index)
+                                yield ToolCallDelta(
+                                    index=tool_index[index],
+                                    arguments=json.dumps(block["input"], separators=(",", ":")),
+                                )
+                    elif kind == "content_block_delta":
+                        index, delta = int(event["index"]), event["delta"]
+                        if delta.get("type") == "text_delta" and delta.get("text"):
+                            yield TextDelta(text=delta["text"])
+                        elif delta.get("type") == "input_json_delta" and delta.get("partial_json"):
+                            if index in schema_blocks:
+                                yield TextDelta(text=delta["partial_json"])
+                            elif index in tool_index:
+                                sent_arguments.add(index)
+                                yield ToolCallDelta(index=tool_index[index], arguments=delta["partial_json"])
+                    elif kind == "content_block_stop":
+                        index = int(event["index"])
+                        if index in tool_index and index not in sent_arguments:
+                            yield ToolCallDelta(index=tool_index[index], arguments="{}")
+                    elif kind == "message_delta":
+                        usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
+                        stop_reason = (event.get("delta") or {}).get("stop_reason") or stop_reason
+                    elif kind == "message_stop":
+                        if schema_blocks and stop_reason == "tool_use":
+                            stop_reason = "end_turn"
+                        yield StreamDone(
+                            finish_reason=_FINISH_REASONS.get(stop_reason, "stop"),
+                            usage=self._map_usage(usage),
+                        )
+                        return
+            except (KeyError, TypeError) as exc:
+                raise ValueError(f"unexpected event shape ({type(exc).__name__}: {exc})") from exc
+
+    def _stream_error(self, event: dict[str, Any], model: str) -> ProviderError:
+        message, code = self._error_details(event, json.dumps(event)[:300])
+        status = _ERROR_STATUS.get(code or "", 500)
+        return error_from_status(status, message, provider=self.name, model=model, code=code)
+
+    def _malformed(self, model: str, exc: Exception) -> MalformedResponse:
+        return MalformedResponse(
+            f"{self.name} answered with an unexpected shape ({type(exc).__name__}: {exc})",
+            provider=self.name,
+            model=model,
+        )
+
+
+def _loads(data: str) -> dict[str, Any]:
+    value = json.loads(data)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {data[:80]!r}")
+    return value
