@@ -14,6 +14,14 @@ __all__ = ["KNOWN_MODELS", "SIM_MODEL_PREFIX", "is_known_model", "models_for"]
 
 SIM_MODEL_PREFIX = "sim-"
 
+
+class _AnyName(frozenset[str]):
+    """Contains every name (and lists none): for vendors whose model names are user-chosen."""
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str)
+
+
 KNOWN_MODELS: dict[str, frozenset[str]] = {
     "openai": frozenset(
         {
@@ -31,9 +39,35 @@ KNOWN_MODELS: dict[str, frozenset[str]] = {
         }
     ),
     # Filled in together with simulator/anthropic_wire.py, gemini_wire.py and ollama_wire.py.
-    "anthropic": frozenset(),
-    "gemini": frozenset(),
+    # Anthropic dates its snapshots without dashes (`-20250929`), so they are listed by name.
+    "anthropic": frozenset(
+        {
+            "claude-opus-4-1",
+            "claude-opus-4-1-20250805",
+            "claude-sonnet-4-5",
+            "claude-sonnet-4-5-20250929",
+            "claude-sonnet-4",
+            "claude-sonnet-4-0",
+            "claude-sonnet-4-20250514",
+            "claude-haiku-4-5",
+            "claude-haiku-4-5-20251001",
+            "claude-3-5-haiku-latest",
+            "claude-3-5-haiku-20241022",
+        }
+    ),
+    "gemini": frozenset(
+        {
+            "gemini-2.5-pro",
+            "gemini-2.5-flash",
+            "gemini-2.5-flash-lite",
+            "gemini-2.0-flash",
+            "text-embedding-004",
+            "gemini-embedding-001",
+        }
+    ),
     "ollama": frozenset(),
+    # Azure deployments are named by their owner, so every deployment name is known.
+    "azure_openai": _AnyName(),
 }
 
 _SNAPSHOT_SUFFIX = re.compile(r"-\d{4}-\d{2}-\d{2}$")
