@@ -3,7 +3,7 @@
 A wire module (`simulator/<vendor>_wire.py`) subclasses `Wire` for its error shapes and exposes
 `routes(sim: Simulator) -> list[BaseRoute]`; each generation route calls `exchange`, which runs
 auth, parsing, directives, latency and faults, then renders through the wire's callbacks.
-Modules named in `WIRE_MODULES` are mounted when they exist.
+Every `simulator/*_wire.py` module is mounted: adding a vendor needs no change here.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import json
 import logging
+import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -37,7 +38,6 @@ from simulator.core import (
 
 __all__ = [
     "FAULT_HEADER",
-    "WIRE_MODULES",
     "ErrorReply",
     "JSONReply",
     "Reply",
@@ -48,6 +48,7 @@ __all__ = [
     "dump_json",
     "exchange",
     "quiet_server_logs",
+    "wire_modules",
 ]
 
 FAULT_HEADER = "x-sim-fault"
@@ -56,6 +57,7 @@ WIRE_MODULES = (
     "simulator.anthropic_wire",
     "simulator.gemini_wire",
     "simulator.ollama_wire",
+    "simulator.azure_wire",
 )
 _ABORT_MESSAGE = "ASGI callable returned without completing response."
 
@@ -246,6 +248,13 @@ def quiet_server_logs() -> None:
         logger.addFilter(_QuietAbort())
 
 
+def wire_modules() -> list[str]:
+    """The wire modules of this package (`simulator.<vendor>_wire`), in name order."""
+    package = __name__.rpartition(".")[0]
+    found = pkgutil.iter_modules(importlib.import_module(package).__path__)
+    return sorted(f"{package}.{m.name}" for m in found if m.name.endswith("_wire"))
+
+
 def create_app(config: SimulatorConfig | None = None, *, simulator: Simulator | None = None) -> Starlette:
     """The simulator's ASGI app; `app.state.simulator` holds its rules and statistics."""
     sim = simulator if simulator is not None else Simulator(config)
@@ -255,14 +264,8 @@ def create_app(config: SimulatorConfig | None = None, *, simulator: Simulator | 
         Route("/_sim/faults", _faults, methods=["GET", "POST"]),
         Route("/_sim/reset", _reset, methods=["POST"]),
     ]
-    for module_name in WIRE_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue
-            raise
-        routes.extend(module.routes(sim))
+    for module_name in wire_modules():
+        routes.extend(importlib.import_module(module_name).routes(sim))
     app = Starlette(routes=routes)
     app.state.simulator = sim
     return app

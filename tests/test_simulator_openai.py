@@ -11,6 +11,7 @@ from enum import StrEnum
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from pydantic import BaseModel
 
 from simulator.server import SimulatorProcess, SimulatorServer
@@ -30,7 +31,7 @@ async def client(sim: SimulatorServer) -> AsyncIterator[openai.AsyncOpenAI]:
         yield client
 
 
-def _user(text: str) -> list[dict[str, str]]:
+def _user(text: str) -> list[ChatCompletionMessageParam]:
     return [{"role": "user", "content": text}]
 
 
