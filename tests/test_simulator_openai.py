@@ -382,3 +382,15 @@ def test_simulator_process_serves_and_stops() -> None:
         assert completion.choices[0].message.content == "Simulated reply from gpt-4o: hi"
         assert process.stats()["requests"] == 2
         client.close()
+
+
+async def test_in_process_rules(sim: SimulatorServer, client: openai.AsyncOpenAI) -> None:
+    sim.add_faults([{"fault": "400", "match": "refuse me", "times": 1, "key": _key()}])
+    try:
+        with pytest.raises(openai.BadRequestError):
+            await client.chat.completions.create(model="gpt-4o", messages=_user("please refuse me"))
+        ok = await client.chat.completions.create(model="gpt-4o", messages=_user("please refuse me"))
+        assert ok.choices[0].finish_reason == "stop"
+    finally:
+        sim.reset()
+    assert sim.simulator.faults() == []
