@@ -156,7 +156,7 @@ async def test_missing_credentials_name_both_variables_before_any_call() -> None
 
 
 def test_unknown_option_is_refused_naming_it() -> None:
-    with pytest.raises(ConfigurationError, match="'api_verison'.*api_version"):
+    with pytest.raises(ConfigurationError, match=r"'api_verison'.*api_version"):
         AzureOpenAIProvider(settings=ProviderSettings(options={"api_verison": "2024-10-21"}), environ=ENV)
 
 

@@ -1,0 +1,216 @@
+"""Mistral's chat completions and embeddings (``api.mistral.ai/v1``).
+
+The wire is OpenAI's with a handful of differences, and only those are code here:
+``random_seed`` for ``seed``; ``tool_choice`` ``any`` for ``required``; tool call ids of exactly nine
+letters or digits (ids from other providers are rewritten consistently in the history); no ``user``,
+no message ``name`` outside tool messages and no ``stream_options`` (the last chunk carries usage
+anyway); ``model_length`` and ``error`` finish reasons; message content that may be a list of chunks
+(text and, for reasoning models, thinking); ``output_dimension`` for embedding dimensions; and 422
+validation errors whose ``message`` is an object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+from kernel.contracts import (
+    ChatRequest,
+    ChatResponse,
+    EmbedRequest,
+    EmbedResponse,
+    FinishReason,
+    StreamDone,
+    StreamEvent,
+    StreamStart,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
+from kernel.provider import Capabilities
+from providers._http import iter_sse
+from providers.openai import OpenAIProvider
+
+__all__ = ["MistralProvider", "mistral_tool_call_id"]
+
+_FINISH_REASONS: dict[str | None, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "model_length": "length",
+    "tool_calls": "tool_calls",
+    "error": "error",
+    None: "stop",
+}
+_TOOL_CHOICES = {"required": "any"}
+_TOOL_CALL_ID = re.compile(r"^[A-Za-z0-9]{9}$")
+_ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def mistral_tool_call_id(call_id: str) -> str:
+    """``call_id`` itself when Mistral accepts it, else a stable nine-character id derived from it,
+    so an assistant's tool call and the tool result that answers it still match."""
+    if _TOOL_CALL_ID.match(call_id):
+        return call_id
+    number = int.from_bytes(hashlib.blake2b(call_id.encode(), digest_size=8).digest(), "big")
+    chars = []
+    for _ in range(9):
+        number, digit = divmod(number, len(_ID_ALPHABET))
+        chars.append(_ID_ALPHABET[digit])
+    return "".join(chars)
+
+
+class MistralProvider(OpenAIProvider):
+    name = "mistral"
+    version = "1.0.0"
+    kernel_api = (1, 1)
+    description = "Mistral AI chat completions and embeddings (api.mistral.ai)"
+    capabilities = Capabilities(embeddings=True, vision=True, json_schema_mode="native")
+    api_key_env: ClassVar[str | None] = "MISTRAL_API_KEY"
+    base_url_env: ClassVar[str | None] = None
+    default_base_url: ClassVar[str | None] = "https://api.mistral.ai/v1"
+    stream_usage: ClassVar[bool] = False
+
+    async def embed(self, request: EmbedRequest) -> EmbedResponse:
+        self.check_embed(request)
+        payload: dict[str, Any] = {"model": request.model, "input": request.input, "encoding_format": "float"}
+        if request.dimensions:
+            payload["output_dimension"] = request.dimensions
+        data = await self._post_json(self.embeddings_path, payload, model=request.model)
+        try:
+            rows = sorted(data["data"], key=lambda row: row["index"])
+            vectors = [[float(x) for x in row["embedding"]] for row in rows]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._malformed(request.model, exc) from exc
+        return EmbedResponse(
+            model=str(data.get("model") or request.model),
+            provider=self.name,
+            embeddings=vectors,
+            usage=self._map_usage(data.get("usage")),
+        )
+
+    # --- mapping ---------------------------------------------------------------------------------
+
+    def _map_request(self, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
+        payload = super()._map_request(request, stream=stream)
+        if "max_completion_tokens" in payload:
+            payload["max_tokens"] = payload.pop("max_completion_tokens")
+        if "seed" in payload:
+            payload["random_seed"] = payload.pop("seed")
+        payload.pop("user", None)
+        choice = payload.get("tool_choice")
+        if isinstance(choice, str):
+            payload["tool_choice"] = _TOOL_CHOICES.get(choice, choice)
+        for message in payload["messages"]:
+            if message.get("role") != "tool":
+                message.pop("name", None)
+            for call in message.get("tool_calls") or []:
+                call["id"] = mistral_tool_call_id(call["id"])
+            if "tool_call_id" in message:
+                message["tool_call_id"] = mistral_tool_call_id(message["tool_call_id"])
+        return payload
+
+    def _parse_response(self, data: Any, model: str) -> ChatResponse:
+        raw_reasons: list[Any] = []
+        if isinstance(data, dict) and isinstance(data.get("choices"), list):
+            for choice in data["choices"]:
+                message = choice.get("message") if isinstance(choice, dict) else None
+                if isinstance(message, dict):
+                    if isinstance(message.get("content"), list):
+                        message["content"] = _chunks_text(message["content"]) or None
+                    for call in message.get("tool_calls") or []:
+                        function = call.get("function") if isinstance(call, dict) else None
+                        if isinstance(function, dict):
+                            function["arguments"] = _arguments_text(function.get("arguments"))
+                raw_reasons.append(choice.get("finish_reason") if isinstance(choice, dict) else None)
+        response = super()._parse_response(data, model)
+        for choice, raw in zip(response.choices, raw_reasons, strict=False):
+            choice.finish_reason = _FINISH_REASONS.get(raw, "stop")
+        return response
+
+    async def _stream_events(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        payload = self._map_request(request, stream=True)
+        finish: FinishReason | None = None
+        usage = Usage()
+        started = False
+        calls_seen = 0
+        async with self._open_stream(self.chat_path, payload, model=request.model) as response:
+            async for sse in iter_sse(response):
+                if sse.data == "[DONE]":
+                    break
+                chunk = json.loads(sse.data)
+                if not isinstance(chunk, dict):
+                    raise ValueError(f"expected a JSON object, got {sse.data[:80]!r}")
+                if chunk.get("object") == "error" or isinstance(chunk.get("error"), dict):
+                    message, code = self._error_details(chunk, sse.data)
+                    raise self._stream_error(message, code, request.model)
+                if not started:
+                    started = True
+                    yield StreamStart(
+                        id=str(chunk.get("id") or ""),
+                        model=str(chunk.get("model") or request.model),
+                        provider=self.name,
+                    )
+                if chunk.get("usage"):
+                    usage = self._map_usage(chunk["usage"])
+                for choice in chunk.get("choices") or []:
+                    if choice.get("index", 0) != 0:
+                        continue
+                    delta = choice.get("delta") or {}
+                    content = delta.get("content")
+                    text = _chunks_text(content) if isinstance(content, list) else content
+                    if text:
+                        yield TextDelta(text=text)
+                    for call in delta.get("tool_calls") or []:
+                        function = call.get("function") or {}
+                        index = call.get("index")
+                        if index is None:  # older responses number calls only by their order
+                            index = calls_seen
+                        if call.get("id"):
+                            calls_seen += 1
+                        yield ToolCallDelta(
+                            index=int(index),
+                            id=call.get("id"),
+                            name=function.get("name"),
+                            arguments=_arguments_text(function.get("arguments")),
+                        )
+                    if choice.get("finish_reason"):
+                        finish = _FINISH_REASONS.get(choice["finish_reason"], "stop")
+        if finish is not None:
+            yield StreamDone(finish_reason=finish, usage=usage)
+
+    def _error_details(self, body: Any, text: str) -> tuple[str, str | None]:
+        if isinstance(body, dict) and isinstance(body.get("message"), dict | list):
+            code = body.get("code") or body.get("type")
+            return _validation_message(body["message"]), None if code is None else str(code)
+        return super()._error_details(body, text)
+
+
+def _chunks_text(chunks: list[Any]) -> str:
+    """The text of a list of content chunks; thinking chunks are not part of the answer."""
+    return "".join(
+        str(chunk.get("text") or "")
+        for chunk in chunks
+        if isinstance(chunk, dict) and chunk.get("type") == "text"
+    )
+
+
+def _arguments_text(arguments: Any) -> str:
+    if arguments is None:
+        return ""
+    return arguments if isinstance(arguments, str) else json.dumps(arguments)
+
+
+def _validation_message(message: Any) -> str:
+    detail = message.get("detail") if isinstance(message, dict) else message
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, dict):
+                location = ".".join(str(p) for p in item.get("loc") or [] if p != "body")
+                parts.append(f"{location}: {item.get('msg')}" if location else str(item.get("msg")))
+        if parts:
+            return "; ".join(parts)
+    return json.dumps(message)[:300]
