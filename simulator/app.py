@@ -57,6 +57,7 @@ WIRE_MODULES = (
     "simulator.anthropic_wire",
     "simulator.gemini_wire",
     "simulator.ollama_wire",
+    "simulator.bedrock_wire",
     "simulator.azure_wire",
 )
 _ABORT_MESSAGE = "ASGI callable returned without completing response."

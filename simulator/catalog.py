@@ -65,7 +65,16 @@ KNOWN_MODELS: dict[str, frozenset[str]] = {
             "gemini-embedding-001",
         }
     ),
-    "ollama": frozenset(),
+    "ollama": frozenset({"llama3.2", "llama3.1:8b", "qwen2.5", "mistral", "nomic-embed-text"}),
+    "bedrock": frozenset(
+        {
+            "anthropic.claude-3-5-haiku-20241022-v1:0",
+            "anthropic.claude-sonnet-4-5-20250929-v1:0",
+            "amazon.nova-pro-v1:0",
+            "amazon.nova-lite-v1:0",
+            "amazon.titan-embed-text-v2:0",
+        }
+    ),
     # Azure deployments are named by their owner, so every deployment name is known.
     "azure_openai": _AnyName(),
 }
