@@ -30,6 +30,7 @@ keyword and ``__reduce__`` rebuilds from them.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import math
 import time
@@ -269,9 +270,12 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
     try:
         seconds = float(value)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value.strip() else None
-        if parsed is None:
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (ValueError, TypeError, IndexError, OverflowError):
             return None
+        if parsed.tzinfo is None:  # an HTTP date is always GMT
+            parsed = parsed.replace(tzinfo=datetime.UTC)
         seconds = parsed.timestamp() - (time.time() if now is None else now)
     if not math.isfinite(seconds):
         return None
