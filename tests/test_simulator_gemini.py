@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -24,21 +23,20 @@ class City(BaseModel):
     population: int
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[SimulatorServer]:
-    with SimulatorServer() as running:
-        yield running
-
-
 def make_client(url: str, api_key: str = "test-key") -> genai.Client:
     # attempts=1: the SDK must surface every error instead of retrying it
     options = types.HttpOptions(base_url=url, retry_options=types.HttpRetryOptions(attempts=1))
     return genai.Client(api_key=api_key, http_options=options)
 
 
-@pytest.fixture(scope="module")
-def client(server: SimulatorServer) -> genai.Client:
-    return make_client(server.url)
+@pytest.fixture
+def server(sim: SimulatorServer) -> SimulatorServer:
+    return sim
+
+
+@pytest.fixture
+def gemini(sim: SimulatorServer) -> genai.Client:
+    return make_client(sim.url)
 
 
 WEATHER = types.FunctionDeclaration(
@@ -53,8 +51,8 @@ WEATHER = types.FunctionDeclaration(
 NO_AUTO_CALLS = types.AutomaticFunctionCallingConfig(disable=True)
 
 
-async def test_generate_content_answers_with_text_usage_and_finish_reason(client: genai.Client) -> None:
-    response = await client.aio.models.generate_content(
+async def test_generate_content_answers_with_text_usage_and_finish_reason(gemini: genai.Client) -> None:
+    response = await gemini.aio.models.generate_content(
         model=MODEL,
         contents="What is the capital of France?",
         config=types.GenerateContentConfig(system_instruction="Answer briefly.", temperature=0.2),
@@ -69,8 +67,8 @@ async def test_generate_content_answers_with_text_usage_and_finish_reason(client
     assert response.model_version == MODEL
 
 
-async def test_max_output_tokens_cuts_the_answer_with_max_tokens(client: genai.Client) -> None:
-    response = await client.aio.models.generate_content(
+async def test_max_output_tokens_cuts_the_answer_with_max_tokens(gemini: genai.Client) -> None:
+    response = await gemini.aio.models.generate_content(
         model=MODEL,
         contents="Tell me a long story about a lighthouse keeper.",
         config=types.GenerateContentConfig(max_output_tokens=3),
@@ -81,10 +79,10 @@ async def test_max_output_tokens_cuts_the_answer_with_max_tokens(client: genai.C
     assert response.text is not None and len(response.text) <= 12
 
 
-async def test_stream_assembles_to_the_same_text_and_ends_with_finish_and_usage(client: genai.Client) -> None:
+async def test_stream_assembles_to_the_same_text_and_ends_with_finish_and_usage(gemini: genai.Client) -> None:
     prompt = "Name three rivers in Europe and say something about each of them."
-    whole = await client.aio.models.generate_content(model=MODEL, contents=prompt)
-    chunks = [c async for c in await client.aio.models.generate_content_stream(model=MODEL, contents=prompt)]
+    whole = await gemini.aio.models.generate_content(model=MODEL, contents=prompt)
+    chunks = [c async for c in await gemini.aio.models.generate_content_stream(model=MODEL, contents=prompt)]
 
     assert len(chunks) > 1
     assert "".join(c.text or "" for c in chunks) == whole.text
@@ -94,7 +92,7 @@ async def test_stream_assembles_to_the_same_text_and_ends_with_finish_and_usage(
     assert last.usage_metadata.candidates_token_count == whole.usage_metadata.candidates_token_count
 
 
-async def test_function_calling_round_trip(client: genai.Client) -> None:
+async def test_function_calling_round_trip(gemini: genai.Client) -> None:
     tools = [types.Tool(function_declarations=[WEATHER])]
     forced = types.ToolConfig(
         function_calling_config=types.FunctionCallingConfig(
@@ -102,7 +100,7 @@ async def test_function_calling_round_trip(client: genai.Client) -> None:
         )
     )
     question = types.Content(role="user", parts=[types.Part.from_text(text="Weather in Paris?")])
-    first = await client.aio.models.generate_content(
+    first = await gemini.aio.models.generate_content(
         model=MODEL,
         contents=[question],
         config=types.GenerateContentConfig(
@@ -120,7 +118,7 @@ async def test_function_calling_round_trip(client: genai.Client) -> None:
     answer = types.Part.from_function_response(
         name="get_weather", response={"output": "18 degrees and sunny"}
     )
-    second = await client.aio.models.generate_content(
+    second = await gemini.aio.models.generate_content(
         model=MODEL,
         contents=[question, first.candidates[0].content, types.Content(role="user", parts=[answer])],
         config=types.GenerateContentConfig(tools=tools, automatic_function_calling=NO_AUTO_CALLS),
@@ -130,8 +128,8 @@ async def test_function_calling_round_trip(client: genai.Client) -> None:
     assert second.text == f"Simulated reply from {MODEL}: 18 degrees and sunny"
 
 
-async def test_function_calling_mode_none_answers_in_text(client: genai.Client) -> None:
-    response = await client.aio.models.generate_content(
+async def test_function_calling_mode_none_answers_in_text(gemini: genai.Client) -> None:
+    response = await gemini.aio.models.generate_content(
         model=MODEL,
         contents="Weather in Paris?",
         config=types.GenerateContentConfig(
@@ -145,8 +143,8 @@ async def test_function_calling_mode_none_answers_in_text(client: genai.Client) 
     assert response.text == f"Simulated reply from {MODEL}: Weather in Paris?"
 
 
-async def test_response_schema_gives_parsed_json(client: genai.Client) -> None:
-    response = await client.aio.models.generate_content(
+async def test_response_schema_gives_parsed_json(gemini: genai.Client) -> None:
+    response = await gemini.aio.models.generate_content(
         model=MODEL,
         contents="Describe a large city.",
         config=types.GenerateContentConfig(response_mime_type="application/json", response_schema=City),
@@ -156,13 +154,13 @@ async def test_response_schema_gives_parsed_json(client: genai.Client) -> None:
     assert json.loads(response.text or "") == response.parsed.model_dump()
 
 
-async def test_response_json_schema_gives_json_of_that_shape(client: genai.Client) -> None:
+async def test_response_json_schema_gives_json_of_that_shape(gemini: genai.Client) -> None:
     schema = {
         "type": "object",
         "properties": {"tags": {"type": "array", "items": {"type": "string"}}, "score": {"type": "integer"}},
         "required": ["tags", "score"],
     }
-    response = await client.aio.models.generate_content(
+    response = await gemini.aio.models.generate_content(
         model=MODEL,
         contents="Tag this text.",
         config=types.GenerateContentConfig(
@@ -174,10 +172,10 @@ async def test_response_json_schema_gives_json_of_that_shape(client: genai.Clien
     assert isinstance(data["tags"], list) and isinstance(data["score"], int)
 
 
-async def test_embeddings_are_deterministic_unit_vectors(client: genai.Client) -> None:
-    first = await client.aio.models.embed_content(model="text-embedding-004", contents=["alpha", "beta"])
-    again = await client.aio.models.embed_content(model="text-embedding-004", contents=["alpha"])
-    small = await client.aio.models.embed_content(
+async def test_embeddings_are_deterministic_unit_vectors(gemini: genai.Client) -> None:
+    first = await gemini.aio.models.embed_content(model="text-embedding-004", contents=["alpha", "beta"])
+    again = await gemini.aio.models.embed_content(model="text-embedding-004", contents=["alpha"])
+    small = await gemini.aio.models.embed_content(
         model="gemini-embedding-001",
         contents=["alpha"],
         config=types.EmbedContentConfig(output_dimensionality=16),
@@ -202,45 +200,45 @@ async def test_embeddings_are_deterministic_unit_vectors(client: genai.Client) -
     ],
 )
 async def test_faults_surface_as_sdk_errors(
-    client: genai.Client, fault: str, error_class: type[errors.APIError], code: int, status: str
+    gemini: genai.Client, fault: str, error_class: type[errors.APIError], code: int, status: str
 ) -> None:
     with pytest.raises(error_class) as raised:
-        await client.aio.models.generate_content(model=MODEL, contents=f"hello [[sim: fault={fault}]]")
+        await gemini.aio.models.generate_content(model=MODEL, contents=f"hello [[sim: fault={fault}]]")
 
     assert raised.value.code == code
     assert raised.value.status == status
 
 
-async def test_rate_limit_carries_retry_info(client: genai.Client) -> None:
+async def test_rate_limit_carries_retry_info(gemini: genai.Client) -> None:
     with pytest.raises(errors.ClientError) as raised:
-        await client.aio.models.generate_content(model=MODEL, contents="hi [[sim: fault=429 retry_after=7]]")
+        await gemini.aio.models.generate_content(model=MODEL, contents="hi [[sim: fault=429 retry_after=7]]")
 
     details = raised.value.details["error"]["details"]
     assert {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"} in details
 
 
-async def test_context_length_is_an_invalid_argument_naming_the_token_limit(client: genai.Client) -> None:
+async def test_context_length_is_an_invalid_argument_naming_the_token_limit(gemini: genai.Client) -> None:
     with pytest.raises(errors.ClientError) as raised:
-        await client.aio.models.generate_content(model=MODEL, contents="hi [[sim: fault=context_length]]")
+        await gemini.aio.models.generate_content(model=MODEL, contents="hi [[sim: fault=context_length]]")
 
     assert raised.value.code == 400 and raised.value.status == "INVALID_ARGUMENT"
     assert "exceeds the maximum number of tokens allowed (1048576)" in (raised.value.message or "")
 
 
-async def test_unknown_model_is_not_found(client: genai.Client) -> None:
+async def test_unknown_model_is_not_found(gemini: genai.Client) -> None:
     with pytest.raises(errors.ClientError) as raised:
-        await client.aio.models.generate_content(model="gemini-0.1-imaginary", contents="hi")
+        await gemini.aio.models.generate_content(model="gemini-0.1-imaginary", contents="hi")
 
     assert raised.value.code == 404 and raised.value.status == "NOT_FOUND"
 
 
-async def test_content_filter_blocks_the_prompt_without_candidates(client: genai.Client) -> None:
-    response = await client.aio.models.generate_content(
+async def test_content_filter_blocks_the_prompt_without_candidates(gemini: genai.Client) -> None:
+    response = await gemini.aio.models.generate_content(
         model=MODEL, contents="hi [[sim: fault=content_filter]]"
     )
     chunks = [
         c
-        async for c in await client.aio.models.generate_content_stream(
+        async for c in await gemini.aio.models.generate_content_stream(
             model=MODEL, contents="hi [[sim: fault=content_filter]]"
         )
     ]
