@@ -104,6 +104,9 @@ class Registry:
             except Exception as exc:
                 raise PluginError(f"cannot load {source}: {type(exc).__name__}: {exc}") from exc
             for cls in _provider_classes(target, source):
+                existing = self._entries.get(getattr(cls, "name", ""))
+                if existing is not None and existing.source == source:
+                    continue  # already loaded from this entry point (factories build new classes per call)
                 before = set(self._entries)
                 self.register(cls, source=source)
                 added.extend(sorted(set(self._entries) - before))
