@@ -215,39 +215,50 @@ class HttpProvider(Provider):
         become a ``StreamError`` event; a stream that stops without ``StreamDone`` is an error too."""
         started = False
         try:
-            async for event in events:
-                started = True
-                yield event
-                if isinstance(event, StreamDone | StreamError):
-                    return
-        except ProviderError as exc:
+            try:
+                async for event in events:
+                    started = True
+                    yield event
+                    if isinstance(event, StreamDone | StreamError):
+                        return
+            except ProviderError as exc:
+                if not started:
+                    raise
+                yield StreamError(error_type=type(exc).__name__, message=str(exc), retryable=exc.retryable)
+                return
+            except httpx.HTTPError as exc:
+                error = self._transport_error(exc, model)
+                if not started:
+                    raise error from exc
+                interrupted = StreamInterrupted(
+                    f"{self.name} stream broke off: {error}", provider=self.name, model=model
+                )
+                yield StreamError(
+                    error_type=type(interrupted).__name__, message=str(interrupted), retryable=True
+                )
+                return
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                malformed = MalformedResponse(
+                    f"{self.name} sent a malformed stream chunk: {exc}", provider=self.name, model=model
+                )
+                if not started:
+                    raise malformed from exc
+                yield StreamError(
+                    error_type=type(malformed).__name__, message=str(malformed), retryable=False
+                )
+                return
             if not started:
-                raise
-            yield StreamError(error_type=type(exc).__name__, message=str(exc), retryable=exc.retryable)
-            return
-        except httpx.HTTPError as exc:
-            error = self._transport_error(exc, model)
-            if not started:
-                raise error from exc
-            interrupted = StreamInterrupted(
-                f"{self.name} stream broke off: {error}", provider=self.name, model=model
+                raise StreamInterrupted(
+                    f"{self.name} closed the stream before sending anything", provider=self.name, model=model
+                )
+            yield StreamError(
+                error_type="StreamInterrupted",
+                message=f"{self.name} stream ended without a finish reason (the answer is incomplete)",
+                retryable=True,
             )
-            yield StreamError(error_type=type(interrupted).__name__, message=str(interrupted), retryable=True)
-            return
-        except ValueError as exc:
-            malformed = MalformedResponse(
-                f"{self.name} sent a malformed stream chunk: {exc}", provider=self.name, model=model
-            )
-            if not started:
-                raise malformed from exc
-            yield StreamError(error_type=type(malformed).__name__, message=str(malformed), retryable=False)
-            return
-        if not started:
-            raise StreamInterrupted(
-                f"{self.name} closed the stream before sending anything", provider=self.name, model=model
-            )
-        yield StreamError(
-            error_type="StreamInterrupted",
-            message=f"{self.name} stream ended without a finish reason (the answer is incomplete)",
-            retryable=True,
-        )
+        finally:
+            # Closing the inner generator now (not at garbage collection) releases the HTTP connection
+            # when the consumer stops early.
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
