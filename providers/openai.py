@@ -80,7 +80,7 @@ class OpenAIProvider(HttpProvider):
         try:
             rows = sorted(data["data"], key=lambda row: row["index"])
             vectors = [[float(x) for x in row["embedding"]] for row in rows]
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise self._malformed(request.model, exc) from exc
         return EmbedResponse(
             model=str(data.get("model") or request.model),
@@ -150,7 +150,7 @@ class OpenAIProvider(HttpProvider):
                 choices=choices,
                 usage=self._map_usage(data.get("usage")),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise self._malformed(model, exc) from exc
         if not choices:
             raise MalformedResponse(f"{self.name} answered without choices", provider=self.name, model=model)
