@@ -296,7 +296,7 @@ def error_from_status(
     context-length or content-filter refusal is recognised whatever status the vendor chose."""
     haystack = f"{code or ''} {message} {body}".lower()
     cls: type[ProviderError]
-    if any(marker in haystack for marker in _CONTEXT_MARKERS):
+    if status_code in (400, 413, 422) and any(marker in haystack for marker in _CONTEXT_MARKERS):
         cls = ContextLengthExceeded
     elif status_code in (400, 403, 422) and any(marker in haystack for marker in _CONTENT_MARKERS):
         cls = ContentFiltered

@@ -45,7 +45,15 @@ class RetrySpec(_Spec):
     max_attempts: int = Field(default=4, ge=1, le=100)
     initial_interval_s: float = Field(default=1.0, gt=0, le=3600)
     backoff: float = Field(default=2.0, ge=1, le=10)
-    max_interval_s: float = Field(default=60.0, gt=0, le=86400)
+    max_interval_s: float | None = Field(default=None, gt=0, le=86400, description="Default: 100 x initial.")
+
+    @model_validator(mode="after")
+    def _interval_order(self) -> RetrySpec:
+        if self.max_interval_s is not None and self.max_interval_s < self.initial_interval_s:
+            raise ValueError(
+                f"max_interval_s ({self.max_interval_s}) must not be below initial_interval_s ({self.initial_interval_s})"
+            )
+        return self
 
 
 class InputSpec(_Spec):

@@ -103,7 +103,7 @@ def _retry_policy(spec: RetrySpec) -> RetryPolicy:
     return RetryPolicy(
         initial_interval=timedelta(seconds=spec.initial_interval_s),
         backoff_coefficient=spec.backoff,
-        maximum_interval=timedelta(seconds=spec.max_interval_s),
+        maximum_interval=None if spec.max_interval_s is None else timedelta(seconds=spec.max_interval_s),
         maximum_attempts=spec.max_attempts,
     )
 
