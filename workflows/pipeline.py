@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from temporalio import workflow
-from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.llm import LLM_CHAT, LlmCallInput, LlmCallResult
+    from activities.llm import LlmCallResult
     from kernel.contracts import ChatRequest, Usage
     from kernel.errors import PipelineError
-    from kernel.pipeline import LlmStep, PipelineSpec, RetrySpec, parse_pipeline
+    from kernel.pipeline import LlmStep, PipelineSpec, parse_pipeline
     from kernel.templating import render
     from workflows import search_attributes as sa
+    from workflows.calls import AllModelsFailed, CallOptions, ModelFailure, call_model
 
 __all__ = [
     "PIPELINE_WORKFLOW",
@@ -56,12 +55,6 @@ class PipelineRequest(BaseModel):
 
 class CancelRequest(BaseModel):
     reason: str = "cancelled by request"
-
-
-class ModelFailure(BaseModel):
-    model: str
-    error_type: str
-    message: str
 
 
 class StepState(BaseModel):
@@ -99,20 +92,11 @@ class PipelineResult(BaseModel):
     reason: str | None = None
 
 
-def _retry_policy(spec: RetrySpec) -> RetryPolicy:
-    return RetryPolicy(
-        initial_interval=timedelta(seconds=spec.initial_interval_s),
-        backoff_coefficient=spec.backoff,
-        maximum_interval=None if spec.max_interval_s is None else timedelta(seconds=spec.max_interval_s),
-        maximum_attempts=spec.max_attempts,
-    )
-
-
-def _failure_of(error: BaseException) -> tuple[str, str]:
-    cause = error.cause if isinstance(error, ActivityError) and error.cause is not None else error
-    if isinstance(cause, ApplicationError):
-        return cause.type or "ApplicationError", cause.message
-    return type(cause).__name__, str(cause)
+def _parse_json(result: LlmCallResult) -> Any:
+    try:
+        return json.loads(result.response.text)
+    except ValueError as exc:
+        raise ValueError(f"the answer is not JSON: {exc}") from exc
 
 
 @workflow.defn(name=PIPELINE_WORKFLOW)
@@ -200,83 +184,55 @@ class PipelineWorkflow:
             }
             for i, m in enumerate(step.message_templates())
         ]
-        candidates = [step.model, *step.fallbacks]
-        state.status = "running"
-        for number, model in enumerate(candidates, start=1):
-            request = self._chat_request(step, model, messages)
-            state.model = model
-            summary = f"{step.id} · {model}" + (
-                f" (fallback {number - 1} of {len(candidates) - 1})" if number > 1 else ""
-            )
-            self._details(position, step, summary)
-            call = LlmCallInput(
-                model=model, request=request, step_id=step.id, pipeline=spec.name, stream=step.stream
-            )
-            try:
-                result = await self._call(call, step, spec.retry, summary)
-            except ActivityError as err:
-                if self._cancel is not None or is_cancelled_exception(err):
-                    state.status = "cancelled"
-                    return
-                error_type, message = _failure_of(err)
-                state.failures.append(ModelFailure(model=model, error_type=error_type, message=message))
-                continue
-            output: Any = result.response.text
-            if step.output == "json":
-                try:
-                    output = json.loads(output)
-                except ValueError as exc:
-                    state.failures.append(
-                        ModelFailure(
-                            model=model, error_type="InvalidOutput", message=f"answer is not JSON: {exc}"
-                        )
-                    )
-                    continue
-            self._record(state, result, output)
-            context["steps"][step.id] = {
-                "output": output,
-                "text": result.response.text,
-                "model": result.model_ref,
-                "provider": result.provider,
-            }
-            return
-        tried = "; ".join(f"{f.model}: {f.error_type}: {f.message}" for f in state.failures)
-        state.status = "failed"
-        state.error = f"every model failed ({tried})"
-        raise self._fail(f"step {step.id!r} failed: {state.error}", error_type="StepFailed")
+        models = [step.model, *step.fallbacks]
+        request = self._chat_request(step, step.model, messages)
+        options = CallOptions(
+            timeout_s=step.timeout_s,
+            heartbeat_timeout_s=step.heartbeat_timeout_s,
+            retry=step.retry or spec.retry,
+            local_activity=step.local_activity,
+            stream=step.stream,
+        )
 
-    async def _call(
-        self, call: LlmCallInput, step: LlmStep, default_retry: RetrySpec, summary: str
-    ) -> LlmCallResult:
-        retry = _retry_policy(step.retry or default_retry)
-        timeout = timedelta(seconds=step.timeout_s)
-        if step.local_activity:
-            self._in_flight = asyncio.ensure_future(
-                workflow.execute_local_activity(
-                    LLM_CHAT,
-                    call,
-                    result_type=LlmCallResult,
-                    start_to_close_timeout=timeout,
-                    retry_policy=retry,
-                    summary=summary,
-                )
+        def on_attempt(model: str, number: int) -> None:
+            state.model = model
+            suffix = f" (fallback {number - 1} of {len(models) - 1})" if number > 1 else ""
+            self._details(position, f"{step.id} · {model}{suffix}")
+
+        state.status = "running"
+        self._in_flight = asyncio.ensure_future(
+            call_model(
+                models,
+                request,
+                options=options,
+                label=f"step {step.id!r}",
+                step_id=step.id,
+                pipeline=spec.name,
+                validate=_parse_json if step.output == "json" else None,
+                on_attempt=on_attempt,
+                on_failure=state.failures.append,
             )
-        else:
-            heartbeat = step.heartbeat_timeout_s or min(max(step.timeout_s / 4, 10.0), 60.0)
-            self._in_flight = workflow.start_activity(
-                LLM_CHAT,
-                call,
-                result_type=LlmCallResult,
-                start_to_close_timeout=timeout,
-                heartbeat_timeout=timedelta(seconds=heartbeat),
-                retry_policy=retry,
-                summary=summary,
-            )
+        )
         try:
-            result: LlmCallResult = await self._in_flight
-            return result
+            result, output = await self._in_flight
+        except asyncio.CancelledError:
+            if self._cancel is None:
+                raise
+            state.status = "cancelled"
+            return
+        except AllModelsFailed as exc:
+            state.status = "failed"
+            state.error = exc.message
+            raise self._fail(exc.message, error_type="StepFailed") from None
         finally:
             self._in_flight = None
+        self._record(state, result, output)
+        context["steps"][step.id] = {
+            "output": output,
+            "text": result.response.text,
+            "model": result.model_ref,
+            "provider": result.provider,
+        }
 
     def _chat_request(self, step: LlmStep, model: str, messages: list[dict[str, Any]]) -> ChatRequest:
         try:
@@ -320,7 +276,7 @@ class PipelineWorkflow:
         except PipelineError as exc:
             raise self._fail(str(exc), error_type="PipelineError") from None
 
-    def _details(self, position: tuple[int, int], step: LlmStep, summary: str) -> None:
+    def _details(self, position: tuple[int, int], summary: str) -> None:
         done = [s.id for s in self._status.steps if s.status == "completed"]
         workflow.set_current_details(
             f"**{self._status.pipeline}** — step {position[0]}/{position[1]}: `{summary}`\n\n"

@@ -1,0 +1,142 @@
+"""Calling models from workflow code: one model call with Temporal's retries, then ordered fallbacks.
+
+This is the one place both ``PipelineWorkflow`` and users' own workflows go through, so routing,
+fallbacks, activity summaries and failure records behave the same everywhere. Deterministic: it only
+schedules activities.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+from pydantic import BaseModel, Field
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+
+with workflow.unsafe.imports_passed_through():
+    from activities.llm import LLM_CHAT, LlmCallInput, LlmCallResult
+    from kernel.contracts import ChatRequest
+    from kernel.pipeline import RetrySpec
+
+__all__ = ["AllModelsFailed", "CallOptions", "ModelFailure", "call_model", "retry_policy"]
+
+
+class ModelFailure(BaseModel):
+    model: str
+    error_type: str
+    message: str
+
+
+class CallOptions(BaseModel):
+    """How one model is called: per-attempt timeout, heartbeat timeout, Temporal retry policy."""
+
+    timeout_s: float = Field(default=120.0, gt=0)
+    heartbeat_timeout_s: float | None = Field(default=None, gt=0)
+    retry: RetrySpec = Field(default_factory=RetrySpec)
+    local_activity: bool = False
+    stream: bool = False
+
+
+class AllModelsFailed(ApplicationError):
+    """Every model of a call failed; ``failures`` says how, in order."""
+
+    def __init__(self, label: str, failures: list[ModelFailure]) -> None:
+        tried = "; ".join(f"{f.model}: {f.error_type}: {f.message}" for f in failures)
+        super().__init__(f"{label} failed on every model ({tried})", type="StepFailed", non_retryable=True)
+        self.failures = failures
+
+
+def retry_policy(spec: RetrySpec) -> RetryPolicy:
+    return RetryPolicy(
+        initial_interval=timedelta(seconds=spec.initial_interval_s),
+        backoff_coefficient=spec.backoff,
+        maximum_interval=None if spec.max_interval_s is None else timedelta(seconds=spec.max_interval_s),
+        maximum_attempts=spec.max_attempts,
+    )
+
+
+def _failure(model: str, error: ActivityError) -> ModelFailure:
+    cause = error.cause if error.cause is not None else error
+    if isinstance(cause, ApplicationError):
+        return ModelFailure(model=model, error_type=cause.type or "ApplicationError", message=cause.message)
+    return ModelFailure(model=model, error_type=type(cause).__name__, message=str(cause))
+
+
+async def call_model(
+    models: Sequence[str],
+    request: ChatRequest,
+    *,
+    options: CallOptions | None = None,
+    label: str = "model call",
+    step_id: str = "",
+    pipeline: str = "",
+    validate: Callable[[LlmCallResult], Any] | None = None,
+    on_attempt: Callable[[str, int], None] | None = None,
+    on_failure: Callable[[ModelFailure], None] | None = None,
+) -> tuple[LlmCallResult, Any]:
+    """Try ``models`` in order; each gets Temporal's retries per ``options.retry``.
+
+    ``validate`` turns a result into the step's output or raises ``ValueError`` (an answer of the wrong
+    shape counts as that model failing). Returns the result and the validated output. Raises
+    ``AllModelsFailed`` when every model failed, and ``asyncio.CancelledError`` when cancelled.
+    """
+    if not models:
+        raise ApplicationError(f"{label}: no model to call", type="PipelineError", non_retryable=True)
+    options = options or CallOptions()
+    failures: list[ModelFailure] = []
+    for number, model in enumerate(models, start=1):
+        if on_attempt is not None:
+            on_attempt(model, number)
+        summary = f"{step_id or label} · {model}"
+        if number > 1:
+            summary += f" (fallback {number - 1} of {len(models) - 1})"
+        call = LlmCallInput(
+            model=model, request=request, step_id=step_id, pipeline=pipeline, stream=options.stream
+        )
+        try:
+            result = await _execute(call, options, summary)
+        except ActivityError as err:
+            if is_cancelled_exception(err):
+                raise asyncio.CancelledError(str(err)) from err
+            failure = _failure(model, err)
+        else:
+            if validate is None:
+                return result, result.response.text
+            try:
+                return result, validate(result)
+            except ValueError as exc:
+                failure = ModelFailure(model=model, error_type="InvalidOutput", message=str(exc))
+        failures.append(failure)
+        if on_failure is not None:
+            on_failure(failure)
+    raise AllModelsFailed(label, failures)
+
+
+async def _execute(call: LlmCallInput, options: CallOptions, summary: str) -> LlmCallResult:
+    retry = retry_policy(options.retry)
+    timeout = timedelta(seconds=options.timeout_s)
+    if options.local_activity:
+        result: LlmCallResult = await workflow.execute_local_activity(
+            LLM_CHAT,
+            call,
+            result_type=LlmCallResult,
+            start_to_close_timeout=timeout,
+            retry_policy=retry,
+            summary=summary,
+        )
+        return result
+    heartbeat = options.heartbeat_timeout_s or min(max(options.timeout_s / 4, 10.0), 60.0)
+    result = await workflow.execute_activity(
+        LLM_CHAT,
+        call,
+        result_type=LlmCallResult,
+        start_to_close_timeout=timeout,
+        heartbeat_timeout=timedelta(seconds=heartbeat),
+        retry_policy=retry,
+        summary=summary,
+    )
+    return result
