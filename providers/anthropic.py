@@ -121,9 +121,7 @@ class AnthropicProvider(HttpProvider):
         system, messages = self._map_messages(request)
         payload: dict[str, Any] = {
             "model": request.model,
-            "max_tokens": request.max_tokens
-            or int(self.settings.options.get("max_tokens", 0) or 0)
-            or self.default_max_tokens,
+            "max_tokens": request.max_tokens or self.default_max_tokens,
             "messages": messages,
         }
         if request.temperature is not None:
@@ -311,7 +309,7 @@ class AnthropicProvider(HttpProvider):
         schema_tool = self._schema_tool_name(request)
         try:
             if data.get("type") == "error":
-                raise self._stream_error(data, model)
+                raise self._error_in_body(data, model)
             text: list[str] = []
             calls: list[ToolCall] = []
             stop_reason = data.get("stop_reason")
@@ -367,7 +365,7 @@ class AnthropicProvider(HttpProvider):
                     event = _loads(sse.data)
                     kind = event.get("type", sse.event)
                     if kind == "error":
-                        raise self._stream_error(event, request.model)
+                        raise self._error_in_body(event, request.model)
                     if kind == "message_start":
                         message = event["message"]
                         usage.update(message.get("usage") or {})
@@ -419,7 +417,8 @@ class AnthropicProvider(HttpProvider):
             except (KeyError, TypeError) as exc:
                 raise ValueError(f"unexpected event shape ({type(exc).__name__}: {exc})") from exc
 
-    def _stream_error(self, event: dict[str, Any], model: str) -> ProviderError:
+    def _error_in_body(self, event: dict[str, Any], model: str) -> ProviderError:
+        """An error that arrived in a 200 body or as a stream event, classified by its Anthropic type."""
         message, code = self._error_details(event, json.dumps(event)[:300])
         status = _ERROR_STATUS.get(code or "", 500)
         return error_from_status(status, message, provider=self.name, model=model, code=code)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -540,17 +540,9 @@ def _city_format() -> ResponseFormatJsonSchema:
 # ---- against the simulator ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def simulator() -> Iterator[SimulatorServer]:
-    with SimulatorServer() as server:
-        yield server
-
-
 @pytest.fixture
-async def provider(simulator: SimulatorServer) -> AsyncIterator[AnthropicProvider]:
-    registry = Registry(
-        settings={"anthropic": ProviderSettings(base_url=simulator.url, api_key="sk-ant-test")}
-    )
+async def provider(sim: SimulatorServer) -> AsyncIterator[AnthropicProvider]:
+    registry = Registry(settings={"anthropic": ProviderSettings(base_url=sim.url, api_key="sk-ant-test")})
     registry.register(AnthropicProvider)
     instance, model = registry.resolve(f"anthropic/{MODEL}")
     assert isinstance(instance, AnthropicProvider) and model == MODEL
@@ -631,6 +623,8 @@ async def test_simulated_errors(provider: AnthropicProvider) -> None:
         await provider.chat(_request(UserMessage(content="Hi [[sim: fault=529]]")))
     with pytest.raises(ContextLengthExceeded, match="prompt is too long"):
         await provider.chat(_request(UserMessage(content="Hi [[sim: fault=context_length]]")))
+    with pytest.raises(ContentFiltered):
+        await provider.chat(_request(UserMessage(content="Hi [[sim: fault=content_filter]]")))
     with pytest.raises(ModelNotFound):
         await provider.chat(_request(UserMessage(content="Hi"), model="claude-nope"))
     with pytest.raises(MalformedResponse):
@@ -680,10 +674,10 @@ class _TrackingTransport(httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-async def test_cancelling_a_stream_midway_closes_the_connection(simulator: SimulatorServer) -> None:
+async def test_cancelling_a_stream_midway_closes_the_connection(sim: SimulatorServer) -> None:
     transport = _TrackingTransport()
     provider = AnthropicProvider(
-        settings=ProviderSettings(base_url=simulator.url, api_key="sk-ant-test"),
+        settings=ProviderSettings(base_url=sim.url, api_key="sk-ant-test"),
         http_client=httpx.AsyncClient(transport=transport),
     )
     first_text = asyncio.Event()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
@@ -31,15 +31,9 @@ WEATHER_TOOL: ToolParam = {
 }
 
 
-@pytest.fixture(scope="module")
-def simulator() -> Iterator[SimulatorServer]:
-    with SimulatorServer() as server:
-        yield server
-
-
 @pytest.fixture
-async def client(simulator: SimulatorServer) -> AsyncIterator[anthropic.AsyncAnthropic]:
-    async with anthropic.AsyncAnthropic(base_url=simulator.url, api_key="sk-ant-test", max_retries=0) as sdk:
+async def sdk(sim: SimulatorServer) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    async with anthropic.AsyncAnthropic(base_url=sim.url, api_key="sk-ant-test", max_retries=0) as sdk:
         yield sdk
 
 
@@ -51,8 +45,8 @@ def _texts(message: Any) -> list[str]:
     return [block.text for block in message.content if block.type == "text"]
 
 
-async def test_create_answers_with_a_message(client: anthropic.AsyncAnthropic) -> None:
-    message = await client.messages.create(
+async def test_create_answers_with_a_message(sdk: anthropic.AsyncAnthropic) -> None:
+    message = await sdk.messages.create(
         model=MODEL, max_tokens=256, system="Be brief.", messages=_user("Hello there")
     )
     assert message.id.startswith("msg_")
@@ -65,35 +59,33 @@ async def test_create_answers_with_a_message(client: anthropic.AsyncAnthropic) -
 
 
 async def test_cached_directive_reports_cache_reads_apart_from_input(
-    client: anthropic.AsyncAnthropic,
+    sdk: anthropic.AsyncAnthropic,
 ) -> None:
-    plain = await client.messages.create(
+    plain = await sdk.messages.create(
         model=MODEL, max_tokens=256, messages=_user("Same length [[sim: cached=0]]")
     )
-    cached = await client.messages.create(
+    cached = await sdk.messages.create(
         model=MODEL, max_tokens=256, messages=_user("Same length [[sim: cached=5]]")
     )
     assert cached.usage.cache_read_input_tokens == 5
     assert cached.usage.input_tokens == plain.usage.input_tokens - 5
 
 
-async def test_max_tokens_cuts_the_answer(client: anthropic.AsyncAnthropic) -> None:
-    message = await client.messages.create(
-        model=MODEL, max_tokens=3, messages=_user("a rather long question")
-    )
+async def test_max_tokens_cuts_the_answer(sdk: anthropic.AsyncAnthropic) -> None:
+    message = await sdk.messages.create(model=MODEL, max_tokens=3, messages=_user("a rather long question"))
     assert message.stop_reason == "max_tokens"
     assert len(_texts(message)[0]) <= 12
 
 
-async def test_stream_final_message_equals_the_created_one(client: anthropic.AsyncAnthropic) -> None:
+async def test_stream_final_message_equals_the_created_one(sdk: anthropic.AsyncAnthropic) -> None:
     kwargs: dict[str, Any] = {
         "model": MODEL,
         "max_tokens": 256,
         "system": "Be brief.",
         "messages": _user("Tell me about streams [[sim: cached=3]]"),
     }
-    created = await client.messages.create(**kwargs)
-    async with client.messages.stream(**kwargs) as stream:
+    created = await sdk.messages.create(**kwargs)
+    async with sdk.messages.stream(**kwargs) as stream:
         pieces = [text async for text in stream.text_stream]
         final = await stream.get_final_message()
     assert len(pieces) > 1
@@ -104,17 +96,15 @@ async def test_stream_final_message_equals_the_created_one(client: anthropic.Asy
 
 
 async def test_raw_stream_has_the_messages_event_sequence(
-    client: anthropic.AsyncAnthropic, simulator: SimulatorServer
+    sdk: anthropic.AsyncAnthropic, sim: SimulatorServer
 ) -> None:
-    stream = await client.messages.create(
-        model=MODEL, max_tokens=64, messages=_user("Two words"), stream=True
-    )
+    stream = await sdk.messages.create(model=MODEL, max_tokens=64, messages=_user("Two words"), stream=True)
     kinds = [event.type async for event in stream]
     assert kinds[:2] == ["message_start", "content_block_start"]
     assert set(kinds[2:-3]) == {"content_block_delta"}
     assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     # The SDK hides pings; the bytes on the wire carry one after the first block starts.
-    async with httpx.AsyncClient(base_url=simulator.url) as raw:
+    async with httpx.AsyncClient(base_url=sim.url) as raw:
         response = await raw.post(
             "/v1/messages",
             headers={"x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01"},
@@ -127,15 +117,15 @@ async def test_raw_stream_has_the_messages_event_sequence(
     assert response.headers["content-type"].startswith("text/event-stream")
 
 
-async def test_tool_use_round_trip(client: anthropic.AsyncAnthropic) -> None:
+async def test_tool_use_round_trip(sdk: anthropic.AsyncAnthropic) -> None:
     question = _user("What is the weather in Oslo?")
-    first = await client.messages.create(model=MODEL, max_tokens=256, messages=question, tools=[WEATHER_TOOL])
+    first = await sdk.messages.create(model=MODEL, max_tokens=256, messages=question, tools=[WEATHER_TOOL])
     assert first.stop_reason == "tool_use"
     [call] = [block for block in first.content if block.type == "tool_use"]
     assert call.id.startswith("toolu_")
     assert call.name == "get_weather"
     assert call.input == {"city": "sample city", "unit": "celsius"}
-    second = await client.messages.create(
+    second = await sdk.messages.create(
         model=MODEL,
         max_tokens=256,
         tools=[WEATHER_TOOL],
@@ -152,7 +142,7 @@ async def test_tool_use_round_trip(client: anthropic.AsyncAnthropic) -> None:
     assert "Snow, -3 C" in _texts(second)[0]
 
 
-async def test_streamed_tool_input_matches_the_created_one(client: anthropic.AsyncAnthropic) -> None:
+async def test_streamed_tool_input_matches_the_created_one(sdk: anthropic.AsyncAnthropic) -> None:
     kwargs: dict[str, Any] = {
         "model": MODEL,
         "max_tokens": 256,
@@ -160,8 +150,8 @@ async def test_streamed_tool_input_matches_the_created_one(client: anthropic.Asy
         "tools": [WEATHER_TOOL],
         "tool_choice": {"type": "tool", "name": "get_weather"},
     }
-    created = await client.messages.create(**kwargs)
-    async with client.messages.stream(**kwargs) as stream:
+    created = await sdk.messages.create(**kwargs)
+    async with sdk.messages.stream(**kwargs) as stream:
         final = await stream.get_final_message()
     assert [(b.name, b.input) for b in final.content if b.type == "tool_use"] == [
         (b.name, b.input) for b in created.content if b.type == "tool_use"
@@ -175,8 +165,8 @@ class City(BaseModel):
     landmarks: list[str]
 
 
-async def test_structured_output_parses(client: anthropic.AsyncAnthropic) -> None:
-    message = await client.messages.parse(
+async def test_structured_output_parses(sdk: anthropic.AsyncAnthropic) -> None:
+    message = await sdk.messages.parse(
         model=MODEL, max_tokens=256, messages=_user("Describe Oslo"), output_format=City
     )
     city = message.parsed_output
@@ -187,9 +177,9 @@ async def test_structured_output_parses(client: anthropic.AsyncAnthropic) -> Non
 # ---- errors ---------------------------------------------------------------------------------------
 
 
-async def test_rate_limit_error_carries_retry_after(client: anthropic.AsyncAnthropic) -> None:
+async def test_rate_limit_error_carries_retry_after(sdk: anthropic.AsyncAnthropic) -> None:
     with pytest.raises(anthropic.RateLimitError) as caught:
-        await client.messages.create(
+        await sdk.messages.create(
             model=MODEL, max_tokens=16, messages=_user("Hi [[sim: fault=429 retry_after=7]]")
         )
     assert caught.value.response.headers["retry-after"] == "7"
@@ -197,9 +187,9 @@ async def test_rate_limit_error_carries_retry_after(client: anthropic.AsyncAnthr
     assert caught.value.request_id is not None and caught.value.request_id.startswith("req_")
 
 
-async def test_overloaded_is_529(client: anthropic.AsyncAnthropic) -> None:
+async def test_overloaded_is_529(sdk: anthropic.AsyncAnthropic) -> None:
     with pytest.raises(anthropic.OverloadedError) as caught:
-        await client.messages.create(model=MODEL, max_tokens=16, messages=_user("Hi [[sim: fault=529]]"))
+        await sdk.messages.create(model=MODEL, max_tokens=16, messages=_user("Hi [[sim: fault=529]]"))
     assert isinstance(caught.value, anthropic.InternalServerError)
     assert caught.value.status_code == 529
     assert caught.value.body == {  # the SDK keeps the decoded error body
@@ -209,32 +199,30 @@ async def test_overloaded_is_529(client: anthropic.AsyncAnthropic) -> None:
     }
 
 
-async def test_prompt_too_long_is_a_bad_request(client: anthropic.AsyncAnthropic) -> None:
+async def test_prompt_too_long_is_a_bad_request(sdk: anthropic.AsyncAnthropic) -> None:
     with pytest.raises(anthropic.BadRequestError, match=r"prompt is too long: \d+ tokens > 200000 maximum"):
-        await client.messages.create(
+        await sdk.messages.create(
             model=MODEL, max_tokens=16, messages=_user("Hi [[sim: fault=context_length]]")
         )
 
 
-async def test_unknown_model_is_not_found(client: anthropic.AsyncAnthropic) -> None:
+async def test_unknown_model_is_not_found(sdk: anthropic.AsyncAnthropic) -> None:
     with pytest.raises(anthropic.NotFoundError) as caught:
-        await client.messages.create(model="claude-nope-9", max_tokens=16, messages=_user("Hi"))
+        await sdk.messages.create(model="claude-nope-9", max_tokens=16, messages=_user("Hi"))
     assert caught.value.body["error"] == {"type": "not_found_error", "message": "model: claude-nope-9"}  # type: ignore[index]
 
 
-async def test_dated_snapshots_and_sim_models_are_known(client: anthropic.AsyncAnthropic) -> None:
+async def test_dated_snapshots_and_sim_models_are_known(sdk: anthropic.AsyncAnthropic) -> None:
     for model in ("claude-sonnet-4-5-20250929", "claude-3-5-haiku-latest", "sim-anything"):
-        message = await client.messages.create(model=model, max_tokens=64, messages=_user("Hi"))
+        message = await sdk.messages.create(model=model, max_tokens=64, messages=_user("Hi"))
         assert message.model == model
 
 
-async def test_refused_keys_are_authentication_errors(simulator: SimulatorServer) -> None:
-    async with anthropic.AsyncAnthropic(
-        base_url=simulator.url, api_key="sk-ant-invalid", max_retries=0
-    ) as bad:
+async def test_refused_keys_are_authentication_errors(sim: SimulatorServer) -> None:
+    async with anthropic.AsyncAnthropic(base_url=sim.url, api_key="sk-ant-invalid", max_retries=0) as bad:
         with pytest.raises(anthropic.AuthenticationError):
             await bad.messages.create(model=MODEL, max_tokens=16, messages=_user("Hi"))
-    async with httpx.AsyncClient(base_url=simulator.url) as raw:
+    async with httpx.AsyncClient(base_url=sim.url) as raw:
         response = await raw.post(
             "/v1/messages",
             headers={"anthropic-version": "2023-06-01"},
@@ -247,15 +235,15 @@ async def test_refused_keys_are_authentication_errors(simulator: SimulatorServer
     }
 
 
-async def test_requests_anthropic_refuses_are_bad_requests(client: anthropic.AsyncAnthropic) -> None:
+async def test_requests_anthropic_refuses_are_bad_requests(sdk: anthropic.AsyncAnthropic) -> None:
     with pytest.raises(anthropic.BadRequestError, match="max_tokens"):
-        await client.messages.create(model=MODEL, max_tokens=0, messages=_user("Hi"))
+        await sdk.messages.create(model=MODEL, max_tokens=0, messages=_user("Hi"))
 
 
-async def test_a_cut_stream_gives_no_final_message(client: anthropic.AsyncAnthropic) -> None:
+async def test_a_cut_stream_gives_no_final_message(sdk: anthropic.AsyncAnthropic) -> None:
     # The SDK lets the transport's own error through when a stream breaks after its headers.
     with pytest.raises(Exception, match=r"incomplete|closed"):
-        async with client.messages.stream(
+        async with sdk.messages.stream(
             model=MODEL, max_tokens=256, messages=_user("A question with several words [[sim: fault=cut]]")
         ) as stream:
             await stream.get_final_message()
