@@ -51,6 +51,7 @@ DEFAULT_PRICES: dict[str, dict[str, Price]] = {
         "gpt-4o": _p(2.50, 10.00, 1.25),
         "gpt-4o-mini": _p(0.15, 0.60, 0.075),
         "o3": _p(2.00, 8.00, 0.50),
+        "o3-mini": _p(1.10, 4.40, 0.55),
         "o4-mini": _p(1.10, 4.40, 0.275),
         "text-embedding-3-small": _p(0.02, 0.0),
         "text-embedding-3-large": _p(0.13, 0.0),

@@ -214,10 +214,9 @@ def test_simulator_is_the_default_openai_endpoint() -> None:
     assert argv[:3] == ["python", "-m", "simulator"]
     port = int(argv[argv.index("--port") + 1])
 
-    for variable in ("KERNELFLOW_OPENAI_BASE_URL", "OPENAI_BASE_URL"):
-        default = re.fullmatch(r"\$\{KERNELFLOW_OPENAI_BASE_URL:-(.+)\}", str(worker_env[variable]))
-        assert default, f"{variable} must default to the simulator and be overridable"
-        assert default.group(1) == f"http://simulator:{port}/v1"
+    default = re.fullmatch(r"\$\{OPENAI_BASE_URL:-(.+)\}", str(worker_env["OPENAI_BASE_URL"]))
+    assert default, "OPENAI_BASE_URL must default to the simulator and be overridable"
+    assert default.group(1) == f"http://simulator:{port}/v1"
     assert str(worker_env["OPENAI_API_KEY"]).startswith("${OPENAI_API_KEY:-")
 
 
