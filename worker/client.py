@@ -79,7 +79,19 @@ async def follow(
                         last = fingerprint
                         on_status(status)
             await asyncio.wait({result_task}, timeout=every)
-        return result_task.result()
+        result = result_task.result()
+        if on_status is not None:
+            final = PipelineStatus(
+                pipeline=result.pipeline,
+                status=result.status,
+                steps=result.steps,
+                usage=result.usage,
+                cost_usd=result.cost_usd,
+                cost_unknown_models=result.cost_unknown_models,
+            )
+            if final.model_dump_json() != last:
+                on_status(final)
+        return result
     finally:
         if not result_task.done():
             result_task.cancel()

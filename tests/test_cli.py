@@ -1,0 +1,158 @@
+"""The `kernelflow` command as a person uses it: real processes, real ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TRIAGE = str(REPO / "examples" / "ticket-triage.yaml")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _kernelflow() -> str:
+    binary = shutil.which("kernelflow")
+    assert binary, "the kernelflow console script is not installed"
+    return binary
+
+
+def _run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [_kernelflow(), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+    )
+
+
+@pytest.fixture(scope="module")
+def dev_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[subprocess.Popen[str], int, int, dict[str, str]]]:
+    port, ui_port, sim_port = _free_port(), _free_port(), _free_port()
+    state = tmp_path_factory.mktemp("dev-state")
+    env = {**os.environ, "KERNELFLOW_TASK_QUEUE": "cli-test"}
+    process = subprocess.Popen(
+        [_kernelflow(), "dev", "--port", str(port), "--ui-port", str(ui_port), "--sim-port", str(sim_port),
+         "--state-dir", str(state), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
+    )  # fmt: skip
+    lines: list[str] = []
+    assert process.stdout is not None
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "Ctrl-C stops everything" in line:
+            break
+    banner = "".join(lines)
+    assert "Ctrl-C stops everything" in banner, f"kernelflow dev did not come up:\n{banner}"
+    yield process, port, ui_port, {**env, "TEMPORAL_ADDRESS": f"127.0.0.1:{port}"}
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def test_dev_prints_where_everything_listens(
+    dev_stack: tuple[subprocess.Popen[str], int, int, dict[str, str]],
+) -> None:
+    _, port, ui_port, _ = dev_stack
+    assert _port_open(port) and _port_open(ui_port)
+
+
+def test_run_prints_outputs_as_json(
+    dev_stack: tuple[subprocess.Popen[str], int, int, dict[str, str]],
+) -> None:
+    *_, env = dev_stack
+    done = _run(
+        "run",
+        TRIAGE,
+        "--input",
+        "ticket=My invoice is wrong",
+        "--input",
+        "customer=Initech",
+        "--json",
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["status"] == "completed"
+    assert result["outputs"]["category"] == "billing"
+    assert (
+        result["outputs"]["drafted_by"] == "openai/gpt-4.1"
+    )  # no simulated outage here: the primary answers
+    assert "Initech" in result["outputs"]["reply"]
+    assert result["usage"]["total_tokens"] > 0 and result["cost_usd"] > 0
+
+
+def test_run_shows_progress_on_the_terminal(
+    dev_stack: tuple[subprocess.Popen[str], int, int, dict[str, str]],
+) -> None:
+    *_, env = dev_stack
+    done = _run("run", TRIAGE, "--input", "ticket=Login fails", env=env)
+    assert done.returncode == 0, done.stderr
+    for step in ("classify", "draft", "crm_note"):
+        assert f"✓ {step}" in done.stderr
+    assert "reply:" in done.stdout and "cost:" in done.stdout
+
+
+def test_run_refuses_bad_input_naming_it(
+    dev_stack: tuple[subprocess.Popen[str], int, int, dict[str, str]], tmp_path: Path
+) -> None:
+    *_, env = dev_stack
+    missing = _run("run", TRIAGE, env=env)
+    assert missing.returncode == 2 and "needs input 'ticket'" in missing.stderr
+
+    unknown = _run("run", TRIAGE, "--input", "ticket=x", "--input", "tikcet=y", env=env)
+    assert unknown.returncode == 2 and "tikcet" in unknown.stderr
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nsteps:\n  - id: a\n    model: nosuchprovider/x\n    prompt: hi\n")
+    refused = _run("run", str(bad), env=env)
+    assert refused.returncode == 2
+    assert (
+        "nosuchprovider" in refused.stderr and "available:" in refused.stderr and "openai" in refused.stderr
+    )
+
+
+def test_ctrl_c_stops_everything(dev_stack: tuple[subprocess.Popen[str], int, int, dict[str, str]]) -> None:
+    process, port, ui_port, _ = dev_stack
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 0
+    deadline = time.monotonic() + 20
+    while (_port_open(port) or _port_open(ui_port)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _port_open(port) and not _port_open(ui_port), "the Temporal dev server outlived kernelflow dev"
+
+
+def test_demo_runs_the_example_and_exits_cleanly(tmp_path: Path) -> None:
+    port, ui_port = _free_port(), _free_port()
+    done = _run(
+        "demo", "--port", str(port), "--ui-port", str(ui_port), "--state-dir", str(tmp_path), timeout=240
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "gpt-4.1 failed: Overloaded" in out  # the simulated outage forces the fallback
+    assert "drafted_by:\n    openai/gpt-4o" in out
+    assert "cost:" in out and f"http://127.0.0.1:{ui_port}/namespaces/default/workflows/ticket-triage-" in out
+    assert not _port_open(port) and not _port_open(ui_port)
