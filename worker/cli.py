@@ -23,7 +23,7 @@ from worker.config import WorkerSettings, load_config
 from worker.logs import configure_logging
 from workflows.pipeline import PipelineResult, PipelineStatus
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_PIPELINE = REPO_ROOT / "examples" / "ticket-triage.yaml"
@@ -366,5 +366,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def run() -> None:
+    """Console-script entry: ``main()``, then exit without interpreter teardown.
+
+    The Temporal client's native threads can outlive the event loop and abort CPython's finalization
+    (temporalio/sdk-python#300). Every resource is closed by then, so streams are flushed and the
+    process ends at once with the command's exit code.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
