@@ -37,8 +37,12 @@ async def start_pipeline(
     task_queue: str,
     workflow_id: str | None = None,
     tenant: str | None = None,
+    eager: bool = False,
 ) -> WorkflowHandle[Any, PipelineResult]:
-    """Validate inputs against the spec (a bad one never starts), then start ``PipelineWorkflow``."""
+    """Validate inputs against the spec (a bad one never starts), then start ``PipelineWorkflow``.
+
+    ``eager`` asks the server to hand the first workflow task straight back to a worker of this same
+    client (request_eager_start), saving a round trip when client and worker share a process."""
     spec.resolve_inputs(inputs)
     request = PipelineRequest(
         pipeline=spec.model_dump(mode="json", by_alias=True, exclude_none=True),
@@ -53,6 +57,7 @@ async def start_pipeline(
         result_type=PipelineResult,
         static_summary=f"pipeline {spec.name}" + (f" · tenant {tenant}" if tenant else ""),
         static_details=spec.description or f"{len(spec.steps)} steps: " + ", ".join(s.id for s in spec.steps),
+        request_eager_start=eager,
     )
 
 
