@@ -22,6 +22,7 @@ from kernel.errors import KernelflowError
 from kernel.pricing import PriceTable
 from kernel.provider import collect_stream
 from kernel.registry import Registry
+from kernel.routing import BreakerBoard, Permit
 
 __all__ = ["LLM_CHAT", "LlmActivities", "LlmCallInput", "LlmCallResult"]
 
@@ -52,14 +53,21 @@ class LlmCallResult(BaseModel):
 
 
 class LlmActivities:
-    """Holds the worker's registry and prices; its bound methods are the activities."""
+    """Holds the worker's registry, prices and circuit breakers; its bound methods are the activities.
+    ``registry`` and ``prices`` may be replaced while running (config reload): each call reads them once."""
 
     def __init__(
-        self, registry: Registry, *, prices: PriceTable | None = None, heartbeat_every: float = 5.0
+        self,
+        registry: Registry,
+        *,
+        prices: PriceTable | None = None,
+        heartbeat_every: float = 5.0,
+        breakers: BreakerBoard | None = None,
     ) -> None:
         self.registry = registry
         self.prices = prices or PriceTable()
         self.heartbeat_every = heartbeat_every
+        self.breakers = breakers
 
     @activity.defn(name=LLM_CHAT)
     async def chat(self, call: LlmCallInput) -> LlmCallResult:
@@ -72,8 +80,11 @@ class LlmActivities:
             attempt=info.attempt,
         )
         started = time.perf_counter()
+        permit: Permit | None = None
         try:
             provider, model_name = self.registry.resolve(call.model)
+            if self.breakers is not None:
+                permit = self.breakers.admit(provider.name, model_name)  # CircuitOpen when refused
             request = call.request.model_copy(update={"model": model_name})
             if call.stream:
                 response = await self._heartbeating(
@@ -83,10 +94,15 @@ class LlmActivities:
                 provider.check_chat(request)
                 response = await self._heartbeating(provider.chat(request), info.is_local)
         except KernelflowError as exc:
+            self._settle(permit, exc)
             log.warning(
                 "llm call failed", error_type=type(exc).__name__, error=str(exc), retryable=exc.retryable
             )
             raise to_application_error(exc) from exc
+        except BaseException as exc:  # cancelled, or a bug: no verdict on the upstream's health
+            self._settle(permit, exc)
+            raise
+        self._settle(permit, None)
         latency_ms = (time.perf_counter() - started) * 1000
         cost = self.prices.cost(provider.name, model_name, response.usage)
         log.info(
@@ -104,6 +120,10 @@ class LlmActivities:
             cost_usd=cost,
             latency_ms=latency_ms,
         )
+
+    def _settle(self, permit: Permit | None, error: BaseException | None) -> None:
+        if self.breakers is not None:
+            self.breakers.settle(permit, error)
 
     async def _stream(self, events: Any, provider: str) -> ChatResponse:
         received = 0

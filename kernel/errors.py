@@ -22,7 +22,8 @@
             ├── ContentFiltered            refused by the provider's safety system
             ├── ModelNotFound              404 / unknown model
             ├── MissingCredentials         no API key; names the environment variable
-            └── MalformedResponse          the upstream answered something unparseable
+            ├── MalformedResponse          the upstream answered something unparseable
+            └── CircuitOpen                the worker's circuit breaker refuses the model for now
 
 Errors are picklable (they cross process and Temporal boundaries): every attribute is a constructor
 keyword and ``__reduce__`` rebuilds from them.
@@ -39,6 +40,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "AuthenticationFailed",
+    "CircuitOpen",
     "ConfigurationError",
     "ConnectionFailed",
     "ContentFiltered",
@@ -218,6 +220,18 @@ class MissingCredentials(NonRetryableError):
 
 class MalformedResponse(NonRetryableError):
     """The upstream answered with something that is not a valid response of its API."""
+
+
+class CircuitOpen(NonRetryableError):
+    """The worker stopped calling this model after repeated retryable failures; refused before any
+    network call so the step moves on to its next fallback at once. ``open_until`` is a Unix time."""
+
+    def __init__(self, message: str, *, open_until: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.open_until = open_until
+
+    def _attrs(self) -> dict[str, Any]:
+        return {**super()._attrs(), "open_until": self.open_until}
 
 
 _STATUS_CLASSES: dict[int, type[ProviderError]] = {

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kernel.contracts import ResponseFormat, Tool
 from kernel.errors import PipelineError
+from kernel.routing import Balance
 from kernel.templating import template_refs
 
 __all__ = [
@@ -86,6 +87,7 @@ class LlmStep(_StepBase):
     type: Literal["llm"] = "llm"
     model: str = Field(pattern=_MODEL)
     fallbacks: list[Annotated[str, Field(pattern=_MODEL)]] = Field(default_factory=list, max_length=10)
+    balance: Balance | None = Field(default=None, description="Spread calls by weight; see workflows.calls.")
     system: str | None = None
     prompt: str | None = None
     messages: list[MessageTemplate] | None = None

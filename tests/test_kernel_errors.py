@@ -11,6 +11,7 @@ import pytest
 from kernel import errors
 from kernel.errors import (
     AuthenticationFailed,
+    CircuitOpen,
     ConfigurationError,
     ConnectionFailed,
     ContentFiltered,
@@ -236,6 +237,7 @@ _NON_RETRYABLE = [
     ModelNotFound,
     MissingCredentials,
     MalformedResponse,
+    CircuitOpen,
 ]
 _CONFIGURATION = [ConfigurationError, PluginError, UnknownProvider, PipelineError]
 

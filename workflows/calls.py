@@ -21,8 +21,9 @@ with workflow.unsafe.imports_passed_through():
     from activities.llm import LLM_CHAT, LlmCallInput, LlmCallResult
     from kernel.contracts import ChatRequest
     from kernel.pipeline import RetrySpec
+    from kernel.routing import WeightedModel, weighted_order
 
-__all__ = ["AllModelsFailed", "CallOptions", "ModelFailure", "call_model", "retry_policy"]
+__all__ = ["AllModelsFailed", "CallOptions", "ModelFailure", "call_model", "order_models", "retry_policy"]
 
 
 class ModelFailure(BaseModel):
@@ -64,6 +65,19 @@ def _failure(model: str, error: ActivityError) -> ModelFailure:
     if isinstance(cause, ApplicationError):
         return ModelFailure(model=model, error_type=cause.type or "ApplicationError", message=cause.message)
     return ModelFailure(model=model, error_type=type(cause).__name__, message=str(cause))
+
+
+def order_models(
+    primary: str, fallbacks: Sequence[str], balance: Sequence[WeightedModel] | None = None
+) -> list[str]:
+    """The models a step tries, in order. Without ``balance``: ``primary`` then ``fallbacks``, as
+    given. With it (each model once): one of the balanced models picked by weight with ``workflow.random()``
+    (seeded by the run, so replay picks the same), the other balanced ones, then ``primary`` and
+    ``fallbacks``."""
+    if not balance:
+        return [primary, *fallbacks]
+    picked = weighted_order(balance, workflow.random().random())
+    return list(dict.fromkeys([*picked, primary, *fallbacks]))
 
 
 async def call_model(

@@ -25,7 +25,7 @@ with workflow.unsafe.imports_passed_through():
     from kernel.pipeline import LlmStep, PipelineSpec, parse_pipeline
     from kernel.templating import render
     from workflows import search_attributes as sa
-    from workflows.calls import AllModelsFailed, CallOptions, ModelFailure, call_model
+    from workflows.calls import AllModelsFailed, CallOptions, ModelFailure, call_model, order_models
 
 __all__ = [
     "PIPELINE_WORKFLOW",
@@ -184,7 +184,7 @@ class PipelineWorkflow:
             }
             for i, m in enumerate(step.message_templates())
         ]
-        models = [step.model, *step.fallbacks]
+        models = order_models(step.model, step.fallbacks, step.balance)
         request = self._chat_request(step, step.model, messages)
         options = CallOptions(
             timeout_s=step.timeout_s,
