@@ -164,10 +164,17 @@ class AzureOpenAIProvider(OpenAIProvider):
         return super()._parse_response(data, model)
 
     async def _stream_events(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        async for event in super()._stream_events(request):
-            if isinstance(event, StreamDone) and event.finish_reason == "content_filter":
-                raise self._filtered(request.model, None)
-            yield event
+        # Closed explicitly: a consumer that stops early must release the HTTP connection at once.
+        events = super()._stream_events(request)
+        try:
+            async for event in events:
+                if isinstance(event, StreamDone) and event.finish_reason == "content_filter":
+                    raise self._filtered(request.model, None)
+                yield event
+        finally:
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
 
     def _stream_error(self, message: str, code: str | None, model: str) -> Exception:
         if code == "content_filter":
