@@ -74,6 +74,7 @@ _TOOL_SCHEMA_MODELS = re.compile(r"^claude-(3|instant|2|sonnet-4(-0|-\d{8}|$)|op
 _DATA_URL = re.compile(r"^data:(?P<media>[\w/+.-]+);base64,(?P<data>.*)$", re.DOTALL)
 _JSON_OBJECT_INSTRUCTION = "Answer with a single JSON object and nothing else."
 ANTHROPIC_VERSION = "2023-06-01"
+_CONTENT_FILTER_WORDING = "content filtering policy"
 
 
 class AnthropicProvider(HttpProvider):
@@ -97,7 +98,11 @@ class AnthropicProvider(HttpProvider):
     def _error_details(self, body: Any, text: str) -> tuple[str, str | None]:
         error = body.get("error") if isinstance(body, dict) else None
         if isinstance(error, dict) and isinstance(error.get("type"), str):
-            return str(error.get("message") or text[:300]), error["type"]
+            message = str(error.get("message") or text[:300])
+            # Anthropic refuses filtered output with a plain invalid_request_error; only the wording says so.
+            if _CONTENT_FILTER_WORDING in message.lower():
+                return message, "content_filter"
+            return message, error["type"]
         return super()._error_details(body, text)
 
     # --- calls -----------------------------------------------------------------------------------
