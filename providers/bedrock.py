@@ -100,6 +100,7 @@ _IMAGE_FORMATS = {
     "image/webp": "webp",
 }
 _JSON_OBJECT_TOOL = "json_object"
+_CONTENT_FILTER_WORDING = "content filtering policy"
 
 
 # --- the provider --------------------------------------------------------------------------------
@@ -221,12 +222,14 @@ class BedrockProvider(HttpProvider):
         self, error_type: str, message: str, model: str | None, response: httpx.Response | None = None
     ) -> ProviderError:
         status = _ERROR_STATUS.get(error_type) or (response.status_code if response is not None else 500)
+        # A model's content-filter refusal arrives as a ValidationException; only the wording says so.
+        code = "content_filter" if _CONTENT_FILTER_WORDING in message.lower() else error_type or None
         return error_from_status(
             status,
             f"{error_type}: {message}" if error_type else message,
             provider=self.name,
             model=model,
-            code=error_type or None,
+            code=code,
             headers=response.headers if response is not None else None,
         )
 
