@@ -47,8 +47,23 @@ _PASSTHROUGH = (
     "activities",
 )
 
-SIMULATED_PROVIDERS: dict[str, str] = {"openai": "/v1"}
+SIMULATED_PROVIDERS: dict[str, str] = {
+    "openai": "/v1",
+    "anthropic": "",
+    "gemini": "",
+    "azure_openai": "",
+    "mistral": "/v1",
+    "ollama": "",
+    "bedrock": "",
+    **{
+        preset: "/v1"
+        for preset in ("groq", "together", "deepseek", "openrouter", "fireworks", "xai", "vllm", "lmstudio")
+    },
+}
 """Built-in providers the simulator speaks, with the path their base URL needs."""
+_SIMULATED_OPTIONS: dict[str, dict[str, Any]] = {"bedrock": {"region": "us-east-1"}}
+"""Settings options a simulated provider needs besides its URL and key. Bedrock signs with the AWS
+keys of the environment (any well-formed signature passes the simulator) and needs a region."""
 
 
 async def connect(address: str, namespace: str = "default") -> Client:
@@ -58,7 +73,11 @@ async def connect(address: str, namespace: str = "default") -> Client:
 def simulator_settings(simulator_url: str) -> dict[str, ProviderSettings]:
     """Provider settings that point every simulated provider at a simulator, with placeholder keys."""
     return {
-        name: ProviderSettings(base_url=simulator_url.rstrip("/") + path, api_key="sim-key")
+        name: ProviderSettings(
+            base_url=simulator_url.rstrip("/") + path,
+            api_key="sim-key",
+            options=dict(_SIMULATED_OPTIONS.get(name, {})),
+        )
         for name, path in SIMULATED_PROVIDERS.items()
     }
 
