@@ -75,6 +75,8 @@ KNOWN_MODELS: dict[str, frozenset[str]] = {
             "amazon.titan-embed-text-v2:0",
         }
     ),
+    # The in-house gateway of the example plugin (simulator/house_wire.py).
+    "house": frozenset({"house-small", "house-large"}),
     # Azure deployments are named by their owner, so every deployment name is known.
     "azure_openai": _AnyName(),
 }
