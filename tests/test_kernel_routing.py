@@ -18,7 +18,7 @@ from kernel.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from kernel.pipeline import parse_pipeline
+from kernel.pipeline import LlmStep, parse_pipeline
 from kernel.routing import (
     Balance,
     BreakerBoard,
@@ -301,6 +301,7 @@ def test_a_step_takes_a_balance() -> None:
         }
     )
     step = spec.steps[0]
+    assert isinstance(step, LlmStep)
     assert step.balance == _choices(("openai/gpt-4o-mini", 3), ("openai/gpt-4.1-nano", 1))
 
 

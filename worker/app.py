@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -20,12 +20,14 @@ from activities.llm import LlmActivities
 from kernel.pricing import PriceTable
 from kernel.provider import ProviderSettings
 from kernel.registry import Registry
-from worker.config import KernelflowConfig, WorkerSettings, load_config
+from kernel.routing import BreakerBoard, BreakerState, BreakerStatus
+from worker.config import ConfigWatcher, KernelflowConfig, WorkerSettings, load_config
 from worker.search_attributes import ensure_search_attributes
 from workflows.pipeline import PipelineWorkflow
 
 __all__ = [
     "SIMULATED_PROVIDERS",
+    "ConfigReloader",
     "build_registry",
     "build_worker",
     "connect",
@@ -106,15 +108,23 @@ def build_worker(
     client: Client,
     *,
     task_queue: str,
-    registry: Registry,
+    registry: Registry | None = None,
     prices: PriceTable | None = None,
     max_concurrent_activities: int = 200,
     max_concurrent_workflow_tasks: int = 100,
     extra_workflows: Sequence[type] = (),
     extra_activities: Sequence[Any] = (),
     activity_executor: ThreadPoolExecutor | None = None,
+    breakers: BreakerBoard | None = None,
+    llm_activities: LlmActivities | None = None,
 ) -> Worker:
-    activities = LlmActivities(registry, prices=prices)
+    if llm_activities is None:
+        if registry is None:
+            raise ValueError("build_worker needs a registry or llm_activities")
+        llm_activities = LlmActivities(
+            registry, prices=prices, breakers=breakers if breakers is not None else default_breakers()
+        )
+    activities = llm_activities
     return Worker(
         client,
         task_queue=task_queue,
@@ -130,13 +140,86 @@ def build_worker(
     )
 
 
+def default_breakers(config: KernelflowConfig | None = None) -> BreakerBoard:
+    """The worker's circuit breakers, with the config's thresholds, logging every transition."""
+    settings = config.routing.breaker if config is not None else None
+    return BreakerBoard(settings, listener=_log_breaker)
+
+
+def _log_breaker(status: BreakerStatus, left: BreakerState) -> None:
+    if status.state == "open":
+        _log.warning(
+            "circuit opened: calls to the model are refused",
+            model=status.key,
+            reason=status.reason,
+            open_until=status.open_until,
+            was=left,
+        )
+    elif status.state == "half_open":
+        _log.info("circuit half-open: one probe call goes through", model=status.key)
+    else:
+        _log.info("circuit closed: the model answers again", model=status.key)
+
+
+def _prices(config: KernelflowConfig) -> PriceTable:
+    return PriceTable().with_overrides({p: dict(m) for p, m in config.prices.items()})
+
+
+class ConfigReloader:
+    """Applies a reloaded config file to a running worker's activities: a new registry (aliases,
+    providers, presets), prices and breaker thresholds, for every call that starts afterwards,
+    including the next steps of pipelines already running. Calls in flight finish on the registry they
+    started with; it is closed ``retire_after`` seconds later (or at shutdown)."""
+
+    def __init__(
+        self,
+        activities: LlmActivities,
+        *,
+        provider_settings: Mapping[str, ProviderSettings] | None = None,
+        environ: Mapping[str, str] | None = None,
+        registry_factory: Callable[[KernelflowConfig], Registry] | None = None,
+        retire_after: float = 900.0,
+    ) -> None:
+        self.activities = activities
+        self.retire_after = retire_after
+        self._factory = registry_factory or (
+            lambda config: build_registry(config, provider_settings=provider_settings, environ=environ)
+        )
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    async def apply(self, config: KernelflowConfig) -> None:
+        """Raises ``ConfigurationError`` (the running set-up is then unchanged) for a broken preset."""
+        registry = self._factory(config)
+        retired, self.activities.registry = self.activities.registry, registry
+        self.activities.prices = _prices(config)
+        if self.activities.breakers is not None:
+            self.activities.breakers.configure(config.routing.breaker)
+        task = asyncio.create_task(self._retire(retired))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, registry: Registry) -> None:
+        try:
+            await asyncio.sleep(self.retire_after)
+        finally:
+            await registry.aclose()
+
+    async def aclose(self) -> None:
+        """Close every retired registry now."""
+        tasks = list(self._retiring)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def run_worker(
     settings: WorkerSettings, *, provider_settings: Mapping[str, ProviderSettings] | None = None
 ) -> None:
     """Run until SIGTERM or SIGINT, then finish in-flight activities (up to the graceful timeout)."""
     config = load_config(settings.config_file)
     registry = build_registry(config, provider_settings=provider_settings)
-    prices = PriceTable().with_overrides({p: dict(m) for p, m in config.prices.items()})
+    prices = _prices(config)
+    activities = LlmActivities(registry, prices=prices, breakers=default_breakers(config))
     client = await connect(settings.temporal_address, settings.namespace)
     added = await ensure_search_attributes(client, settings.namespace)
     if added:
@@ -144,8 +227,7 @@ async def run_worker(
     worker = build_worker(
         client,
         task_queue=settings.task_queue,
-        registry=registry,
-        prices=prices,
+        llm_activities=activities,
         max_concurrent_activities=settings.max_concurrent_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
     )
@@ -154,6 +236,13 @@ async def run_worker(
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    reloader = ConfigReloader(activities, provider_settings=provider_settings)
+    watching: asyncio.Task[None] | None = None
+    if settings.config_file is not None:
+        watcher = ConfigWatcher(settings.config_file, config, reloader.apply)
+        watching = asyncio.create_task(watcher.run())
+        with contextlib.suppress(NotImplementedError, AttributeError):
+            loop.add_signal_handler(signal.SIGHUP, watcher.request_reload)
     _log.info(
         "worker started",
         temporal=settings.temporal_address,
@@ -166,5 +255,9 @@ async def run_worker(
             await stop.wait()
             _log.info("worker stopping: finishing in-flight work")
     finally:
-        await registry.aclose()
+        if watching is not None:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+        await reloader.aclose()
+        await activities.registry.aclose()
         _log.info("worker stopped")

@@ -16,6 +16,12 @@ Provider set-up comes from an optional YAML file (``KERNELFLOW_CONFIG``)::
       storage: filesystem        # or "off", or "driver" with driver: "my_pkg.storage:make_s3_driver"
       dir: .state/payloads       # shared by the client and every worker (a shared volume in compose)
       threshold_bytes: 65536     # payloads at least this large are stored outside the history
+    routing:
+      breaker: {failure_threshold: 5, cooldown_s: 30}   # per provider/model; enabled: false turns off
+
+A running worker re-reads the file when it changes (polled) or on SIGHUP: ``aliases``, ``providers``,
+``presets``, ``prices`` and ``routing`` apply to the following model calls, including the next steps
+of pipelines already running; other sections need a restart.
 
 API keys belong in the environment, not in this file. ``KERNELFLOW_PAYLOADS_STORAGE`` and
 ``KERNELFLOW_PAYLOADS_DIR`` override ``payloads.storage`` and ``payloads.dir``.
@@ -23,23 +29,29 @@ API keys belong in the environment, not in this file. ``KERNELFLOW_PAYLOADS_STOR
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import structlog
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kernel.errors import ConfigurationError
+from kernel.errors import ConfigurationError, KernelflowError
 from kernel.pipeline import format_validation_error
 from kernel.pricing import Price
 from kernel.provider import ProviderSettings
+from kernel.routing import BreakerSettings
 
 __all__ = [
+    "ConfigWatcher",
     "KernelflowConfig",
     "PayloadSettings",
+    "RoutingConfig",
     "WorkerSettings",
+    "config_changes",
     "load_config",
     "payload_settings_from_env",
 ]
@@ -84,6 +96,14 @@ class PayloadSettings(BaseModel):
         return self
 
 
+class RoutingConfig(BaseModel):
+    """How the worker routes model calls: circuit breaker thresholds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+
+
 class KernelflowConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -97,6 +117,7 @@ class KernelflowConfig(BaseModel):
         default=None, description="Folder of YAML pipelines to register by name."
     )
     payloads: PayloadSettings = Field(default_factory=PayloadSettings)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
 
 
 class WorkerSettings(BaseModel):
@@ -167,3 +188,112 @@ def payload_settings_from_env(environ: Mapping[str, str] | None = None) -> Paylo
         return PayloadSettings.model_validate({**payloads.model_dump(exclude_unset=True), **overrides})
     except ValidationError as exc:
         raise ConfigurationError(format_validation_error(exc, prefix="payloads")) from exc
+
+
+_log = structlog.get_logger("kernelflow.config")
+
+_RELOADED = ("providers", "presets", "prices", "routing")
+"""Sections a running worker applies on reload (``aliases`` too, reported one by one)."""
+
+
+def config_changes(old: KernelflowConfig, new: KernelflowConfig) -> tuple[list[str], list[str]]:
+    """What differs, in words: changes a reload applies, and changes that need a restart."""
+    applied: list[str] = []
+    for alias in sorted(old.aliases.keys() | new.aliases.keys()):
+        before, after = old.aliases.get(alias), new.aliases.get(alias)
+        if before == after:
+            continue
+        if before is None:
+            applied.append(f"alias {alias!r} added: {after!r}")
+        elif after is None:
+            applied.append(f"alias {alias!r} removed (was {before!r})")
+        else:
+            applied.append(f"alias {alias!r}: {before!r} -> {after!r}")
+    for section in _RELOADED:
+        if getattr(old, section) != getattr(new, section):
+            applied.append(f"{section} changed")
+    restart = [
+        f"{name} changed (restart the worker to apply)"
+        for name in type(new).model_fields
+        if name not in (*_RELOADED, "aliases") and getattr(old, name) != getattr(new, name)
+    ]
+    return applied, restart
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+class ConfigWatcher:
+    """Re-reads the config file when it changes (its mtime, size or inode, polled every ``interval``
+    seconds and applied once unchanged for one more poll, so a half-written file is not read) or at
+    once when ``request_reload`` is called (the worker's SIGHUP). A changed, valid config goes to
+    ``apply``; an unreadable or invalid file, or an ``apply`` that refuses it, is logged and the
+    worker keeps the config it runs with."""
+
+    def __init__(
+        self,
+        path: Path,
+        current: KernelflowConfig,
+        apply: Callable[[KernelflowConfig], Awaitable[None]],
+        *,
+        interval: float = 2.0,
+    ) -> None:
+        self.path = path
+        self.current = current
+        self.interval = interval
+        self.reloads = 0
+        """How many changed configs were applied."""
+        self._apply = apply
+        self._seen = _signature(path)
+        self._pending: tuple[int, int, int] | None = None
+        self._wake = asyncio.Event()
+
+    def request_reload(self) -> None:
+        """Read the file at the next opportunity, changed on disk or not (safe from a signal handler)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Poll until cancelled."""
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
+            except TimeoutError:
+                signature = _signature(self.path)
+                if signature == self._seen:
+                    self._pending = None
+                    continue
+                if signature != self._pending:
+                    self._pending = signature  # changed: read it once it holds still for a poll
+                    continue
+            self._wake.clear()
+            await self.reload()
+
+    async def reload(self) -> bool:
+        """Read the file now; apply it if it differs from the running config. Returns whether it did."""
+        self._seen, self._pending = _signature(self.path), None
+        try:
+            new = load_config(self.path)
+        except ConfigurationError as exc:
+            return self._refused(exc)
+        applied, restart = config_changes(self.current, new)
+        if restart:
+            _log.warning("config changes need a restart", path=str(self.path), changes=restart)
+        if not applied:
+            return False
+        try:
+            await self._apply(new)
+        except KernelflowError as exc:
+            return self._refused(exc)
+        self.current = new
+        self.reloads += 1
+        _log.info("config reloaded", path=str(self.path), changes=applied)
+        return True
+
+    def _refused(self, exc: KernelflowError) -> bool:
+        _log.error("config reload refused; keeping the running config", path=str(self.path), error=str(exc))
+        return False
