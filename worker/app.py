@@ -1,4 +1,5 @@
-"""Composition: a Temporal client with the pydantic converter, the provider registry, and the worker."""
+"""Composition: a Temporal client with the pydantic converter and payload storage, the provider
+registry, and the worker."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from typing import Any
 
 import structlog
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
@@ -21,8 +21,16 @@ from kernel.pricing import PriceTable
 from kernel.provider import ProviderSettings
 from kernel.registry import Registry
 from kernel.routing import BreakerBoard, BreakerState, BreakerStatus
-from worker.config import ConfigWatcher, KernelflowConfig, WorkerSettings, load_config
+from worker.config import (
+    ConfigWatcher,
+    KernelflowConfig,
+    PayloadSettings,
+    WorkerSettings,
+    load_config,
+    payload_settings_from_env,
+)
 from worker.search_attributes import ensure_search_attributes
+from worker.storage import build_data_converter
 from workflows.pipeline import PipelineWorkflow
 
 __all__ = [
@@ -68,8 +76,13 @@ _SIMULATED_OPTIONS: dict[str, dict[str, Any]] = {"bedrock": {"region": "us-east-
 keys of the environment (any well-formed signature passes the simulator) and needs a region."""
 
 
-async def connect(address: str, namespace: str = "default") -> Client:
-    return await Client.connect(address, namespace=namespace, data_converter=pydantic_data_converter)
+async def connect(
+    address: str, namespace: str = "default", *, payloads: PayloadSettings | None = None
+) -> Client:
+    """A client with Kernelflow's converter. ``payloads`` defaults to the ``payloads:`` section of
+    ``KERNELFLOW_CONFIG`` (what ``run_worker`` uses), so clients and workers store payloads alike."""
+    settings = payloads if payloads is not None else payload_settings_from_env()
+    return await Client.connect(address, namespace=namespace, data_converter=build_data_converter(settings))
 
 
 def simulator_settings(simulator_url: str) -> dict[str, ProviderSettings]:
@@ -117,7 +130,11 @@ def build_worker(
     activity_executor: ThreadPoolExecutor | None = None,
     breakers: BreakerBoard | None = None,
     llm_activities: LlmActivities | None = None,
+    payloads: PayloadSettings | None = None,
+    max_cached_workflows: int = 1000,
 ) -> Worker:
+    """A worker on ``task_queue``. It converts payloads with ``client``'s converter, or with one
+    built from ``payloads`` when given (which must match the clients' settings)."""
     if llm_activities is None:
         if registry is None:
             raise ValueError("build_worker needs a registry or llm_activities")
@@ -125,6 +142,10 @@ def build_worker(
             registry, prices=prices, breakers=breakers if breakers is not None else default_breakers()
         )
     activities = llm_activities
+    if payloads is not None:
+        config = client.config()
+        config["data_converter"] = build_data_converter(payloads)
+        client = Client(**config)
     return Worker(
         client,
         task_queue=task_queue,
@@ -137,6 +158,7 @@ def build_worker(
         max_concurrent_activities=max_concurrent_activities,
         max_concurrent_workflow_tasks=max_concurrent_workflow_tasks,
         graceful_shutdown_timeout=timedelta(seconds=20),
+        max_cached_workflows=max_cached_workflows,
     )
 
 
@@ -220,7 +242,7 @@ async def run_worker(
     registry = build_registry(config, provider_settings=provider_settings)
     prices = _prices(config)
     activities = LlmActivities(registry, prices=prices, breakers=default_breakers(config))
-    client = await connect(settings.temporal_address, settings.namespace)
+    client = await connect(settings.temporal_address, settings.namespace, payloads=config.payloads)
     added = await ensure_search_attributes(client, settings.namespace)
     if added:
         _log.info("registered search attributes", names=added, namespace=settings.namespace)
