@@ -366,9 +366,13 @@ class Simulator:
                 found.extend(parse_directives(message.text))
         with self._lock:
             active = [d for d in dict.fromkeys((*found, *self._rules)) if d.applies_to(request)]
-            # `times` budgets the fault only: tags, replies and delays apply to every request.
+            # `times` budgets the fault only: tags, replies and delays apply to every request. A
+            # directive with a reply, `times` and no fault budgets its reply instead ("answer this
+            # once, then answer normally").
             faulting = next((d for d in active if d.fault is not None and self._spend(d)), None)
-            admission = _merge(active, faulting)
+            spent = {d for d in active if d.fault is None and d.reply is not None and d.times is not None}
+            spent = {d for d in spent if not self._spend(d)}
+            admission = _merge(active, faulting, spent_replies=spent)
             self._requests += 1
             self._by_model[request.model] += 1
             self._by_wire[request.wire] += 1
@@ -386,7 +390,9 @@ class Simulator:
         return self._budgets[key] <= directive.times
 
 
-def _merge(active: list[Directive], faulting: Directive | None) -> Admission:
+def _merge(
+    active: list[Directive], faulting: Directive | None, *, spent_replies: set[Directive] | None = None
+) -> Admission:
     if not active:
         return _NO_DIRECTIVES
     fault: Fault | None = None
@@ -400,7 +406,7 @@ def _merge(active: list[Directive], faulting: Directive | None) -> Admission:
         latency=_first(d.latency for d in active) or 0.0,
         token_delay=_first(d.token_delay for d in active) or 0.0,
         hang_seconds=hang_seconds,
-        reply=_first(d.reply for d in active),
+        reply=_first(d.reply for d in active if d not in (spent_replies or set())),
         cached=_first(d.cached for d in active) or 0,
         tags=tuple(dict.fromkeys(d.tag for d in active if d.tag is not None)),
     )

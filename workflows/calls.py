@@ -19,7 +19,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 
 with workflow.unsafe.imports_passed_through():
     from activities.llm import LLM_CHAT, LlmCallInput, LlmCallResult
-    from kernel.contracts import ChatRequest
+    from kernel.contracts import AssistantMessage, ChatRequest, UserMessage
     from kernel.pipeline import RetrySpec
     from kernel.routing import WeightedModel, weighted_order
 
@@ -91,43 +91,67 @@ async def call_model(
     validate: Callable[[LlmCallResult], Any] | None = None,
     on_attempt: Callable[[str, int], None] | None = None,
     on_failure: Callable[[ModelFailure], None] | None = None,
+    route: Callable[[str], str] | None = None,
+    max_repairs: int = 0,
+    on_repair: Callable[[ModelFailure], None] | None = None,
 ) -> tuple[LlmCallResult, Any]:
     """Try ``models`` in order; each gets Temporal's retries per ``options.retry``.
 
     ``validate`` turns a result into the step's output or raises ``ValueError`` (an answer of the wrong
-    shape counts as that model failing). Returns the result and the validated output. Raises
+    shape counts as that model failing). With ``max_repairs``, a wrong answer is first re-asked that
+    many times on the same model with the error appended as a user message (``on_repair`` hears of
+    each). ``route`` maps each model to the one to call just before it is tried, so a reroute reaches
+    fallbacks not yet started. Returns the result and the validated output. Raises
     ``AllModelsFailed`` when every model failed, and ``asyncio.CancelledError`` when cancelled.
     """
     if not models:
         raise ApplicationError(f"{label}: no model to call", type="PipelineError", non_retryable=True)
     options = options or CallOptions()
     failures: list[ModelFailure] = []
-    for number, model in enumerate(models, start=1):
+    for number, planned in enumerate(models, start=1):
+        model = route(planned) if route is not None else planned
         if on_attempt is not None:
             on_attempt(model, number)
         summary = f"{step_id or label} · {model}"
         if number > 1:
             summary += f" (fallback {number - 1} of {len(models) - 1})"
-        call = LlmCallInput(
-            model=model, request=request, step_id=step_id, pipeline=pipeline, stream=options.stream
-        )
-        try:
-            result = await _execute(call, options, summary)
-        except ActivityError as err:
-            if is_cancelled_exception(err):
-                raise asyncio.CancelledError(str(err)) from err
-            failure = _failure(model, err)
-        else:
+        asked = request
+        for repair in range(max_repairs + 1):
+            call = LlmCallInput(
+                model=model, request=asked, step_id=step_id, pipeline=pipeline, stream=options.stream
+            )
+            label_repair = f" (repair {repair} of {max_repairs})" if repair else ""
+            try:
+                result = await _execute(call, options, summary + label_repair)
+            except ActivityError as err:
+                if is_cancelled_exception(err):
+                    raise asyncio.CancelledError(str(err)) from err
+                failure = _failure(model, err)
+                break
             if validate is None:
                 return result, result.response.text
             try:
                 return result, validate(result)
             except ValueError as exc:
                 failure = ModelFailure(model=model, error_type="InvalidOutput", message=str(exc))
+            if repair == max_repairs:
+                break
+            if on_repair is not None:
+                on_repair(failure)
+            asked = _repair_request(asked, result, failure.message)
         failures.append(failure)
         if on_failure is not None:
             on_failure(failure)
     raise AllModelsFailed(label, failures)
+
+
+def _repair_request(request: ChatRequest, result: LlmCallResult, error: str) -> ChatRequest:
+    """The same conversation plus the wrong answer and what is wrong with it."""
+    feedback = UserMessage(
+        content=f"Your answer was not valid: {error}\nAnswer again with only the corrected JSON."
+    )
+    answer = AssistantMessage(content=result.response.text or "(empty)")
+    return request.model_copy(update={"messages": [*request.messages, answer, feedback]})
 
 
 async def _execute(call: LlmCallInput, options: CallOptions, summary: str) -> LlmCallResult:

@@ -1,0 +1,100 @@
+"""Record the event histories that ``tests/test_replay.py`` replays.
+
+Run from the repository root whenever an example pipeline or the engine changes on purpose::
+
+    .venv/bin/python tests/histories/record.py            # every recording
+    .venv/bin/python tests/histories/record.py ticket-triage
+
+Each recording runs an example pipeline on an embedded Temporal dev server against the simulator and
+writes ``tests/histories/<name>.json``. Histories recorded by earlier engine versions are kept under
+their own names (``*-v1.json``) and never regenerated: they prove that running workflows survive a
+deploy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from temporalio.client import Client, WorkflowHandle
+from temporalio.testing import WorkflowEnvironment
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))
+
+from kernel.pipeline import load_pipeline  # noqa: E402
+from simulator.server import SimulatorServer  # noqa: E402
+from worker.app import build_registry, build_worker, connect, simulator_settings  # noqa: E402
+from worker.client import start_pipeline  # noqa: E402
+from worker.search_attributes import ensure_search_attributes  # noqa: E402
+
+Drive = Callable[[Client, WorkflowHandle[Any, Any]], Awaitable[None]]
+
+
+async def _nothing(client: Client, handle: WorkflowHandle[Any, Any]) -> None:
+    return None
+
+
+@dataclass
+class Recording:
+    name: str
+    pipeline: str
+    inputs: dict[str, Any]
+    drive: Drive = _nothing
+    faults: list[dict[str, Any]] = field(default_factory=list)
+
+
+TICKET = "I was charged twice for my March invoice. Please refund the second charge."
+
+RECORDINGS: list[Recording] = [
+    Recording(
+        "ticket-triage",
+        "examples/ticket-triage.yaml",
+        {"ticket": TICKET, "customer": "ACME Corp"},
+        faults=[{"fault": "503", "model": "gpt-4.1", "retry_after": 0.1}],
+    ),
+]
+
+
+async def record(recording: Recording, client: Client, sim: SimulatorServer, out: Path) -> Path:
+    sim.reset()
+    sim.add_faults(recording.faults)
+    registry = build_registry(provider_settings=simulator_settings(sim.url))
+    queue = f"record-{uuid.uuid4().hex[:8]}"
+    spec = load_pipeline(REPO / recording.pipeline)
+    async with build_worker(client, task_queue=queue, registry=registry):
+        handle = await start_pipeline(
+            client, spec, recording.inputs, task_queue=queue, workflow_id=f"{recording.name}-recorded"
+        )
+        await recording.drive(client, handle)
+        await handle.result()
+    await registry.aclose()
+    history = await handle.fetch_history()
+    path = out / f"{recording.name}.json"
+    path.write_text(history.to_json(), encoding="utf-8")
+    return path
+
+
+async def main(names: list[str]) -> None:
+    chosen = [r for r in RECORDINGS if not names or r.name in names]
+    temporal = shutil.which("temporal") or str(Path(sys.executable).parent / "temporal")
+    async with await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal, dev_server_extra_args=["--log-level", "error"]
+    ) as env:
+        target = env.client.service_client.config.target_host
+        client = await connect(target)
+        await ensure_search_attributes(client, "default")
+        with SimulatorServer() as sim:
+            for recording in chosen:
+                print(f"recorded {await record(recording, client, sim, HERE)}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1:]))
