@@ -9,15 +9,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin kernelflow
 
 WORKDIR /tmp/kernelflow-src
-# README.md* rather than README.md: the build must not fail before the README exists.
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml README.md ./
 COPY kernel/ kernel/
 COPY providers/ providers/
 COPY activities/ activities/
 COPY workflows/ workflows/
 COPY worker/ worker/
 COPY simulator/ simulator/
-RUN pip install . && cd / && rm -rf /tmp/kernelflow-src
+RUN pip install . && cd / && rm -rf /tmp/kernelflow-src \
+    && mkdir -p /var/lib/kernelflow/payloads && chown kernelflow /var/lib/kernelflow/payloads
 
 USER kernelflow
 WORKDIR /home/kernelflow

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 import uuid
-from pathlib import Path
 
 from temporalio.client import Client
 
+from examples.custom_workflow import NegotiateClause, NegotiationInput, NegotiationResult
 from kernel.registry import Registry
 from simulator.server import SimulatorServer
 from worker.app import build_worker
 from workflows.pipeline import PipelineWorkflow
-
-# examples/ is not an installed package: import it from the checkout, as a user's own module would be.
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from examples.custom_workflow import NegotiateClause, NegotiationInput, NegotiationResult  # noqa: E402
 
 
 async def _negotiate(client: Client, registry: Registry, request: NegotiationInput) -> NegotiationResult:
