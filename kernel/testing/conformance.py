@@ -215,6 +215,8 @@ class ProviderConformance:
     """The provider contract as pytest checks. Subclasses set ``chat_model`` (and ``embed_model``
     when the provider declares embeddings) and implement ``make_provider``."""
 
+    pytestmark: ClassVar[list[pytest.MarkDecorator]] = [pytest.mark.asyncio]
+    """Every check is a coroutine; marked so they also run under pytest-asyncio's strict mode."""
     chat_model: ClassVar[str]
     """A model the simulator serves for this provider's wire (``sim-...`` is known to every wire)."""
     embed_model: ClassVar[str | None] = None
