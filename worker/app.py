@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,9 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.embed import EmbedActivities
 from activities.llm import LlmActivities
+from activities.tool import ToolActivities, parse_allow_list
 from kernel.pricing import PriceTable
 from kernel.provider import ProviderSettings
 from kernel.registry import Registry
@@ -29,6 +32,7 @@ from worker.config import (
     load_config,
     payload_settings_from_env,
 )
+from worker.pipelines import PipelineCatalog, load_catalog, pipelines_dir
 from worker.search_attributes import ensure_search_attributes
 from worker.storage import build_data_converter
 from workflows.pipeline import PipelineWorkflow
@@ -41,6 +45,7 @@ __all__ = [
     "connect",
     "run_worker",
     "simulator_settings",
+    "workflow_runner",
 ]
 
 _log = structlog.get_logger("kernelflow.worker")
@@ -117,6 +122,13 @@ def build_registry(
     return registry
 
 
+def workflow_runner() -> SandboxedWorkflowRunner:
+    """The workflow sandbox every worker uses (and the replay tests replay with)."""
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules(*_PASSTHROUGH)
+    )
+
+
 def build_worker(
     client: Client,
     *,
@@ -132,6 +144,8 @@ def build_worker(
     llm_activities: LlmActivities | None = None,
     payloads: PayloadSettings | None = None,
     max_cached_workflows: int = 1000,
+    pipelines: PipelineCatalog | None = None,
+    tool_allow: Sequence[str] = (),
 ) -> Worker:
     """A worker on ``task_queue``. It converts payloads with ``client``'s converter, or with one
     built from ``payloads`` when given (which must match the clients' settings)."""
@@ -150,11 +164,15 @@ def build_worker(
         client,
         task_queue=task_queue,
         workflows=[PipelineWorkflow, *extra_workflows],
-        activities=[activities.chat, *extra_activities],
+        activities=[
+            activities.chat,
+            EmbedActivities(activities.registry, prices=activities.prices).embed,
+            ToolActivities(tool_allow).call,
+            (pipelines or PipelineCatalog()).load,
+            *extra_activities,
+        ],
         activity_executor=activity_executor,
-        workflow_runner=SandboxedWorkflowRunner(
-            restrictions=SandboxRestrictions.default.with_passthrough_modules(*_PASSTHROUGH)
-        ),
+        workflow_runner=workflow_runner(),
         max_concurrent_activities=max_concurrent_activities,
         max_concurrent_workflow_tasks=max_concurrent_workflow_tasks,
         graceful_shutdown_timeout=timedelta(seconds=20),
@@ -252,6 +270,8 @@ async def run_worker(
         llm_activities=activities,
         max_concurrent_activities=settings.max_concurrent_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
+        pipelines=load_catalog(pipelines_dir(config.pipelines_dir)),
+        tool_allow=parse_allow_list(os.environ.get("KERNELFLOW_TOOL_ALLOWLIST")),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
