@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from temporalio import activity
 
 from activities.errors import to_application_error
+from activities.streaming import DEFAULT_BATCH_INTERVAL, TokenPublisher
 from kernel.contracts import ChatRequest, ChatResponse, StreamEvent, TextDelta, ToolCallDelta
 from kernel.errors import KernelflowError
 from kernel.pricing import PriceTable
@@ -56,6 +57,8 @@ class LlmActivities:
     """Holds the worker's registry, prices and circuit breakers; its bound methods are the activities.
     ``registry`` and ``prices`` may be replaced while running (config reload): each call reads them once."""
 
+    stream_batch_interval: float = DEFAULT_BATCH_INTERVAL
+
     def __init__(
         self,
         registry: Registry,
@@ -88,7 +91,7 @@ class LlmActivities:
             request = call.request.model_copy(update={"model": model_name})
             if call.stream:
                 response = await self._heartbeating(
-                    self._stream(provider.stream(request), provider.name), info.is_local
+                    self._stream(provider.stream(request), provider.name, call), info.is_local
                 )
             else:
                 provider.check_chat(request)
@@ -125,20 +128,25 @@ class LlmActivities:
         if self.breakers is not None:
             self.breakers.settle(permit, error)
 
-    async def _stream(self, events: Any, provider: str) -> ChatResponse:
+    async def _stream(self, events: Any, provider: str, call: LlmCallInput) -> ChatResponse:
         received = 0
+        tokens = TokenPublisher.for_current_activity(
+            step_id=call.step_id, model=call.model, batch_interval=self.stream_batch_interval
+        )
 
         async def counted() -> Any:
             nonlocal received
             event: StreamEvent
             async for event in events:
+                tokens.feed(event)
                 if isinstance(event, TextDelta | ToolCallDelta):
                     received += 1
                     if not activity.info().is_local:
                         activity.heartbeat({"chunks": received})
                 yield event
 
-        return await collect_stream(counted(), provider=provider)
+        async with tokens:
+            return await collect_stream(counted(), provider=provider)
 
     async def _heartbeating(self, work: Awaitable[_T], is_local: bool) -> _T:
         """Await ``work`` while heartbeating, so a lost worker is noticed within the heartbeat timeout

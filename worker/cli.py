@@ -1,4 +1,4 @@
-"""The ``kernelflow`` command: worker, dev, run, demo, providers."""
+"""The ``kernelflow`` command: worker, dev, run, watch, demo, providers."""
 
 from __future__ import annotations
 
@@ -152,6 +152,20 @@ async def _cmd_run(args: argparse.Namespace) -> int:
     result = await follow(handle, None if args.json else Progress())
     _print_result(result, as_json=args.json)
     return 0 if result.status == "completed" else 3
+
+
+async def _cmd_watch(args: argparse.Namespace) -> int:
+    from worker.app import connect
+    from worker.watch import PipelineWatch, WatchError
+
+    settings = WorkerSettings.from_env(**_overrides(args))
+    client = await connect(settings.temporal_address, settings.namespace)
+    try:
+        status = await PipelineWatch(client, args.workflow_id, as_json=args.json).run()
+    except WatchError as exc:
+        print(f"kernelflow: {exc}", file=sys.stderr)
+        return 2
+    return 0 if status == "completed" else 3
 
 
 async def _cmd_worker(args: argparse.Namespace) -> int:
@@ -327,6 +341,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-wait", action="store_true", help="print the workflow id and return at once")
     temporal_options(run)
 
+    watch = sub.add_parser(
+        "watch", help="follow a running (or finished) pipeline: streamed answers live, then its status"
+    )
+    watch.add_argument("workflow_id", metavar="WORKFLOW_ID")
+    watch.add_argument("--json", action="store_true", help="one JSON event per line")
+    watch.add_argument("--address", help="Temporal frontend (env TEMPORAL_ADDRESS, default localhost:7233)")
+    watch.add_argument("--namespace", help="Temporal namespace (env TEMPORAL_NAMESPACE, default default)")
+
     demo = sub.add_parser("demo", help="run the example pipeline on embedded everything, then stop")
     demo.add_argument("--pipeline", default=str(DEMO_PIPELINE))
     demo.add_argument("--port", type=int, default=7233)
@@ -344,7 +366,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "providers":
             return _cmd_providers(args)
-        handler = {"worker": _cmd_worker, "dev": _cmd_dev, "run": _cmd_run, "demo": _cmd_demo}[args.command]
+        handler = {
+            "worker": _cmd_worker,
+            "dev": _cmd_dev,
+            "run": _cmd_run,
+            "watch": _cmd_watch,
+            "demo": _cmd_demo,
+        }[args.command]
         return asyncio.run(handler(args))
     except KeyboardInterrupt:
         return 130

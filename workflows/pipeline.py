@@ -18,6 +18,7 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.contrib.workflow_streams import WorkflowStream
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -87,6 +88,7 @@ class PipelineWorkflow(StepRunner):
         self._cancel: CancelRequest | None = None
         self._main: asyncio.Task[Any] | None = None
         self._providers: list[str] = []
+        self._token_stream_for_watchers = WorkflowStream()
         self._spec: PipelineSpec | None = None
         self._spec_error: str | None = None
         self._states: dict[str, StepState] = {}
