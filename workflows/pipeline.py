@@ -317,6 +317,7 @@ class PipelineWorkflow(StepRunner):
         top = Scope(self._context)
         for index in range(start, len(spec.steps)):
             if index > start and self._should_continue_as_new():
+                self._token_stream_for_watchers.detach_pollers()
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(self._carry_over(index))
             await self._run_step(spec.steps[index], top)
