@@ -64,6 +64,15 @@ def _fmt(value: float | None) -> str:
     return f"{value:.3g}"
 
 
+def _headline(machine: dict[str, Any], mode: str) -> str:
+    return (
+        f"{machine['cpu_model']} · {machine['cores']} cores · Python {machine['python']} · "
+        f"temporalio {machine['temporalio']} · {machine['date']} · mode {mode} · "
+        f"load average {machine['load_average_at_start'][0]:.1f} at start, "
+        f"{machine['load_average_at_end'][0]:.1f} at end"
+    )
+
+
 def render_table(results: list[dict[str, Any]]) -> str:
     header = ("figure", "value", "unit", "baseline", "baseline value", "ratio", "target", "met")
     rows = [header]
@@ -117,7 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--smoke", action="store_true", help="tiny counts: proves every figure runs")
     parser.add_argument("--only", default=",".join(FIGURES), help="figures to run, e.g. 1,3")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results file (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--show", type=Path, metavar="RESULTS", help="print the table of a results file and exit"
+    )
     args = parser.parse_args(argv)
+    if args.show is not None:
+        shown = json.loads(args.show.read_text())
+        print(_headline(shown["machine"], shown["mode"]))
+        print(render_table(shown["results"]))
+        return 0
     mode: Mode = "quick" if args.quick else "smoke" if args.smoke else "full"
     only = [key.strip() for key in args.only.split(",") if key.strip()]
     unknown = [key for key in only if key not in FIGURES]

@@ -7,10 +7,11 @@ through one shared ``httpx.AsyncClient`` (the pool settings the kernel's provide
 * ``kernel``: ``OpenAIProvider.chat(ChatRequest(...))``, the request model built on each call;
 * ``litellm``: ``litellm.acompletion("openai/gpt-4o-mini", api_base=..., retries off)``.
 
-Sides run in interleaved rounds (the order rotates each round) after a warm-up, so drift on a shared
-machine falls on every side alike. "Time per call" is wall time of a round divided by its calls: at
-concurrency 1 it is the mean latency, at 64 it is the inverse of throughput. The ratios are kernel time
-per call over the other side's.
+After a warm-up, two paired phases run at each concurrency: raw vs kernel, then kernel vs LiteLLM. In
+a phase the two sides alternate round by round (AB, BA, ...), so drift and bursts of other load on a
+shared machine fall on both alike; the ratio is the median of the per-round ratios. "Time per call" is
+wall time of a round divided by its calls: at concurrency 1 the mean latency, at 64 the inverse of
+throughput.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ __all__ = ["run"]
 PROMPT = "Summarise the ticket in one sentence: the printer on floor 3 jams on every duplex job."
 MODEL = "gpt-4o-mini"
 _COUNTS: dict[Mode, dict[str, int]] = {
-    "full": {"calls": 5000, "warmup": 300, "rounds": 5, "cpu_loops": 20000, "sim_calls": 1000},
-    "quick": {"calls": 500, "warmup": 100, "rounds": 5, "cpu_loops": 5000, "sim_calls": 200},
+    "full": {"calls": 5000, "warmup": 300, "rounds": 20, "cpu_loops": 20000, "sim_calls": 1000},
+    "quick": {"calls": 500, "warmup": 100, "rounds": 10, "cpu_loops": 5000, "sim_calls": 200},
     "smoke": {"calls": 40, "warmup": 10, "rounds": 2, "cpu_loops": 300, "sim_calls": 20},
 }
 _CONCURRENCY = (1, 64)
+_DRAIN_S = 2.0
 
 Call = Callable[[], Awaitable[str]]
 
@@ -131,6 +133,7 @@ class _Side:
         self.latencies: list[float] = []
         self.client_cpu = 0.0
         self.upstream_cpu = 0.0
+        self.rounds: list[float] = []  # time per call of each round
 
     @property
     def per_call_us(self) -> float:
@@ -161,10 +164,21 @@ async def _measure(
             side.client_cpu += time.process_time() - cpu
             side.upstream_cpu += proc_cpu_seconds(upstream_pid) - upstream
             side.wall += wall
+            side.rounds.append(wall / per_round)
             side.calls += per_round
             side.latencies += latencies
             done += per_round
-            progress.step(f"concurrency {concurrency}", done, total)
+            progress.step(f"concurrency {concurrency}, {'/'.join(s.name for s in sides)}", done, total)
+
+
+def _paired_ratio(side: _Side, other: _Side) -> float:
+    return statistics.median(a / b for a, b in zip(side.rounds, other.rounds, strict=True))
+
+
+def _ratio_spread(side: _Side, other: _Side) -> dict[str, float]:
+    """The spread of per-round ratios: how much the machine's other load moved them."""
+    ratios = [a / b for a, b in zip(side.rounds, other.rounds, strict=True)]
+    return {f"p{q}": round(percentile(ratios, q), 3) for q in (10, 25, 75, 90)}
 
 
 def _pure_cpu(loops: int) -> tuple[float, float]:
@@ -244,25 +258,34 @@ async def run(mode: Mode) -> list[Result]:
             if len(set(answers.values())) != 1:
                 raise RuntimeError(f"the sides disagree on the answer: {answers}")
 
+            await asyncio.sleep(_DRAIN_S)
             for concurrency in _CONCURRENCY:
-                sides = [_Side(name, call) for name, call in calls]
-                await _measure(
-                    sides,
-                    calls=counts["calls"],
-                    rounds=counts["rounds"],
-                    concurrency=concurrency,
-                    upstream_pid=upstream.pid,
-                    progress=progress,
-                )
-                by_name = {side.name: side for side in sides}
-                raw, kernel = by_name["raw"], by_name["kernel"]
-                params: dict[str, Any] = {
+                # Two paired phases: raw vs kernel, then kernel vs LiteLLM; within a phase the two sides
+                # alternate round by round (AB, BA, ...) and the ratio is the median of the per-round
+                # ratios, so a burst of other load on the machine falls on one pair, not on one side.
+                pairs = [("raw", "kernel")] + ([("kernel", "litellm")] if litellm_call is not None else [])
+                by_call = dict(calls)
+                phases: dict[str, tuple[_Side, _Side]] = {}
+                for first, second in pairs:
+                    phase = (_Side(first, by_call[first]), _Side(second, by_call[second]))
+                    await _measure(
+                        list(phase),
+                        calls=counts["calls"],
+                        rounds=counts["rounds"],
+                        concurrency=concurrency,
+                        upstream_pid=upstream.pid,
+                        progress=progress,
+                    )
+                    await asyncio.sleep(_DRAIN_S)  # let LiteLLM's background logging finish
+                    phases[second] = phase
+                raw, kernel = phases["kernel"]
+                common: dict[str, Any] = {
                     "concurrency": concurrency,
                     "calls_per_side": kernel.calls,
                     "rounds": counts["rounds"],
                     "upstream": "bench.upstream (canned reply, own process)",
-                    "definition": "time per call = round wall time / calls; ratio = kernel / other side",
-                    **{f"{side.name}": side.stats() for side in sides},
+                    "definition": "time per call = wall time / calls (mean latency at c=1, 1/throughput at "
+                    "c=64); ratio = median over paired rounds of kernel time per call / other side's",
                 }
                 results.append(
                     Result(
@@ -271,19 +294,33 @@ async def run(mode: Mode) -> list[Result]:
                         unit="us/call",
                         baseline="raw httpx",
                         baseline_value=raw.per_call_us,
-                        params=params,
+                        ratio=_paired_ratio(kernel, raw),
+                        params={
+                            **common,
+                            "raw": raw.stats(),
+                            "kernel": kernel.stats(),
+                            "ratio_of_totals": round(kernel.wall / raw.wall, 4),
+                            "paired_ratio_spread": _ratio_spread(kernel, raw),
+                        },
                     ).check(ratio_at_most=1.15)
                 )
-                if "litellm" in by_name:
-                    lite = by_name["litellm"]
+                if "litellm" in phases:
+                    kernel_l, lite = phases["litellm"]
                     results.append(
                         Result(
                             name=f"1. kernel vs LiteLLM, time per call, c={concurrency}",
-                            value=kernel.per_call_us,
+                            value=kernel_l.per_call_us,
                             unit="us/call",
                             baseline="litellm.acompletion",
                             baseline_value=lite.per_call_us,
-                            params=params,
+                            ratio=_paired_ratio(kernel_l, lite),
+                            params={
+                                **common,
+                                "kernel": kernel_l.stats(),
+                                "litellm": lite.stats(),
+                                "ratio_of_totals": round(kernel_l.wall / lite.wall, 4),
+                                "paired_ratio_spread": _ratio_spread(kernel_l, lite),
+                            },
                         ).check(ratio_at_most=0.25)
                     )
                 else:
@@ -295,6 +332,25 @@ async def run(mode: Mode) -> list[Result]:
                             target="ratio <= 0.25",
                         )
                     )
+                results.append(
+                    Result(
+                        name=f"1. client CPU per call, kernel vs raw httpx, c={concurrency}",
+                        value=kernel.client_cpu / kernel.calls * 1e6,
+                        unit="us/call",
+                        baseline="raw httpx",
+                        baseline_value=raw.client_cpu / raw.calls * 1e6,
+                        params={
+                            "definition": "CPU time (user + system) of the client process per call over "
+                            "the raw-vs-kernel phase; less sensitive than wall time to other load",
+                            "concurrency": concurrency,
+                            "litellm_client_cpu_us_per_call": phases["litellm"][1].stats()[
+                                "client_cpu_us_per_call"
+                            ]
+                            if "litellm" in phases
+                            else None,
+                        },
+                    )
+                )
                 if concurrency == 1:
                     for q in (50, 99):
                         added = percentile(kernel.latencies, q) - percentile(raw.latencies, q)
