@@ -352,7 +352,8 @@ class PipelineWorkflow(StepRunner):
     # --- bookkeeping ------------------------------------------------------------------------------
 
     def _upsert(self, updates: list[Any]) -> None:
-        workflow.upsert_search_attributes(updates)
+        if self._request.search_attributes:
+            workflow.upsert_search_attributes(updates)
 
     def _details(self, summary: str) -> None:
         done = [s.id for s in self._status.steps if s.status == "completed"]

@@ -158,6 +158,11 @@ class PipelineRequest(BaseModel):
     pipeline_version: int | None = None
     inputs: dict[str, Any] = Field(default_factory=dict)
     tenant: str | None = None
+    search_attributes: bool = Field(
+        default=True,
+        description="Upsert Kernelflow's search attributes; False on a server without them "
+        "(the time-skipping test server cannot register any).",
+    )
     continue_as_new_after: int | None = Field(
         default=None, gt=0, description="History length that triggers continue-as-new (default 10,000)."
     )

@@ -390,6 +390,7 @@ class StepRunner:
             pipeline_version=step.version,
             inputs=inputs,
             tenant=self._request.tenant,
+            search_attributes=self._request.search_attributes,
         )
         child_id = f"{workflow.info().workflow_id}/{scope.label}{step.id}"
         name = step.pipeline or (step.spec.name if step.spec else "inline")
