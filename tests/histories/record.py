@@ -32,14 +32,26 @@ sys.path.insert(0, str(REPO))
 from kernel.pipeline import load_pipeline  # noqa: E402
 from simulator.server import SimulatorServer  # noqa: E402
 from worker.app import build_registry, build_worker, connect, simulator_settings  # noqa: E402
-from worker.client import start_pipeline  # noqa: E402
+from worker.client import approve, start_pipeline  # noqa: E402
 from worker.search_attributes import ensure_search_attributes  # noqa: E402
+from workflows.pipeline import PipelineStatus  # noqa: E402
 
 Drive = Callable[[Client, WorkflowHandle[Any, Any]], Awaitable[None]]
 
 
 async def _nothing(client: Client, handle: WorkflowHandle[Any, Any]) -> None:
     return None
+
+
+async def _approve_review(client: Client, handle: WorkflowHandle[Any, Any]) -> None:
+    """Wait until the approval waits, then approve it as a person would."""
+    for _ in range(600):
+        status = await handle.query("status", result_type=PipelineStatus)
+        if any(a.step_id == "review" and a.status == "waiting" for a in status.approvals):
+            await approve(client, handle.id, "review", by="alice", comment="recorded")
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError("the approval never started waiting")
 
 
 @dataclass
@@ -59,6 +71,17 @@ RECORDINGS: list[Recording] = [
         "examples/ticket-triage.yaml",
         {"ticket": TICKET, "customer": "ACME Corp"},
         faults=[{"fault": "503", "model": "gpt-4.1", "retry_after": 0.1}],
+    ),
+    Recording(
+        "approval-gate",
+        "examples/approval-gate.yaml",
+        {"customer": "ACME Corp", "amount": 120},
+        drive=_approve_review,
+    ),
+    Recording(
+        "fan-out",
+        "examples/fan-out.yaml",
+        {"text": "The release went well.", "sections": ["intro", "results", "outlook"]},
     ),
 ]
 
@@ -97,4 +120,8 @@ async def main(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    import os
+
     asyncio.run(main(sys.argv[1:]))
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown, which the SDK's runtime threads can abort
