@@ -210,7 +210,7 @@ async def decide_with_start(
     """Update-with-start: decide approval ``step_id`` of pipeline ``workflow_id``, starting it first if
     it is not running (a decision made before the step is reached is applied when it is). Returns the
     decision once the workflow has recorded it; a refused decision raises and changes nothing."""
-    operation = WithStartWorkflowOperation(
+    operation: WithStartWorkflowOperation[Any, PipelineResult] = WithStartWorkflowOperation(
         PIPELINE_WORKFLOW,
         _request(spec, inputs, tenant),
         id=workflow_id,
