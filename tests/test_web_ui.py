@@ -41,7 +41,8 @@ async def _rendered_dom(url: str) -> str:
             [
                 CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", url,
+                f"--user-data-dir={profile}", "--window-size=1500,1200", "--virtual-time-budget=10000",
+                "--dump-dom", url,
             ],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
