@@ -17,10 +17,10 @@ import httpx
 from temporalio import activity
 from temporalio.client import Client
 
-from bench._simulator import NoDelaySimulatorProcess
 from bench._workflows import MINIMAL_ACTIVITY, BenchMinimalWorkflow, BenchWaitingWorkflow, MinimalRequest
 from kernel.pipeline import PipelineSpec, parse_pipeline
 from kernel.registry import Registry
+from simulator.server import SimulatorProcess
 from worker.app import build_registry, build_worker, connect, simulator_settings
 from worker.config import PayloadSettings
 from worker.devserver import DevServer
@@ -100,12 +100,12 @@ class DurableEnv:
     registry: Registry
     server: DevServer
     state_dir: Path
-    simulator: NoDelaySimulatorProcess
+    simulator: SimulatorProcess
 
 
 @contextlib.asynccontextmanager
 async def durable_env(*, worker: bool = True) -> AsyncIterator[DurableEnv]:
-    with tempfile.TemporaryDirectory(prefix="kernelflow-bench-") as state, NoDelaySimulatorProcess() as sim:
+    with tempfile.TemporaryDirectory(prefix="kernelflow-bench-") as state, SimulatorProcess() as sim:
         server = BenchDevServer(state_dir=state, port=free_port(), ui_port=free_port(), headless=True)
         async with server:
             client = await connect(server.target, payloads=PayloadSettings(dir=Path(state) / "payloads"))

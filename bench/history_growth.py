@@ -99,11 +99,11 @@ async def run(mode: Mode) -> list[Result]:
                 target="value <= 10 MB",
             )
         ]
-    from bench._simulator import NoDelaySimulatorProcess
+    from simulator.server import SimulatorProcess
 
     with (
         tempfile.TemporaryDirectory(prefix="kernelflow-bench-history-") as state,
-        NoDelaySimulatorProcess() as sim,
+        SimulatorProcess() as sim,
     ):
         store = Path(state) / "payloads"
         stored = build_data_converter(PayloadSettings(storage="filesystem", dir=store))

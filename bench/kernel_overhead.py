@@ -27,11 +27,11 @@ from typing import Any
 import httpx
 
 from bench._common import Mode, Progress, Result, not_measured, percentile, proc_cpu_seconds, summary_us
-from bench._simulator import NoDelaySimulatorProcess
 from bench.upstream import CANNED_COMPLETION, MinimalUpstream
 from kernel.contracts import ChatRequest, UserMessage
 from kernel.provider import ProviderSettings
 from providers.openai import OpenAIProvider
+from simulator.server import SimulatorProcess
 
 __all__ = ["run"]
 
@@ -234,7 +234,7 @@ async def run(mode: Mode) -> list[Result]:
     results: list[Result] = []
 
     # The simulator's own cost, to show why the minimal upstream is used for this figure.
-    with NoDelaySimulatorProcess() as sim:
+    with SimulatorProcess() as sim:
         simulator_cost = await _upstream_cost(sim.pid, f"{sim.url}/v1", counts["sim_calls"], progress)
 
     with MinimalUpstream() as upstream:
