@@ -18,7 +18,7 @@ from kernel.pipeline import parse_pipeline
 from simulator.server import SimulatorServer
 from worker.client import start_pipeline
 from worker.watch import PipelineWatch
-from workflows.pipeline import PipelineResult, PipelineStatus
+from workflows.pipeline import PIPELINE_WORKFLOW, PipelineRequest, PipelineResult, PipelineStatus
 
 MODEL = "openai/gpt-4o-mini"
 
@@ -224,3 +224,36 @@ async def test_kernelflow_watch_command_prints_the_answer_and_exits_when_done(
 async def test_kernelflow_watch_names_a_missing_workflow(temporal_target: str) -> None:
     code, _, stderr = await _kernelflow_watch(temporal_target, "no-such-workflow-" + uuid.uuid4().hex)
     assert code == 2 and "no workflow with id" in stderr
+
+
+async def test_watcher_sees_every_steps_text_across_continue_as_new(
+    client: Client, task_queue: str, sim: SimulatorServer
+) -> None:
+    first, second = _reply(30), _reply(40)
+    spec = parse_pipeline(
+        {
+            "name": "streaming",
+            "steps": [
+                _step("s1", f'[[sim: token_delay=0.01 reply="{first}"]] one', stream=True),
+                _step("s2", f'[[sim: token_delay=0.01 reply="{second}"]] two', stream=True),
+            ],
+        }
+    )
+    handle = await client.start_workflow(
+        PIPELINE_WORKFLOW,
+        PipelineRequest(
+            pipeline=spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+            continue_as_new_after=5,  # the step boundary continues as new
+        ),
+        id=f"stream-can-{uuid.uuid4().hex[:8]}",
+        task_queue=task_queue,
+        result_type=PipelineResult,
+    )
+    result = await handle.result()
+    assert result.status == "completed"
+    status = await client.get_workflow_handle(handle.id).query("status", result_type=PipelineStatus)
+    assert status.run > 1, "the pipeline did not continue as new"
+
+    watcher, final, _ = await _watch(client, handle.id)
+    assert final == "completed"
+    assert watcher.texts == {"s1": first, "s2": second}

@@ -88,7 +88,7 @@ class PipelineWorkflow(StepRunner):
         self._cancel: CancelRequest | None = None
         self._main: asyncio.Task[Any] | None = None
         self._providers: list[str] = []
-        self._token_stream_for_watchers = WorkflowStream()
+        self._token_stream_for_watchers = WorkflowStream(prior_state=carry.token_stream if carry else None)
         self._spec: PipelineSpec | None = None
         self._spec_error: str | None = None
         self._states: dict[str, StepState] = {}
@@ -339,6 +339,7 @@ class PipelineWorkflow(StepRunner):
             providers=self._providers,
             events=self._events,
             decisions=self._decisions,
+            token_stream=self._token_stream_for_watchers.get_state(),
         )
         spec = self._require_spec()
         return self._request.model_copy(

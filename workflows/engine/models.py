@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+from temporalio.contrib.workflow_streams import WorkflowStreamState
 
 from kernel.contracts import Usage
 from kernel.pipeline import BudgetSpec
@@ -146,6 +147,9 @@ class CarryOver(BaseModel):
     providers: list[str] = Field(default_factory=list)
     events: dict[str, list[Any]] = Field(default_factory=dict)
     decisions: dict[str, ApprovalState] = Field(default_factory=dict)
+    token_stream: WorkflowStreamState | None = Field(
+        default=None, description="The token stream so far, so watchers replay across runs."
+    )
 
 
 class PipelineRequest(BaseModel):
