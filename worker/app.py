@@ -60,6 +60,13 @@ _PASSTHROUGH = (
     "httpx",
     "kernel",
     "activities",
+    # The engine's deterministic building blocks: shared instead of re-imported into every workflow's
+    # sandbox (the workflow class module, workflows.pipeline, stays sandboxed).
+    "workflows.calls",
+    "workflows.engine",
+    "workflows.search_attributes",
+    "workflows.api",
+    "workflows.conversation",
 )
 
 SIMULATED_PROVIDERS: dict[str, str] = {
