@@ -37,12 +37,21 @@ pytest: $(STAMP) browser
 
 test: lint types pytest
 
-bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[bench]'
-	$(BIN)/python -m bench $(if $(QUICK),--quick,)
+# Benchmarks get their own environment: the LiteLLM baseline pins an older openai SDK than the tests use.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+$(BENCH_STAMP): pyproject.toml
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	PATH="$(CURDIR)/$(BENCH_VENV)/bin:$$PATH" $(BENCH_VENV)/bin/python -m bench $(if $(QUICK),--quick,)
 
 dev: $(STAMP)
 	$(BIN)/kernelflow dev
 
 clean:
-	rm -rf $(VENV) .state .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) .state .mypy_cache .pytest_cache .ruff_cache
