@@ -14,7 +14,8 @@ Subclass it in a test module, name the models, and say how to build the provider
 
 The checks run against the simulator (``simulator_url``, or one the kit starts itself) and drive
 faults with ``[[sim: ...]]`` directives. A check of a capability the provider does not declare is
-skipped with a reason naming the capability; a declared capability that misbehaves fails.
+checked the other way round: a request needing it must be refused before any network call. A
+declared capability that misbehaves fails.
 """
 
 from __future__ import annotations
@@ -169,11 +170,6 @@ async def _call(provider: Provider, request: ChatRequest, mode: Mode) -> ChatRes
     return await collect_stream(provider.stream(request), provider=provider.name)
 
 
-def _require(provider: Provider, capability: str) -> None:
-    if not getattr(provider.capabilities, capability):
-        pytest.skip(f"provider {provider.name!r} does not declare the {capability!r} capability")
-
-
 @contextlib.contextmanager
 def _captured_logs() -> Iterator[list[str]]:
     """Every stdlib log record (at DEBUG, httpx and httpcore included) and structlog event, as text."""
@@ -258,7 +254,8 @@ class ProviderConformance:
 
     async def test_chat_returns_text_and_usage(self, conformance: ConformanceRun) -> None:
         provider = conformance.provider
-        _require(provider, "chat")
+        if not await self._declared(conformance, "chat"):
+            return
         response = await provider.chat(conformance.request("Say hello to the conformance kit"))
         assert response.provider == provider.name
         assert response.text, "chat answered without text"
@@ -270,7 +267,8 @@ class ProviderConformance:
 
     async def test_stream_events_in_order(self, conformance: ConformanceRun) -> None:
         provider = conformance.provider
-        _require(provider, "stream")
+        if not await self._declared(conformance, "stream"):
+            return
         events = await _events(provider, conformance.request("Stream a few words back"))
         kinds = [type(event).__name__ for event in events]
         assert isinstance(events[0], StreamStart), f"the first event must be StreamStart, got {kinds}"
@@ -283,7 +281,8 @@ class ProviderConformance:
 
     async def test_stream_collects_to_the_chat_answer(self, conformance: ConformanceRun) -> None:
         provider = conformance.provider
-        _require(provider, "stream")
+        if not await self._declared(conformance, "stream"):
+            return
         request = conformance.request("The same answer, streamed or not")
         chat = await provider.chat(request)
         streamed = await collect_stream(provider.stream(request), provider=provider.name)
@@ -293,7 +292,8 @@ class ProviderConformance:
 
     async def test_stream_usage_matches_chat(self, conformance: ConformanceRun) -> None:
         provider = conformance.provider
-        _require(provider, "stream")
+        if not await self._declared(conformance, "stream"):
+            return
         if not self.stream_reports_usage:
             pytest.skip(f"provider {provider.name!r} declares that its streams report no usage")
         request = conformance.request("Count my tokens, streamed or not")
@@ -305,7 +305,8 @@ class ProviderConformance:
 
     async def test_tool_call_round_trip(self, conformance: ConformanceRun) -> None:
         provider = conformance.provider
-        _require(provider, "tools")
+        if not await self._declared(conformance, "tools"):
+            return
         request = conformance.request("What is the weather in Oslo?", tools=[_WEATHER_TOOL])
         first = await provider.chat(request)
         assert first.finish_reason == "tool_calls", f"expected a tool call, got {first.finish_reason}"
@@ -337,7 +338,8 @@ class ProviderConformance:
 
     async def test_structured_output_validates(self, conformance: ConformanceRun) -> None:
         provider = conformance.provider
-        _require(provider, "json_schema")
+        if not await self._declared(conformance, "json_schema"):
+            return
         assert provider.capabilities.json_schema_mode in ("native", "tool"), (
             f"provider {provider.name!r} declares json_schema but json_schema_mode "
             f"{provider.capabilities.json_schema_mode!r}"
@@ -359,7 +361,8 @@ class ProviderConformance:
 
     async def test_embeddings(self, conformance: ConformanceRun) -> None:
         provider = conformance.provider
-        _require(provider, "embeddings")
+        if not await self._declared(conformance, "embeddings"):
+            return
         assert self.embed_model, f"{type(self).__name__} declares embeddings but sets no embed_model"
         texts = [conformance.prompt("first text"), conformance.prompt("second text")]
         response = await provider.embed(EmbedRequest(model=self.embed_model, input=texts))
@@ -375,8 +378,8 @@ class ProviderConformance:
         self, conformance: ConformanceRun, fault: str, mode: Mode
     ) -> None:
         provider = conformance.provider
-        if mode == "stream":
-            _require(provider, "stream")
+        if mode == "stream" and not await self._declared(conformance, "stream"):
+            return
         expected = FAULT_EXPECTATIONS[fault]
         directive = f"fault={fault}" + (f" retry_after={_RETRY_AFTER:g}" if fault == "429" else "")
         request = conformance.request("This call fails", directive)
@@ -412,7 +415,8 @@ class ProviderConformance:
 
     async def test_stream_cut_midway_ends_with_stream_error(self, conformance: ConformanceRun) -> None:
         provider = conformance.provider
-        _require(provider, "stream")
+        if not await self._declared(conformance, "stream"):
+            return
         events = await _events(provider, conformance.request(_LONG_TEXT, "fault=cut"))
         kinds = [type(event).__name__ for event in events]
         assert kinds and kinds[0] == "StreamStart", kinds
@@ -423,7 +427,8 @@ class ProviderConformance:
 
     async def test_closing_a_stream_early_releases_the_connection(self, conformance: ConformanceRun) -> None:
         provider = conformance.provider
-        _require(provider, "stream")
+        if not await self._declared(conformance, "stream"):
+            return
         request = conformance.request(_LONG_TEXT, "token_delay=0.05")
         seen: list[StreamEvent] = []
         async with _closing(provider.stream(request)) as stream:
@@ -480,7 +485,14 @@ class ProviderConformance:
         async with self._run(api_key=None) as run:
             provider = run.provider
             if type(provider).api_key_env is None and provider.has_credentials():
-                pytest.skip(f"provider {provider.name!r} takes no credentials")
+                # A provider that takes no credentials never demands any: the request goes out. (An
+                # upstream that insists on a key, as the simulator's OpenAI wire does, may refuse it:
+                # then the refusal is the upstream's HTTP 401, not the provider's own.)
+                try:
+                    await provider.chat(run.request("No key needed"))
+                except AuthenticationFailed as exc:
+                    assert exc.status_code == 401, f"refused without asking the upstream: {exc}"
+                return
             assert not provider.has_credentials()
             modes: list[Mode] = ["chat", "stream"] if provider.capabilities.stream else ["chat"]
             for mode in modes:
@@ -492,21 +504,31 @@ class ProviderConformance:
                 )
             assert await run.requests_seen() == 0, "a request was sent without credentials"
 
-    @pytest.mark.parametrize("capability", ["stream", "tools", "json_schema", "vision", "embeddings"])
-    async def test_undeclared_capability_refused_before_any_request(
-        self, conformance: ConformanceRun, capability: str
-    ) -> None:
-        provider = conformance.provider
-        if getattr(provider.capabilities, capability):
-            pytest.skip(f"provider {provider.name!r} declares {capability!r}: nothing to refuse")
+    async def test_vision_is_served_or_refused(self, conformance: ConformanceRun) -> None:
+        if not await self._declared(conformance, "vision"):
+            return
+        content = [TextPart(text=conformance.prompt("describe")), ImagePart(image_url=ImageURL(url=_PIXEL))]
+        response = await conformance.provider.chat(
+            ChatRequest(model=conformance.model, messages=[UserMessage(content=content)])
+        )
+        assert response.text, "a request with an image got no answer"
+
+    async def _declared(self, run: ConformanceRun, capability: str) -> bool:
+        """True when the provider declares ``capability``. Otherwise checks the other half of the
+        contract instead of skipping: a request needing it is refused, naming it, before any request."""
+        if getattr(run.provider.capabilities, capability):
+            return True
         with pytest.raises(UnsupportedCapability) as caught:
-            await self._needing(conformance, capability)
+            await self._needing(run, capability)
         assert capability in str(caught.value), caught.value
-        assert await conformance.requests_seen() == 0, f"a request needing {capability} was sent"
+        assert await run.requests_seen() == 0, f"a request needing {capability} was sent"
+        return False
 
     async def _needing(self, run: ConformanceRun, capability: str) -> None:
         provider = run.provider
-        if capability == "embeddings":
+        if capability == "chat":
+            await provider.chat(run.request("chat please"))
+        elif capability == "embeddings":
             await provider.embed(EmbedRequest(model=self.embed_model or run.model, input=[run.prompt("x")]))
         elif capability == "stream":
             await _events(provider, run.request("stream please"))
