@@ -443,7 +443,7 @@ class PipelineSpec(_Spec):
         models: set[str] = set()
         for step, _ in self.walk():
             if isinstance(step, LlmStep):
-                models.update((step.model, *step.fallbacks))
+                models.update((step.model, *step.fallbacks, *(b.model for b in step.balance or [])))
             elif isinstance(step, EmbedStep):
                 models.add(step.model)
         return sorted(models)

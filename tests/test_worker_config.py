@@ -22,6 +22,7 @@ prices:
   intranet: {llama-3-70b: {input: 0.5, output: 1.5}}
 presets:
   intranet: {base_url: "http://llm.corp.example/v1", api_key_env: CORP_LLM_KEY}
+tool_allow: ["https://crm.example/api/"]
 """
 
 
@@ -36,6 +37,7 @@ def test_config_file_sets_aliases_presets_and_prices(tmp_path: Path) -> None:
     assert provider.describe()["credentials_env"] == "CORP_LLM_KEY" and not provider.has_credentials()
     assert registry.resolve_ref("fast").provider == "openai"
     assert registry.get("openai").settings.timeout == 30
+    assert config.tool_allow == ["https://crm.example/api/"]
     prices = PriceTable().with_overrides({p: dict(m) for p, m in config.prices.items()})
     assert (
         prices.cost("intranet", "llama-3-70b", Usage(prompt_tokens=1_000_000, completion_tokens=1_000_000))

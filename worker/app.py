@@ -278,7 +278,7 @@ async def run_worker(
         max_concurrent_activities=settings.max_concurrent_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
         pipelines=load_catalog(pipelines_dir(config.pipelines_dir)),
-        tool_allow=parse_allow_list(os.environ.get("KERNELFLOW_TOOL_ALLOWLIST")),
+        tool_allow=[*config.tool_allow, *parse_allow_list(os.environ.get("KERNELFLOW_TOOL_ALLOWLIST"))],
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
