@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -164,12 +164,20 @@ class HttpProvider(Provider):
         headers: Mapping[str, str] | None = None,
     ) -> Any:
         request_headers = {**self._auth_headers(), **(headers or {})}
+        request = self.client.build_request("POST", self._url(path), json=payload, headers=request_headers)
+        return self._json_body(await self._send(request, model=model), model)
+
+    async def _send(self, request: httpx.Request, *, model: str | None) -> httpx.Response:
+        """Send a built request; transport failures and HTTP errors become kernel errors."""
         try:
-            response = await self.client.post(self._url(path), json=payload, headers=request_headers)
+            response = await self.client.send(request)
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, model) from exc
         if response.status_code >= 400:
             raise self._status_error(response, response.text, model)
+        return response
+
+    def _json_body(self, response: httpx.Response, model: str | None) -> Any:
         try:
             return response.json()
         except ValueError as exc:
@@ -180,8 +188,7 @@ class HttpProvider(Provider):
                 status_code=response.status_code,
             ) from exc
 
-    @asynccontextmanager
-    async def _open_stream(
+    def _open_stream(
         self,
         path: str,
         payload: Mapping[str, Any],
@@ -189,10 +196,16 @@ class HttpProvider(Provider):
         model: str | None,
         headers: Mapping[str, str] | None = None,
         method: str = "POST",
-    ) -> AsyncIterator[httpx.Response]:
+    ) -> AbstractAsyncContextManager[httpx.Response]:
         """A streaming response whose status has been checked; error bodies become kernel errors."""
         request_headers = {**self._auth_headers(), **(headers or {})}
         request = self.client.build_request(method, self._url(path), json=payload, headers=request_headers)
+        return self._send_stream(request, model=model)
+
+    @asynccontextmanager
+    async def _send_stream(
+        self, request: httpx.Request, *, model: str | None
+    ) -> AsyncIterator[httpx.Response]:
         try:
             response = await self.client.send(request, stream=True)
         except httpx.HTTPError as exc:

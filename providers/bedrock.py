@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar
 from urllib.parse import quote
 
@@ -172,42 +172,14 @@ class BedrockProvider(HttpProvider):
         return self.client.build_request("POST", url, content=body, headers=headers)
 
     async def _post_signed(self, path: str, payload: Mapping[str, Any], *, model: str) -> tuple[Any, str]:
-        request = self._signed_request(path, payload, "application/json")
-        try:
-            response = await self.client.send(request)
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc, model) from exc
-        if response.status_code >= 400:
-            raise self._status_error(response, response.text, model)
-        try:
-            return response.json(), response.headers.get("x-amzn-requestid", "")
-        except ValueError as exc:
-            raise MalformedResponse(
-                f"{self.name} answered HTTP {response.status_code} with a body that is not JSON: {response.text[:200]!r}",
-                provider=self.name,
-                model=model,
-                status_code=response.status_code,
-            ) from exc
+        response = await self._send(self._signed_request(path, payload, "application/json"), model=model)
+        return self._json_body(response, model), response.headers.get("x-amzn-requestid", "")
 
-    @asynccontextmanager
-    async def _open_signed_stream(
+    def _open_signed_stream(
         self, path: str, payload: Mapping[str, Any], *, model: str
-    ) -> AsyncIterator[httpx.Response]:
+    ) -> AbstractAsyncContextManager[httpx.Response]:
         request = self._signed_request(path, payload, "application/vnd.amazon.eventstream")
-        try:
-            response = await self.client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc, model) from exc
-        try:
-            if response.status_code >= 400:
-                try:
-                    text = (await response.aread()).decode("utf-8", "replace")
-                except httpx.HTTPError:
-                    text = ""
-                raise self._status_error(response, text, model)
-            yield response
-        finally:
-            await response.aclose()
+        return self._send_stream(request, model=model)
 
     def _status_error(self, response: httpx.Response, text: str, model: str | None) -> ProviderError:
         try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from kernel.contracts import (
@@ -23,15 +23,8 @@ from kernel.contracts import (
     EmbedRequest,
     EmbedResponse,
     FinishReason,
-    StreamDone,
-    StreamEvent,
-    StreamStart,
-    TextDelta,
-    ToolCallDelta,
-    Usage,
 )
 from kernel.provider import Capabilities
-from providers._http import iter_sse
 from providers.openai import OpenAIProvider
 
 __all__ = ["MistralProvider", "mistral_tool_call_id"]
@@ -72,6 +65,7 @@ class MistralProvider(OpenAIProvider):
     base_url_env: ClassVar[str | None] = None
     default_base_url: ClassVar[str | None] = "https://api.mistral.ai/v1"
     stream_usage: ClassVar[bool] = False
+    finish_reasons: ClassVar[Mapping[str | None, FinishReason]] = _FINISH_REASONS
 
     async def embed(self, request: EmbedRequest) -> EmbedResponse:
         self.check_embed(request)
@@ -113,7 +107,6 @@ class MistralProvider(OpenAIProvider):
         return payload
 
     def _parse_response(self, data: Any, model: str) -> ChatResponse:
-        raw_reasons: list[Any] = []
         if isinstance(data, dict) and isinstance(data.get("choices"), list):
             for choice in data["choices"]:
                 message = choice.get("message") if isinstance(choice, dict) else None
@@ -123,63 +116,11 @@ class MistralProvider(OpenAIProvider):
                     for call in message.get("tool_calls") or []:
                         function = call.get("function") if isinstance(call, dict) else None
                         if isinstance(function, dict):
-                            function["arguments"] = _arguments_text(function.get("arguments"))
-                raw_reasons.append(choice.get("finish_reason") if isinstance(choice, dict) else None)
-        response = super()._parse_response(data, model)
-        for choice, raw in zip(response.choices, raw_reasons, strict=False):
-            choice.finish_reason = _FINISH_REASONS.get(raw, "stop")
-        return response
+                            function["arguments"] = self._call_arguments(function.get("arguments"))
+        return super()._parse_response(data, model)
 
-    async def _stream_events(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        payload = self._map_request(request, stream=True)
-        finish: FinishReason | None = None
-        usage = Usage()
-        started = False
-        calls_seen = 0
-        async with self._open_stream(self.chat_path, payload, model=request.model) as response:
-            async for sse in iter_sse(response):
-                if sse.data == "[DONE]":
-                    break
-                chunk = json.loads(sse.data)
-                if not isinstance(chunk, dict):
-                    raise ValueError(f"expected a JSON object, got {sse.data[:80]!r}")
-                if chunk.get("object") == "error" or isinstance(chunk.get("error"), dict):
-                    message, code = self._error_details(chunk, sse.data)
-                    raise self._stream_error(message, code, request.model)
-                if not started:
-                    started = True
-                    yield StreamStart(
-                        id=str(chunk.get("id") or ""),
-                        model=str(chunk.get("model") or request.model),
-                        provider=self.name,
-                    )
-                if chunk.get("usage"):
-                    usage = self._map_usage(chunk["usage"])
-                for choice in chunk.get("choices") or []:
-                    if choice.get("index", 0) != 0:
-                        continue
-                    delta = choice.get("delta") or {}
-                    content = delta.get("content")
-                    text = _chunks_text(content) if isinstance(content, list) else content
-                    if text:
-                        yield TextDelta(text=text)
-                    for call in delta.get("tool_calls") or []:
-                        function = call.get("function") or {}
-                        index = call.get("index")
-                        if index is None:  # older responses number calls only by their order
-                            index = calls_seen
-                        if call.get("id"):
-                            calls_seen += 1
-                        yield ToolCallDelta(
-                            index=int(index),
-                            id=call.get("id"),
-                            name=function.get("name"),
-                            arguments=_arguments_text(function.get("arguments")),
-                        )
-                    if choice.get("finish_reason"):
-                        finish = _FINISH_REASONS.get(choice["finish_reason"], "stop")
-        if finish is not None:
-            yield StreamDone(finish_reason=finish, usage=usage)
+    def _delta_text(self, content: Any) -> str:
+        return _chunks_text(content) if isinstance(content, list) else super()._delta_text(content)
 
     def _error_details(self, body: Any, text: str) -> tuple[str, str | None]:
         if isinstance(body, dict) and isinstance(body.get("message"), dict | list):
@@ -195,12 +136,6 @@ def _chunks_text(chunks: list[Any]) -> str:
         for chunk in chunks
         if isinstance(chunk, dict) and chunk.get("type") == "text"
     )
-
-
-def _arguments_text(arguments: Any) -> str:
-    if arguments is None:
-        return ""
-    return arguments if isinstance(arguments, str) else json.dumps(arguments)
 
 
 def _validation_message(message: Any) -> str:

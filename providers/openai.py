@@ -7,7 +7,7 @@ The kernel's contract is OpenAI's own shape, so mapping is thin: the request is 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, ClassVar
 
 from kernel.contracts import (
@@ -55,6 +55,7 @@ class OpenAIProvider(HttpProvider):
     default_base_url: ClassVar[str | None] = "https://api.openai.com/v1"
     chat_path: ClassVar[str] = "/chat/completions"
     embeddings_path: ClassVar[str] = "/embeddings"
+    finish_reasons: ClassVar[Mapping[str | None, FinishReason]] = _FINISH_REASONS
     stream_usage: ClassVar[bool] = True
     """Whether the service honours ``stream_options.include_usage`` (some compatible servers refuse it)."""
 
@@ -130,7 +131,7 @@ class OpenAIProvider(HttpProvider):
                     )
                     for c in message.get("tool_calls") or []
                 ]
-                finish = _FINISH_REASONS.get(raw.get("finish_reason"), "stop")
+                finish = self.finish_reasons.get(raw.get("finish_reason"), "stop")
                 choices.append(
                     Choice(
                         index=int(raw.get("index", 0)),
@@ -165,6 +166,7 @@ class OpenAIProvider(HttpProvider):
         finish: FinishReason | None = None
         usage = Usage()
         started = False
+        calls_seen = 0
         async with self._open_stream(self.chat_path, payload, model=request.model) as response:
             async for sse in iter_sse(response):
                 if sse.data == "[DONE]":
@@ -172,7 +174,7 @@ class OpenAIProvider(HttpProvider):
                         yield StreamDone(finish_reason=finish, usage=usage)
                     return
                 chunk = _loads(sse.data)
-                if isinstance(chunk.get("error"), dict):
+                if chunk.get("object") == "error" or isinstance(chunk.get("error"), dict):
                     message, code = self._error_details(chunk, sse.data)
                     raise self._stream_error(message, code, request.model)
                 if not started:
@@ -188,18 +190,34 @@ class OpenAIProvider(HttpProvider):
                     if choice.get("index", 0) != 0:
                         continue
                     delta = choice.get("delta") or {}
-                    if delta.get("content"):
-                        yield TextDelta(text=delta["content"])
+                    text = self._delta_text(delta.get("content"))
+                    if text:
+                        yield TextDelta(text=text)
                     for call in delta.get("tool_calls") or []:
                         function = call.get("function") or {}
+                        index = call.get("index")
+                        if index is None:  # some services number calls only by their order
+                            index = calls_seen
+                        if call.get("id"):
+                            calls_seen += 1
                         yield ToolCallDelta(
-                            index=int(call.get("index", 0)),
+                            index=int(index),
                             id=call.get("id"),
                             name=function.get("name"),
-                            arguments=function.get("arguments") or "",
+                            arguments=self._call_arguments(function.get("arguments")),
                         )
                     if choice.get("finish_reason"):
-                        finish = _FINISH_REASONS.get(choice["finish_reason"], "stop")
+                        finish = self.finish_reasons.get(choice["finish_reason"], "stop")
+
+    def _delta_text(self, content: Any) -> str:
+        """The text of a streamed ``delta.content``."""
+        return content if isinstance(content, str) else ""
+
+    def _call_arguments(self, arguments: Any) -> str:
+        """A tool call's arguments as JSON text (some services send an object)."""
+        return (
+            arguments if isinstance(arguments, str) else ("" if arguments is None else json.dumps(arguments))
+        )
 
     def _stream_error(self, message: str, code: str | None, model: str) -> Exception:
         status = 429 if code and "rate" in code else 500
