@@ -13,6 +13,7 @@ Names are public API and never change: workflow ``PipelineWorkflow``; queries ``
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -211,8 +212,6 @@ class PipelineWorkflow(StepRunner):
 
     @reroute.validator
     def _validate_reroute(self, request: RerouteRequest) -> None:
-        import re
-
         for model in (*request.routes, *request.routes.values()):
             if not re.match(_MODEL, model):
                 raise ApplicationError(
