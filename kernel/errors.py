@@ -259,7 +259,13 @@ _CONTEXT_MARKERS = (
     "exceeds the maximum number of tokens",
     "string_above_max_length",
 )
-_CONTENT_MARKERS = ("content_filter", "content_policy", "responsibleaipolicyviolation", "safety system", "blocked by safety")
+_CONTENT_MARKERS = (
+    "content_filter",
+    "content_policy",
+    "responsibleaipolicyviolation",
+    "safety system",
+    "blocked by safety",
+)
 
 
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:

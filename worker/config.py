@@ -114,7 +114,8 @@ class KernelflowConfig(BaseModel):
         default_factory=dict, description="OpenAI-compatible services: name -> base_url, api_key_env, quirks."
     )
     tool_allow: list[str] = Field(
-        default_factory=list, description="URL prefixes `tool` steps may call (plus KERNELFLOW_TOOL_ALLOWLIST)."
+        default_factory=list,
+        description="URL prefixes `tool` steps may call (plus KERNELFLOW_TOOL_ALLOWLIST).",
     )
     pipelines_dir: Path | None = Field(
         default=None, description="Folder of YAML pipelines to register by name."

@@ -38,7 +38,9 @@ class PipelineCatalog:
         versions = self._specs.setdefault(spec.name, {})
         if spec.version in versions:
             where = f" ({source})" if source else ""
-            raise ConfigurationError(f"pipeline {spec.name!r} version {spec.version} is registered twice{where}")
+            raise ConfigurationError(
+                f"pipeline {spec.name!r} version {spec.version} is registered twice{where}"
+            )
         versions[spec.version] = spec
 
     @property
