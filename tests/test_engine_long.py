@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from temporalio.api.enums.v1 import EventType
@@ -18,6 +19,7 @@ async def test_continue_as_new_carries_outputs_usage_events_and_routes(
     client: Client, task_queue: str, sim: SimulatorServer
 ) -> None:
     steps = [{"id": f"s{i}", "model": MODEL, "prompt": f"[[sim: tag=s{i}]] part {i}"} for i in range(6)]
+    steps[1]["prompt"] += " [[sim: latency=1]]"  # the event below arrives while s1 works, before the gate
     steps.insert(3, {"id": "gate", "type": "wait_event", "event": "go"})
     spec = parse_pipeline(
         {
@@ -36,7 +38,13 @@ async def test_continue_as_new_carries_outputs_usage_events_and_routes(
         task_queue=task_queue,
         result_type=PipelineResult,
     )
-    # Sent while the first run works: kept in the carry-over until the wait_event takes it.
+    # Sent once the first step has answered (so it ran on the original model) and before the gate:
+    # the event is kept in the carry-over until the wait_event takes it.
+    while True:
+        current = await client.get_workflow_handle(handle.id).query("status", result_type=PipelineStatus)
+        if current.steps[0].status == "completed":
+            break
+        await asyncio.sleep(0.05)
     await handle.signal("event", {"name": "go", "payload": "green light"})
     await handle.execute_update("reroute", {"routes": {MODEL: "openai/gpt-4.1-nano"}}, result_type=dict)
     result = await handle.result()
