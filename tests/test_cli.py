@@ -43,13 +43,9 @@ def _run(
     )
 
 
-@pytest.fixture(scope="module")
-def dev_stack(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[subprocess.Popen[str], int, int, dict[str, str]]]:
+def _start_dev(state: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], int, int]:
+    """`kernelflow dev` on free ports, returned once it says it is ready."""
     port, ui_port, sim_port = _free_port(), _free_port(), _free_port()
-    state = tmp_path_factory.mktemp("dev-state")
-    env = {**os.environ, "KERNELFLOW_TASK_QUEUE": "cli-test"}
     process = subprocess.Popen(
         [_kernelflow(), "dev", "--port", str(port), "--ui-port", str(ui_port), "--sim-port", str(sim_port),
          "--state-dir", str(state), "--log-level", "warning"],
@@ -67,10 +63,34 @@ def dev_stack(
             break
     banner = "".join(lines)
     assert "Ctrl-C stops everything" in banner, f"kernelflow dev did not come up:\n{banner}"
-    yield process, port, ui_port, {**env, "TEMPORAL_ADDRESS": f"127.0.0.1:{port}"}
+    return process, port, ui_port
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
     if process.poll() is None:
-        process.kill()
-        process.wait()
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_closed(*ports: int, within: float = 20) -> bool:
+    deadline = time.monotonic() + within
+    while any(_port_open(p) for p in ports) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(_port_open(p) for p in ports)
+
+
+@pytest.fixture(scope="module")
+def dev_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[subprocess.Popen[str], int, int, dict[str, str]]]:
+    env = {**os.environ, "KERNELFLOW_TASK_QUEUE": "cli-test"}
+    process, port, ui_port = _start_dev(tmp_path_factory.mktemp("dev-state"), env)
+    yield process, port, ui_port, {**env, "TEMPORAL_ADDRESS": f"127.0.0.1:{port}"}
+    _stop(process)
 
 
 def test_dev_prints_where_everything_listens(
@@ -135,14 +155,20 @@ def test_run_refuses_bad_input_naming_it(
     )
 
 
-def test_ctrl_c_stops_everything(dev_stack: tuple[subprocess.Popen[str], int, int, dict[str, str]]) -> None:
+def test_ctrl_c_stops_everything(
+    dev_stack: tuple[subprocess.Popen[str], int, int, dict[str, str]],
+) -> None:
     process, port, ui_port, _ = dev_stack
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=60) == 0
-    deadline = time.monotonic() + 20
-    while (_port_open(port) or _port_open(ui_port)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _port_open(port) and not _port_open(ui_port), "the Temporal dev server outlived kernelflow dev"
+    assert _wait_closed(port, ui_port), "the Temporal dev server outlived kernelflow dev"
+
+
+def test_a_killed_dev_stack_leaves_no_server_behind(tmp_path: Path) -> None:
+    process, port, ui_port = _start_dev(tmp_path, dict(os.environ))
+    process.kill()  # SIGKILL: kernelflow dev gets no chance to stop its Temporal server
+    process.wait()
+    assert _wait_closed(port, ui_port), "the Temporal dev server outlived a killed kernelflow dev"
 
 
 def test_demo_runs_the_example_and_exits_cleanly(tmp_path: Path) -> None:

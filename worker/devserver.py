@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import ctypes
 import errno
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -182,6 +184,8 @@ class DevServer:
                 stderr=subprocess.STDOUT,
                 # Its own session: Ctrl+C reaches only us, and `stop()` shuts the server down in order.
                 start_new_session=True,
+                # If we are killed outright (SIGKILL), the kernel stops the server too.
+                preexec_fn=_terminate_with_parent,
             )
         atexit.register(self._kill_now)
         try:
@@ -280,3 +284,18 @@ class DevServer:
             return f"its log {self.log_path} could not be read: {exc}"
         tail = "\n".join(lines[-_LOG_TAIL_LINES:])
         return f"last lines of {self.log_path}:\n{tail}"
+
+
+def _terminate_with_parent() -> None:
+    """In the child before exec: ask Linux to send SIGTERM when the parent dies (prctl
+    PR_SET_PDEATHSIG). Elsewhere nothing happens, and `stop()`/atexit remain the way out."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+
+
+_PR_SET_PDEATHSIG = 1
