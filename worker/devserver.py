@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -286,16 +287,23 @@ class DevServer:
         return f"last lines of {self.log_path}:\n{tail}"
 
 
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return prctl
+
+
+# Resolved here, not in the child: between fork and exec only the call itself may run.
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
 def _terminate_with_parent() -> None:
     """In the child before exec: ask Linux to send SIGTERM when the parent dies (prctl
     PR_SET_PDEATHSIG). Elsewhere nothing happens, and `stop()`/atexit remain the way out."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        return
-
-
-_PR_SET_PDEATHSIG = 1
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
