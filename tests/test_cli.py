@@ -136,6 +136,23 @@ def test_run_shows_progress_on_the_terminal(
     assert "reply:" in done.stdout and "cost:" in done.stdout
 
 
+def test_run_starts_a_pipeline_registered_on_the_worker_by_name(
+    dev_stack: tuple[subprocess.Popen[str], int, int, dict[str, str]],
+) -> None:
+    *_, env = dev_stack
+    done = _run(
+        "run", "--name", "ticket-triage", "--input-json", '{"ticket": "Card declined"}', "--json", env=env
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["pipeline"] == "ticket-triage" and result["status"] == "completed"
+    assert "Card declined" in result["outputs"]["reply"]
+
+    unknown = _run("run", "--name", "no-such-pipeline", env=env)
+    assert unknown.returncode == 3
+    assert "no-such-pipeline" in unknown.stderr and "ticket-triage" in unknown.stderr  # lists what exists
+
+
 def test_run_refuses_bad_input_naming_it(
     dev_stack: tuple[subprocess.Popen[str], int, int, dict[str, str]], tmp_path: Path
 ) -> None:

@@ -134,17 +134,26 @@ def _coerce_inputs(spec: PipelineSpec, inputs: dict[str, Any]) -> dict[str, Any]
 
 async def _cmd_run(args: argparse.Namespace) -> int:
     from worker.app import build_registry, connect
-    from worker.client import check_models, follow, start_pipeline
+    from worker.client import check_models, follow, start_pipeline, start_registered
 
     settings = WorkerSettings.from_env(**_overrides(args))
-    spec = load_pipeline(args.pipeline)
-    inputs = _coerce_inputs(spec, _parse_inputs(args.input or [], args.input_json))
-    spec.resolve_inputs(inputs)
-    check_models(spec, build_registry(load_config(settings.config_file)))
+    given = _parse_inputs(args.input or [], args.input_json)
+    if (args.pipeline is None) == (args.name is None):
+        raise ConfigurationError("give a pipeline file, or --name of a pipeline registered on the worker")
     client = await connect(settings.temporal_address, settings.namespace)
-    handle = await start_pipeline(
-        client, spec, inputs, task_queue=settings.task_queue, workflow_id=args.id, tenant=args.tenant
-    )
+    if args.name is not None:
+        handle = await start_registered(
+            client, args.name, given, task_queue=settings.task_queue, version=args.version,
+            workflow_id=args.id, tenant=args.tenant,
+        )  # fmt: skip
+    else:
+        spec = load_pipeline(args.pipeline)
+        inputs = _coerce_inputs(spec, given)
+        spec.resolve_inputs(inputs)
+        check_models(spec, build_registry(load_config(settings.config_file)))
+        handle = await start_pipeline(
+            client, spec, inputs, task_queue=settings.task_queue, workflow_id=args.id, tenant=args.tenant
+        )
     print(f"started {handle.id} on task queue {settings.task_queue}", file=sys.stderr)
     if args.no_wait:
         print(handle.id)
@@ -216,6 +225,7 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
     from simulator.server import SimulatorServer
     from worker.app import build_registry, build_worker, connect, simulator_settings
     from worker.devserver import DevServer
+    from worker.pipelines import load_catalog, pipelines_dir
     from worker.search_attributes import ensure_search_attributes
 
     configure_logging("console", args.log_level)
@@ -228,8 +238,12 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
         async with DevServer(state_dir=args.state_dir, port=args.port, ui_port=args.ui_port) as server:
             client = await connect(server.target, settings.namespace)
             await ensure_search_attributes(client, settings.namespace)
-            registry = build_registry(load_config(settings.config_file), provider_settings=overrides)
-            worker = build_worker(client, task_queue=settings.task_queue, registry=registry)
+            config = load_config(settings.config_file)
+            registry = build_registry(config, provider_settings=overrides)
+            catalog = load_catalog(pipelines_dir(config.pipelines_dir) or DEMO_PIPELINE.parent)
+            worker = build_worker(
+                client, task_queue=settings.task_queue, registry=registry, pipelines=catalog
+            )
             async with worker:
                 print(f"Temporal   {server.target}  (namespace {settings.namespace}, data {server.db_path})")
                 print(f"Web UI     {server.ui_url}")
@@ -242,6 +256,7 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
                         "Simulator  off: providers call the real clouds with the API keys in the environment"
                     )
                 print(f"Worker     task queue {settings.task_queue}, providers: {', '.join(registry.names)}")
+                print(f"Pipelines  registered by name: {', '.join(catalog.names) or 'none'}")
                 print("Ctrl-C stops everything.", flush=True)
                 await stop.wait()
             await registry.aclose()
@@ -332,7 +347,9 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--log-level", default="info")
 
     run = sub.add_parser("run", help="start a pipeline, show its progress, print its outputs")
-    run.add_argument("pipeline", help="pipeline YAML file")
+    run.add_argument("pipeline", nargs="?", help="pipeline YAML file")
+    run.add_argument("--name", help="instead of a file: a pipeline registered on the worker")
+    run.add_argument("--version", type=int, help="with --name: that version (default: the newest)")
     run.add_argument("--input", action="append", metavar="NAME=VALUE", help="an input (repeatable)")
     run.add_argument("--input-json", metavar="JSON", help="inputs as a JSON object")
     run.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -56,12 +56,7 @@ async def start_pipeline(
 
     ``eager`` asks the server to hand the first workflow task straight back to a worker of this same
     client (request_eager_start), saving a round trip when client and worker share a process."""
-    spec.resolve_inputs(inputs)
-    request = PipelineRequest(
-        pipeline=spec.model_dump(mode="json", by_alias=True, exclude_none=True),
-        inputs=dict(inputs),
-        tenant=tenant,
-    )
+    request = _request(spec, inputs, tenant)
     return await client.start_workflow(
         PIPELINE_WORKFLOW,
         request,
@@ -157,6 +152,31 @@ async def reroute(
         "reroute", request, result_type=dict
     )
     return result
+
+
+async def start_registered(
+    client: Client,
+    name: str,
+    inputs: Mapping[str, Any],
+    *,
+    task_queue: str,
+    version: int | None = None,
+    workflow_id: str | None = None,
+    tenant: str | None = None,
+) -> WorkflowHandle[Any, PipelineResult]:
+    """Start a pipeline registered on the worker by name. The worker holds the spec, so the inputs are
+    checked there: an unknown name (listing the registered ones) or bad inputs fail the run at once."""
+    request = PipelineRequest(
+        pipeline_name=name, pipeline_version=version, inputs=dict(inputs), tenant=tenant
+    )
+    return await client.start_workflow(
+        PIPELINE_WORKFLOW,
+        request,
+        id=workflow_id or f"{name}-{uuid.uuid4().hex[:12]}",
+        task_queue=task_queue,
+        result_type=PipelineResult,
+        static_summary=f"pipeline {name}" + (f" · tenant {tenant}" if tenant else ""),
+    )
 
 
 def _request(spec: PipelineSpec, inputs: Mapping[str, Any], tenant: str | None) -> PipelineRequest:
