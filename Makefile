@@ -29,7 +29,7 @@ types: $(STAMP)
 # without it that one test is skipped and says why.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
+	  (timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq chromium >/dev/null) ; } || \
 	  echo "chromium not installed: the Web UI test will be skipped"
 
 pytest: $(STAMP) browser
