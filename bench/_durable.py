@@ -5,7 +5,6 @@ engine and the minimal baseline workflows with the same settings."""
 from __future__ import annotations
 
 import contextlib
-import socket
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
@@ -23,7 +22,7 @@ from kernel.registry import Registry
 from simulator.server import SimulatorProcess
 from worker.app import build_registry, build_worker, connect, simulator_settings
 from worker.config import PayloadSettings
-from worker.devserver import DevServer
+from worker.devserver import DevServer, free_port
 
 __all__ = [
     "MODEL",
@@ -39,13 +38,6 @@ __all__ = [
 
 PROMPT = "Summarise the ticket in one sentence: the printer on floor 3 jams on every duplex job."
 MODEL = "gpt-4o-mini"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class BenchDevServer(DevServer):

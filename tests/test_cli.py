@@ -14,14 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from worker.devserver import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 TRIAGE = str(REPO / "examples" / "ticket-triage.yaml")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _port_open(port: int) -> bool:
@@ -45,7 +41,7 @@ def _run(
 
 def _start_dev(state: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], int, int]:
     """`kernelflow dev` on free ports, returned once it says it is ready."""
-    port, ui_port, sim_port = _free_port(), _free_port(), _free_port()
+    port, ui_port, sim_port = free_port(), free_port(), free_port()
     process = subprocess.Popen(
         [_kernelflow(), "dev", "--port", str(port), "--ui-port", str(ui_port), "--sim-port", str(sim_port),
          "--state-dir", str(state), "--log-level", "warning"],
@@ -189,7 +185,7 @@ def test_a_killed_dev_stack_leaves_no_server_behind(tmp_path: Path) -> None:
 
 
 def test_demo_runs_the_example_and_exits_cleanly(tmp_path: Path) -> None:
-    port, ui_port = _free_port(), _free_port()
+    port, ui_port = free_port(), free_port()
     done = _run(
         "demo", "--port", str(port), "--ui-port", str(ui_port), "--state-dir", str(tmp_path), timeout=240
     )

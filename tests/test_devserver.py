@@ -7,7 +7,6 @@ import socket
 import stat
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -21,7 +20,7 @@ from temporalio.api.operatorservice.v1 import (
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
-from worker.devserver import DevServer, DevServerError, PortInUseError, find_temporal_binary
+from worker.devserver import DevServer, DevServerError, PortInUseError, find_temporal_binary, free_port
 from worker.search_attributes import SearchAttributeConflictError, ensure_search_attributes
 from workflows import search_attributes as sa
 
@@ -31,14 +30,8 @@ PROBE_WORKFLOW = "KernelflowPersistenceProbe"
 
 
 def free_ports(count: int) -> list[int]:
-    """Ports nothing listens on; all sockets are held until every port is picked, so they differ."""
-    with ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-        return ports
+    """Distinct ports nothing listens on, outside the range the dev server picks its own from."""
+    return [free_port() for _ in range(count)]
 
 
 def port_is_free(port: int) -> bool:

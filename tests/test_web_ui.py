@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 import tempfile
 import urllib.parse
@@ -18,18 +17,12 @@ from kernel.pipeline import parse_pipeline
 from simulator.server import SimulatorServer
 from worker.app import build_registry, build_worker, connect, simulator_settings
 from worker.client import start_pipeline
-from worker.devserver import DevServer
+from worker.devserver import DevServer, free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Debian's chromium is not installed (`make setup` installs it when run as root)"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _rendered_dom(url: str) -> str:
@@ -52,7 +45,7 @@ async def _rendered_dom(url: str) -> str:
 
 @pytest.fixture(scope="module")
 async def ui_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[DevServer, Client]]:
-    server = DevServer(state_dir=tmp_path_factory.mktemp("ui"), port=_free_port(), ui_port=_free_port())
+    server = DevServer(state_dir=tmp_path_factory.mktemp("ui"), port=free_port(), ui_port=free_port())
     async with server:
         yield server, await connect(server.target)
 

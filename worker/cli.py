@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -210,17 +209,6 @@ def _cmd_providers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _free_port(preferred: int) -> int:
-    for port in (preferred, 0):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return int(sock.getsockname()[1])
-    raise OSError("no free TCP port on 127.0.0.1")
-
-
 async def _cmd_dev(args: argparse.Namespace) -> int:
     from simulator.server import SimulatorServer
     from worker.app import build_registry, build_worker, connect, simulator_settings
@@ -271,11 +259,11 @@ async def _cmd_demo(args: argparse.Namespace) -> int:
     from simulator.server import SimulatorServer
     from worker.app import build_registry, build_worker, connect, simulator_settings
     from worker.client import follow, start_pipeline, workflow_url
-    from worker.devserver import DevServer
+    from worker.devserver import DevServer, free_port
 
     configure_logging("console", "error")
     spec = load_pipeline(args.pipeline)
-    port, ui_port = _free_port(args.port), _free_port(args.ui_port)
+    port, ui_port = free_port(args.port), free_port(args.ui_port)
     print("Kernelflow demo: embedded Temporal server, LLM-cloud simulator and worker, all on 127.0.0.1")
     with SimulatorServer(config=SimulatorConfig(faults=list(DEMO_FAULTS))) as sim:
         async with DevServer(state_dir=args.state_dir, port=port, ui_port=ui_port) as server:

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import random
 import shutil
 import signal
 import socket
@@ -33,7 +34,7 @@ from temporalio.service import RPCError
 from worker.search_attributes import SearchAttributeConflictError, cli_type_name, ensure_search_attributes
 from workflows.search_attributes import ALL
 
-__all__ = ["DevServer", "DevServerError", "PortInUseError", "find_temporal_binary"]
+__all__ = ["DevServer", "DevServerError", "PortInUseError", "find_temporal_binary", "free_port"]
 
 _HOST = "127.0.0.1"
 _POLL_INTERVAL_SECONDS = 0.1
@@ -58,6 +59,45 @@ class PortInUseError(DevServerError):
             f"port {self.port} on {_HOST} ({self.purpose}) is already in use, perhaps by another Temporal "
             f"server; stop that process or choose a free port with the `{self.setting}` setting"
         )
+
+
+def free_port(preferred: int | None = None) -> int:
+    """``preferred`` if nothing listens on it, else a free port below the kernel's ephemeral range.
+
+    Below it on purpose: `temporal server start-dev` picks its own HTTP API, metrics and internal ports
+    at random from the ephemeral range, so a port taken from there can be the one it picks next. A port
+    is never handed out twice by one process.
+    """
+    if preferred is not None and preferred not in _HANDED_OUT and _bindable(preferred):
+        _HANDED_OUT.add(preferred)
+        return preferred
+    low = _ephemeral_low()
+    candidates = list(range(max(1024, low - 12000), low))
+    random.shuffle(candidates)
+    for port in candidates:
+        if port not in _HANDED_OUT and _bindable(port):
+            _HANDED_OUT.add(port)
+            return port
+    raise DevServerError(f"no free TCP port on {_HOST} below {low}")
+
+
+_HANDED_OUT: set[int] = set()
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((_HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def find_temporal_binary() -> str:
