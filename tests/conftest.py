@@ -23,6 +23,7 @@ if _BIN not in os.environ.get("PATH", "").split(os.pathsep):
 from kernel.registry import Registry  # noqa: E402
 from simulator.server import SimulatorServer  # noqa: E402
 from worker.app import build_registry, build_worker, simulator_settings  # noqa: E402
+from worker.devserver import free_port  # noqa: E402
 from worker.search_attributes import cli_type_name  # noqa: E402
 from workflows.search_attributes import ALL  # noqa: E402
 
@@ -43,6 +44,7 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
         extra += ["--search-attribute", f"{key.name}={cli_type_name(key)}"]
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=_binary("temporal"),
+        port=free_port(),  # below the ephemeral range, where the server picks its own ports
         data_converter=pydantic_data_converter,
         dev_server_extra_args=extra,
     )
