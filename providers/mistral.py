@@ -20,8 +20,6 @@ from typing import Any, ClassVar
 from kernel.contracts import (
     ChatRequest,
     ChatResponse,
-    EmbedRequest,
-    EmbedResponse,
     FinishReason,
 )
 from kernel.provider import Capabilities
@@ -66,24 +64,7 @@ class MistralProvider(OpenAIProvider):
     default_base_url: ClassVar[str | None] = "https://api.mistral.ai/v1"
     stream_usage: ClassVar[bool] = False
     finish_reasons: ClassVar[Mapping[str | None, FinishReason]] = _FINISH_REASONS
-
-    async def embed(self, request: EmbedRequest) -> EmbedResponse:
-        self.check_embed(request)
-        payload: dict[str, Any] = {"model": request.model, "input": request.input, "encoding_format": "float"}
-        if request.dimensions:
-            payload["output_dimension"] = request.dimensions
-        data = await self._post_json(self.embeddings_path, payload, model=request.model)
-        try:
-            rows = sorted(data["data"], key=lambda row: row["index"])
-            vectors = [[float(x) for x in row["embedding"]] for row in rows]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise self._malformed(request.model, exc) from exc
-        return EmbedResponse(
-            model=str(data.get("model") or request.model),
-            provider=self.name,
-            embeddings=vectors,
-            usage=self._map_usage(data.get("usage")),
-        )
+    dimensions_field: ClassVar[str] = "output_dimension"
 
     # --- mapping ---------------------------------------------------------------------------------
 

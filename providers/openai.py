@@ -55,6 +55,8 @@ class OpenAIProvider(HttpProvider):
     default_base_url: ClassVar[str | None] = "https://api.openai.com/v1"
     chat_path: ClassVar[str] = "/chat/completions"
     embeddings_path: ClassVar[str] = "/embeddings"
+    dimensions_field: ClassVar[str] = "dimensions"
+    """What the service calls the embedding size parameter."""
     finish_reasons: ClassVar[Mapping[str | None, FinishReason]] = _FINISH_REASONS
     stream_usage: ClassVar[bool] = True
     """Whether the service honours ``stream_options.include_usage`` (some compatible servers refuse it)."""
@@ -76,7 +78,7 @@ class OpenAIProvider(HttpProvider):
         self.check_embed(request)
         payload: dict[str, Any] = {"model": request.model, "input": request.input, "encoding_format": "float"}
         if request.dimensions:
-            payload["dimensions"] = request.dimensions
+            payload[self.dimensions_field] = request.dimensions
         data = await self._post_json(self.embeddings_path, payload, model=request.model)
         try:
             rows = sorted(data["data"], key=lambda row: row["index"])
