@@ -36,6 +36,7 @@ import email.utils
 import math
 import time
 from collections.abc import Mapping
+from enum import StrEnum
 from typing import Any, ClassVar
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "ConnectionFailed",
     "ContentFiltered",
     "ContextLengthExceeded",
+    "FailureType",
     "InvalidRequest",
     "KernelflowError",
     "MalformedResponse",
@@ -347,3 +349,29 @@ def error_from_status(
 def error_type(exc: BaseException) -> str:
     """The stable type name an error travels under (e.g. in a Temporal ``ApplicationError``)."""
     return type(exc).__name__
+
+
+class FailureType(StrEnum):
+    """The ``type`` of every failure that crosses the Temporal boundary from Kernelflow's own code: a
+    pipeline's failure, a refused update or signal, a tool call. Clients and the CLI match these
+    values; provider errors travel under their class names (``error_type``) beside them."""
+
+    PIPELINE_ERROR = "PipelineError"
+    """The spec, its inputs or the start request are invalid (a template that cannot render too)."""
+    UNKNOWN_PIPELINE = "UnknownPipeline"
+    STEP_FAILED = "StepFailed"
+    BUDGET_EXCEEDED = "BudgetExceeded"
+    APPROVAL_REJECTED = "ApprovalRejected"
+    EVENT_TIMEOUT = "EventTimeout"
+    INVALID_OUTPUT = "InvalidOutput"
+    INVALID_REROUTE = "InvalidReroute"
+    INVALID_SIGNAL = "InvalidSignal"
+    UNKNOWN_APPROVAL = "UnknownApproval"
+    NOT_AN_APPROVER = "NotAnApprover"
+    ALREADY_DECIDED = "AlreadyDecided"
+    NOT_RUNNING = "NotRunning"
+    TOOL_REQUEST_INVALID = "ToolRequestInvalid"
+    TOOL_NOT_ALLOWED = "ToolNotAllowed"
+    TOOL_CONNECTION_FAILED = "ToolConnectionFailed"
+    TOOL_REQUEST_FAILED = "ToolRequestFailed"
+    PAYLOAD_TOO_LARGE = "PayloadTooLarge"

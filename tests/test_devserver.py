@@ -252,6 +252,8 @@ def test_command_registers_every_search_attribute_and_persists_state(tmp_path: P
         "KernelflowStatus=Keyword",
         "KernelflowProvider=KeywordList",
         "KernelflowTenant=Keyword",
+        "KernelflowAwaiting=KeywordList",
+        "KernelflowModels=KeywordList",
     ]
     assert "--headless" not in command
     assert "--headless" in DevServer(state_dir=tmp_path, headless=True).command()

@@ -63,7 +63,9 @@ _PASSTHROUGH = (
     # The engine's deterministic building blocks: shared instead of re-imported into every workflow's
     # sandbox (the workflow class module, workflows.pipeline, stays sandboxed).
     "workflows.calls",
-    "workflows.engine",
+    "workflows.engine.effects",
+    "workflows.engine.checks",
+    "workflows.contract",
     "workflows.search_attributes",
     "workflows.api",
     "workflows.conversation",

@@ -14,7 +14,7 @@ from temporalio.service import RPCError
 from kernel.errors import PipelineError, UnknownProvider
 from kernel.pipeline import PipelineSpec
 from kernel.registry import Registry
-from workflows.engine.models import ApprovalState, DecisionRequest, EventRequest, RerouteRequest
+from workflows.contract import ApprovalState, DecisionRequest, EventRequest, RerouteRequest
 from workflows.pipeline import PIPELINE_WORKFLOW, PipelineRequest, PipelineResult, PipelineStatus
 
 __all__ = [

@@ -18,7 +18,7 @@ from temporalio.exceptions import ApplicationError
 
 from kernel.errors import ConfigurationError, PipelineError
 from kernel.pipeline import PipelineSpec, load_pipeline
-from workflows.engine.models import LoadPipelineInput
+from workflows.contract import LoadPipelineInput
 from workflows.pipeline import LOAD_PIPELINE
 
 __all__ = ["PIPELINES_DIR_ENV", "PipelineCatalog", "load_catalog", "pipelines_dir"]

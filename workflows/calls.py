@@ -22,14 +22,9 @@ with workflow.unsafe.imports_passed_through():
     from kernel.contracts import AssistantMessage, ChatRequest, UserMessage
     from kernel.pipeline import RetrySpec
     from kernel.routing import WeightedModel, weighted_order
+    from kernel.run import ModelFailure
 
 __all__ = ["AllModelsFailed", "CallOptions", "ModelFailure", "call_model", "order_models", "retry_policy"]
-
-
-class ModelFailure(BaseModel):
-    model: str
-    error_type: str
-    message: str
 
 
 class CallOptions(BaseModel):

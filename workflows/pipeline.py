@@ -1,13 +1,12 @@
-"""``PipelineWorkflow``: the deterministic interpreter of a pipeline spec.
+"""``PipelineWorkflow``: a pipeline spec run by the kernel's interpreter on Temporal.
 
 The event history is the record: each completed model call, tool call, timer and decision is in it, so
 a crashed worker resumes after the last completed step and nothing completed is paid for twice. No
-I/O, clocks or randomness here; everything with side effects is an activity. Step types run in
-``workflows.engine.steps``; this module holds the state and the public surface.
+I/O, clocks or randomness here; everything with side effects goes through ``TemporalEffects``.
 
-Names are public API and never change: workflow ``PipelineWorkflow``; queries ``status`` and
-``outputs``; signals ``cancel``, ``pause``, ``resume``, ``event``; updates ``approve``, ``reject``,
-``reroute``.
+What the pipeline knows is one ``RunState``; the interpreter (``kernel.engine``) runs the steps over
+it, and this class adds the public surface (``workflows.contract``): the start request, queries,
+signals and their update twins, approvals and reroutes, continue-as-new.
 """
 
 from __future__ import annotations
@@ -15,23 +14,30 @@ from __future__ import annotations
 import asyncio
 import re
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel, ValidationError
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.contrib.workflow_streams import WorkflowStream
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from kernel.errors import PipelineError
-    from kernel.pipeline import ApprovalStep, PipelineSpec, Step, parse_pipeline
+    from kernel.engine import Engine, RunInfo
+    from kernel.errors import FailureType, PipelineError
+    from kernel.pipeline import PipelineSpec, format_validation_error, parse_pipeline
     from kernel.routing import check_routes
+    from kernel.run import MAX_PENDING_EVENTS, MAX_SEEN_EVENT_IDS, RunState
+    from kernel.steps.base import MODEL_PATTERN, StepFailure, StepSpec
     from workflows import search_attributes as sa
     from workflows.calls import ModelFailure
-    from workflows.engine.models import (
+    from workflows.contract import (
+        LOAD_PIPELINE,
+        PIPELINE_WORKFLOW,
         ApprovalState,
         CancelRequest,
         CarryOver,
+        ControlAnswer,
         DecisionRequest,
         EventRequest,
         LoadPipelineInput,
@@ -39,17 +45,21 @@ with workflow.unsafe.imports_passed_through():
         PipelineRequest,
         PipelineResult,
         PipelineStatus,
+        Query,
         RerouteRecord,
         RerouteRequest,
         ResumeRequest,
         RunStatus,
+        Signal,
         StepState,
+        Update,
     )
-
-from workflows.engine.steps import PIPELINE_WORKFLOW, Scope, StepRunner, error
+    from workflows.engine.checks import check_model
+    from workflows.engine.effects import TemporalEffects
 
 __all__ = [
     "CONTINUE_AS_NEW_AFTER",
+    "ENGINE_V2",
     "LOAD_PIPELINE",
     "PIPELINE_WORKFLOW",
     "CancelRequest",
@@ -66,233 +76,402 @@ __all__ = [
     "StepState",
 ]
 
-LOAD_PIPELINE = "load_pipeline"
-"""The local activity that reads a registered pipeline on the worker (recorded in history)."""
-
 CONTINUE_AS_NEW_AFTER = 10_000
 """History length after which a pipeline continues as new between top-level steps."""
 
-_MAX_PENDING_EVENTS = 1000
-_MODEL = r"^[A-Za-z0-9_.:-]+(/[^\s]+)?$"
+ENGINE_V2 = "kernelflow-engine-2"
+"""Patch marker of runs started with the engine's second shape: the defaults of version 2 and the
+``KernelflowAwaiting`` and ``KernelflowModels`` search attributes. Runs without it replay as before."""
+
+_M = TypeVar("_M", bound=BaseModel)
+_MODEL = MODEL_PATTERN
+
+
+def refuse(message: str, failure: FailureType) -> ApplicationError:
+    """A refusal the sender sees as it is: never retried."""
+    return ApplicationError(message, type=failure, non_retryable=True)
+
+
+def _parse(model: type[_M], raw: Any, handler: str, *, required: bool = False) -> _M:
+    """Validate a handler's raw input; the error names the handler, each field, and what is allowed."""
+    if raw is None and not required:
+        raw = {}
+    if isinstance(raw, model):
+        return raw
+    if not isinstance(raw, dict):
+        fields = ", ".join(model.model_fields)
+        raise ValueError(
+            f"{handler} takes an object with fields {fields}; got {type(raw).__name__} {raw!r:.80}"
+        )
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError(format_validation_error(exc, prefix=handler)) from None
 
 
 @workflow.defn(name=PIPELINE_WORKFLOW)
-class PipelineWorkflow(StepRunner):
+class PipelineWorkflow:
     @workflow.init
-    def __init__(self, request: PipelineRequest) -> None:
-        self._request = request
-        carry = request.carry_over
-        name = request.pipeline_name or (
-            request.pipeline.get("name") if isinstance(request.pipeline, dict) else None
-        )
-        self._status = PipelineStatus(pipeline=str(name or "unnamed"))
+    def __init__(self, request: Any) -> None:
+        self._v2 = workflow.patched(ENGINE_V2)
+        self._request_error: str | None = None
+        try:
+            self._request = _parse(PipelineRequest, request, "request", required=True)
+        except ValueError as exc:
+            self._request_error = f"{exc}. A pipeline request is {{'pipeline': {{...spec}}}} or {{'pipeline_name': 'name'}}, with optional inputs, tenant"
+            self._request = PipelineRequest()
+        carry = self._request.carry_over
+        name = self._request.pipeline_name or (self._request.pipeline or {}).get("name")
+        if carry is not None:
+            self._state: RunState = RunState.model_validate(carry.model_dump(exclude={"token_stream"}))
+            self._state.status.run += 1
+        else:
+            self._state = RunState(status=PipelineStatus(pipeline=str(name or "unnamed")))
+        if self._state.defaults_version is None:
+            self._state.defaults_version = 2 if self._v2 else 1
+        self._effects = TemporalEffects(search_attributes=self._request.search_attributes, v2=self._v2)
+        self._token_stream_for_watchers = WorkflowStream(prior_state=carry.token_stream if carry else None)
+        self._engine: Engine | None = None
+        self._spec_error: str | None = None
         self._cancel: CancelRequest | None = None
         self._main: asyncio.Task[Any] | None = None
-        self._providers: list[str] = []
-        self._token_stream_for_watchers = WorkflowStream(prior_state=carry.token_stream if carry else None)
-        self._spec: PipelineSpec | None = None
-        self._spec_error: str | None = None
-        self._states: dict[str, StepState] = {}
-        self._decisions: dict[str, ApprovalState] = {}
-        self._events: dict[str, list[Any]] = {}
-        self._routes: dict[str, str] = {}
-        self._sa_status = "Running"
-        self._budget_paused = False
-        self._context: dict[str, Any] = {"inputs": {}, "steps": {}}
-        if carry is not None:
-            self._status = carry.status.model_copy(update={"run": carry.status.run + 1})
-            self._providers = list(carry.providers)
-            self._events = {k: list(v) for k, v in carry.events.items()}
-            self._decisions = dict(carry.decisions)
-            self._routes = dict(self._status.routes)
-            self._context = {"inputs": carry.inputs, "steps": dict(carry.context_steps)}
-        if request.pipeline is not None:
+        if self._request_error is None and self._request.pipeline is not None:
             try:
-                self._adopt(parse_pipeline(request.pipeline))
+                self._adopt(
+                    parse_pipeline(self._request.pipeline, defaults_version=self._state.defaults_version)
+                )
             except PipelineError as exc:
                 self._spec_error = str(exc)
 
     def _adopt(self, spec: PipelineSpec) -> None:
         """Take ``spec`` as the pipeline: list its steps and approvals (unless carried over)."""
-        self._spec = spec
-        self._status.pipeline = spec.name
-        if not self._status.steps:
-            self._status.steps = [
+        status = self._state.status
+        status.pipeline = spec.name
+        if not status.steps:
+            status.steps = [
                 StepState(id=step.id, type=step.type, parent=parent) for step, parent in _listed(spec.steps)
             ]
-            self._status.budget = spec.budget
-        self._states = {state.id: state for state in self._status.steps}
+            status.budget = spec.budget
         for step, _ in spec.walk():
-            if isinstance(step, ApprovalStep):
-                self._decisions.setdefault(step.id, ApprovalState(step_id=step.id))
+            if step.single_instance:
+                self._state.decisions.setdefault(step.id, ApprovalState(step_id=step.id))
+        info = workflow.info()
+        self._engine = Engine(
+            spec,
+            self._state,
+            self._effects,
+            RunInfo(workflow_id=info.workflow_id, pipeline=spec.name, tenant=self._request.tenant),
+        )
+
+    @property
+    def _running(self) -> bool:
+        return self._state.status.status in ("running", "paused")
 
     # --- queries ----------------------------------------------------------------------------------
 
-    @workflow.query(name="status")
+    @workflow.query(name=Query.STATUS)
     def status(self) -> PipelineStatus:
-        self._status.approvals = list(self._decisions.values())
-        self._status.pending_events = {k: len(v) for k, v in self._events.items() if v}
-        self._status.routes = dict(self._routes)
-        return self._status
+        return self._state.view()
 
-    @workflow.query(name="outputs")
+    @workflow.query(name=Query.OUTPUTS)
     def outputs(self) -> dict[str, Any]:
-        return {s.id: s.output for s in self._status.steps if s.status == "completed"}
+        return {s.id: s.output for s in self._state.status.steps if s.status == "completed"}
 
-    # --- signals ----------------------------------------------------------------------------------
+    # --- signals (fire and forget; what cannot be applied is recorded in status().refused) --------
 
-    @workflow.signal(name="cancel")
-    def cancel(self, request: CancelRequest | None = None) -> None:
+    def _signal_input(self, model: type[_M], raw: Any, handler: str, *, required: bool = False) -> _M | None:
+        try:
+            return _parse(model, raw, handler, required=required)
+        except ValueError as exc:
+            self._state.refuse(handler, str(exc), workflow.now())
+            workflow.logger.warning("signal refused: %s", exc)
+            return None
+
+    @workflow.signal(name=Signal.CANCEL)
+    def cancel(self, request: Any = None) -> None:
         """Stop after cancelling the work in flight; finished steps and their outputs are kept."""
-        if self._cancel is None and self._status.status in ("running", "paused"):
-            self._cancel = request or CancelRequest()
-            if self._main is not None and not self._main.done():
-                self._main.cancel()
+        parsed = self._signal_input(CancelRequest, request, "cancel")
+        if parsed is not None:
+            self._apply_cancel(parsed)
 
-    @workflow.signal(name="pause")
-    def pause(self, request: PauseRequest | None = None) -> None:
+    @workflow.signal(name=Signal.PAUSE)
+    def pause(self, request: Any = None) -> None:
         """Hold before the next step (work in flight finishes) until ``resume``."""
-        if not self._status.paused and self._status.status == "running":
-            self._status.paused, self._status.pause_reason = True, (request or PauseRequest()).reason
-            self._refresh_search_status()
-            self._details(f"paused: {self._status.pause_reason}")
+        parsed = self._signal_input(PauseRequest, request, "pause")
+        if parsed is not None:
+            self._apply_pause(parsed)
 
-    @workflow.signal(name="resume")
-    def resume(self, request: ResumeRequest | None = None) -> None:
-        request = request or ResumeRequest()
-        if request.budget is not None or self._budget_paused:
-            self._status.budget = request.budget
-        self._budget_paused = False
-        if self._status.paused:
-            self._status.paused, self._status.pause_reason = False, None
-            self._refresh_search_status()
-            self._details(f"resumed: {request.reason}")
+    @workflow.signal(name=Signal.RESUME)
+    def resume(self, request: Any = None) -> None:
+        parsed = self._signal_input(ResumeRequest, request, "resume")
+        if parsed is not None:
+            self._apply_resume(parsed)
 
-    @workflow.signal(name="event")
-    def event(self, request: EventRequest) -> None:
+    @workflow.signal(name=Signal.EVENT)
+    def event(self, request: Any = None) -> None:
         """A business event; a ``wait_event`` step for its name takes it (now or later)."""
-        queue = self._events.setdefault(request.name, [])
-        if sum(len(q) for q in self._events.values()) < _MAX_PENDING_EVENTS:
-            queue.append(request.payload)
-        else:
-            workflow.logger.warning("event %r dropped: too many events waiting to be taken", request.name)
+        parsed = self._signal_input(EventRequest, request, "event", required=True)
+        if parsed is None:
+            return
+        problem = self._event_problem(parsed)
+        if problem is not None:
+            self._state.refuse("event", problem, workflow.now())
+            workflow.logger.warning("event refused: %s", problem)
+            return
+        self._apply_event(parsed)
 
-    # --- updates ----------------------------------------------------------------------------------
+    def _apply_cancel(self, request: CancelRequest) -> bool:
+        if self._cancel is not None or not self._running:
+            return False
+        self._cancel = request
+        if self._main is not None and not self._main.done():
+            self._main.cancel()
+        return True
 
-    @workflow.update(name="approve")
-    async def approve(self, request: DecisionRequest) -> ApprovalState:
-        return await self._decide(request, "approved")
+    def _apply_pause(self, request: PauseRequest) -> bool:
+        status = self._state.status
+        if status.paused or status.status != "running":
+            return False
+        status.paused, status.pause_reason = True, request.reason
+        if self._engine is not None:
+            self._engine.refresh_search_status()
+            self._engine.details(f"paused: {request.reason}")
+        return True
+
+    def _apply_resume(self, request: ResumeRequest) -> bool:
+        status = self._state.status
+        if request.budget is not None or self._state.budget_paused:
+            status.budget = request.budget
+        self._state.budget_paused = False
+        if not status.paused:
+            return False
+        status.paused, status.pause_reason = False, None
+        if self._engine is not None:
+            self._engine.refresh_search_status()
+            self._engine.details(f"resumed: {request.reason}")
+        return True
+
+    def _event_problem(self, request: EventRequest) -> str | None:
+        fresh = request.id is None or request.id not in self._state.seen_event_ids
+        if fresh and self._state.pending_event_count() >= MAX_PENDING_EVENTS:
+            return f"event {request.name!r} not kept: {MAX_PENDING_EVENTS} events already wait to be taken"
+        return None
+
+    def _apply_event(self, request: EventRequest) -> bool:
+        """Keep the event for a ``wait_event`` step; an event id seen before is not applied again."""
+        state = self._state
+        if request.id is not None:
+            if request.id in state.seen_event_ids:
+                return False
+            state.seen_event_ids.append(request.id)
+            del state.seen_event_ids[:-MAX_SEEN_EVENT_IDS]
+        state.events.setdefault(request.name, []).append(request.payload)
+        return True
+
+    # --- update twins of the signals (validated; the sender gets an answer) -----------------------
+
+    def _answer(self, applied: bool, detail: str | None = None) -> ControlAnswer:
+        status = self._state.status
+        return ControlAnswer(applied=applied, status=status.status, paused=status.paused, detail=detail)
+
+    def _update_input(self, model: type[_M], raw: Any, handler: str, *, required: bool = False) -> _M:
+        try:
+            return _parse(model, raw, handler, required=required)
+        except ValueError as exc:
+            raise refuse(str(exc), FailureType.INVALID_SIGNAL) from None
+
+    def _require_running(self, handler: str) -> None:
+        if not self._running:
+            raise refuse(
+                f"{handler}: the pipeline is {self._state.status.status}; only a running pipeline takes it",
+                FailureType.NOT_RUNNING,
+            )
+
+    @workflow.update(name=Update.CANCEL)
+    def cancel_update(self, request: Any = None) -> ControlAnswer:
+        return self._answer(self._apply_cancel(_parse(CancelRequest, request, "cancel_update")))
+
+    @cancel_update.validator
+    def _validate_cancel(self, request: Any = None) -> None:
+        self._update_input(CancelRequest, request, "cancel_update")
+        self._require_running("cancel_update")
+
+    @workflow.update(name=Update.PAUSE)
+    def pause_update(self, request: Any = None) -> ControlAnswer:
+        applied = self._apply_pause(_parse(PauseRequest, request, "pause_update"))
+        return self._answer(applied, None if applied else "already paused")
+
+    @pause_update.validator
+    def _validate_pause(self, request: Any = None) -> None:
+        self._update_input(PauseRequest, request, "pause_update")
+        self._require_running("pause_update")
+
+    @workflow.update(name=Update.RESUME)
+    def resume_update(self, request: Any = None) -> ControlAnswer:
+        applied = self._apply_resume(_parse(ResumeRequest, request, "resume_update"))
+        return self._answer(applied, None if applied else "not paused")
+
+    @resume_update.validator
+    def _validate_resume(self, request: Any = None) -> None:
+        self._update_input(ResumeRequest, request, "resume_update")
+        self._require_running("resume_update")
+
+    @workflow.update(name=Update.EVENT)
+    def event_update(self, request: Any = None) -> ControlAnswer:
+        applied = self._apply_event(_parse(EventRequest, request, "event_update", required=True))
+        return self._answer(applied, None if applied else "event id already applied")
+
+    @event_update.validator
+    def _validate_event(self, request: Any = None) -> None:
+        parsed = self._update_input(EventRequest, request, "event_update", required=True)
+        self._require_running("event_update")
+        problem = self._event_problem(parsed)
+        if problem is not None:
+            raise refuse(problem, FailureType.INVALID_SIGNAL)
+
+    # --- approvals ---------------------------------------------------------------------------------
+
+    @workflow.update(name=Update.APPROVE)
+    async def approve(self, request: Any = None) -> ApprovalState:
+        return await self._decide(_parse(DecisionRequest, request, "approve", required=True), "approved")
 
     @approve.validator
-    def _validate_approve(self, request: DecisionRequest) -> None:
-        self._check_decision(request)
+    def _validate_approve(self, request: Any = None) -> None:
+        self._check_decision(self._update_input(DecisionRequest, request, "approve", required=True))
 
-    @workflow.update(name="reject")
-    async def reject(self, request: DecisionRequest) -> ApprovalState:
-        return await self._decide(request, "rejected")
+    @workflow.update(name=Update.REJECT)
+    async def reject(self, request: Any = None) -> ApprovalState:
+        return await self._decide(_parse(DecisionRequest, request, "reject", required=True), "rejected")
 
     @reject.validator
-    def _validate_reject(self, request: DecisionRequest) -> None:
-        self._check_decision(request)
-
-    @workflow.update(name="reroute")
-    def reroute(self, request: RerouteRequest) -> dict[str, str]:
-        """Send later calls for a model to another; applies to following steps and to fallbacks not
-        yet started. Returns the routes now in force."""
-        for source, target in request.routes.items():
-            if target == source:
-                self._routes.pop(source, None)
-            else:
-                self._routes[source] = target
-        self._status.reroutes.append(
-            RerouteRecord(at=workflow.now(), routes=request.routes, reason=request.reason)
-        )
-        self._status.routes = dict(self._routes)
-        return dict(self._routes)
-
-    @reroute.validator
-    def _validate_reroute(self, request: RerouteRequest) -> None:
-        for model in (*request.routes, *request.routes.values()):
-            if not re.match(_MODEL, model):
-                raise ApplicationError(
-                    f"reroute: {model!r} is not a model ('provider/model' or an alias)", type="InvalidReroute"
-                )
-        merged = {**self._routes, **{k: v for k, v in request.routes.items() if k != v}}
-        try:
-            check_routes(merged)
-        except ValueError as exc:
-            raise ApplicationError(f"reroute: {exc}", type="InvalidReroute") from None
+    def _validate_reject(self, request: Any = None) -> None:
+        self._check_decision(self._update_input(DecisionRequest, request, "reject", required=True))
 
     def _check_decision(self, request: DecisionRequest) -> None:
-        if self._spec is not None:
-            step = _find(self._spec, request.step_id)
-            if not isinstance(step, ApprovalStep):
-                known = sorted(self._decisions) or "none"
-                raise ApplicationError(
-                    f"pipeline {self._spec.name!r} has no approval step {request.step_id!r}; "
+        if self._engine is not None:
+            spec = self._engine.spec
+            step = _find(spec, request.step_id)
+            if step is None or not step.single_instance:
+                known = sorted(self._state.decisions) or "none"
+                raise refuse(
+                    f"pipeline {spec.name!r} has no approval step {request.step_id!r}; "
                     f"its approval steps: {known}",
-                    type="UnknownApproval",
+                    FailureType.UNKNOWN_APPROVAL,
                 )
-            if step.approvers is not None and request.by not in step.approvers:
-                raise ApplicationError(
-                    f"{request.by!r} may not decide approval {request.step_id!r}; approvers: {step.approvers}",
-                    type="NotAnApprover",
+            approvers = getattr(step, "approvers", None)
+            if approvers is not None and request.by not in approvers:
+                raise refuse(
+                    f"{request.by!r} may not decide approval {request.step_id!r}; approvers: {approvers}",
+                    FailureType.NOT_AN_APPROVER,
                 )
-        state = self._decisions.get(request.step_id)
+        state = self._state.decisions.get(request.step_id)
         if state is not None and state.status in ("approved", "rejected", "skipped"):
             how = "skipped" if state.status == "skipped" else f"already {state.status}"
             who = f" by {state.by}" if state.by else ""
-            raise ApplicationError(f"approval {request.step_id!r} is {how}{who}", type="AlreadyDecided")
+            raise refuse(f"approval {request.step_id!r} is {how}{who}", FailureType.ALREADY_DECIDED)
 
     async def _decide(self, request: DecisionRequest, decision: str) -> ApprovalState:
-        await workflow.wait_condition(lambda: self._spec is not None or self._status.status != "running")
+        await workflow.wait_condition(
+            lambda: self._engine is not None or self._state.status.status != "running"
+        )
         self._check_decision(request)
-        state = self._decisions.setdefault(request.step_id, ApprovalState(step_id=request.step_id))
+        state = self._state.decisions.setdefault(request.step_id, ApprovalState(step_id=request.step_id))
         state.status = "approved" if decision == "approved" else "rejected"
         state.by, state.comment, state.decided_at = request.by, request.comment, workflow.now()
         return state
 
+    # --- reroute -----------------------------------------------------------------------------------
+
+    @workflow.update(name=Update.REROUTE)
+    def reroute(self, request: Any = None) -> dict[str, str]:
+        """Send later calls for a model to another; applies to following steps and to fallbacks not
+        yet started. Returns the routes now in force."""
+        parsed = _parse(RerouteRequest, request, "reroute", required=True)
+        routes = self._state.status.routes
+        for source, target in parsed.routes.items():
+            if target == source:
+                routes.pop(source, None)
+            else:
+                routes[source] = target
+        self._state.status.reroutes.append(
+            RerouteRecord(at=workflow.now(), routes=parsed.routes, reason=parsed.reason, by=parsed.by)
+        )
+        if self._engine is not None and self._v2:
+            self._engine.refresh_models()
+        return dict(routes)
+
+    @reroute.validator
+    def _validate_reroute(self, request: Any = None) -> None:
+        parsed = self._update_input(RerouteRequest, request, "reroute", required=True)
+        for model in (*parsed.routes, *parsed.routes.values()):
+            if not re.match(_MODEL, model):
+                raise refuse(
+                    f"reroute: {model!r} is not a model ('provider/model' or an alias)",
+                    FailureType.INVALID_REROUTE,
+                )
+        for source, target in parsed.routes.items():
+            problem = check_model(target) if target != source else None
+            if problem is not None:
+                raise refuse(f"reroute: target {target!r}: {problem}", FailureType.INVALID_REROUTE)
+        merged = {**self._state.status.routes, **{k: v for k, v in parsed.routes.items() if k != v}}
+        try:
+            check_routes(merged)
+        except ValueError as exc:
+            raise refuse(f"reroute: {exc}", FailureType.INVALID_REROUTE) from None
+
     # --- the run ----------------------------------------------------------------------------------
 
     @workflow.run
-    async def run(self, request: PipelineRequest) -> PipelineResult:
-        if self._spec is None:
-            await self._load(request)
-        spec = self._require_spec()
-        carry = request.carry_over
+    async def run(self, request: Any) -> PipelineResult:
+        if self._request_error is not None:
+            raise self._fail(self._request_error, FailureType.PIPELINE_ERROR)
+        if self._engine is None:
+            await self._load()
+        engine = self._require_engine()
+        spec = engine.spec
+        carry = self._request.carry_over
         if carry is None:
             try:
-                self._context["inputs"] = spec.resolve_inputs(request.inputs)
+                self._state.inputs.update(spec.resolve_inputs(self._request.inputs))
             except PipelineError as exc:
-                raise self._fail(f"invalid inputs: {exc}", error_type="PipelineError") from None
-            attributes = [sa.PIPELINE.value_set(spec.name), sa.STATUS.value_set("Running")]
-            if request.tenant:
-                attributes.append(sa.TENANT.value_set(request.tenant))
+                raise self._fail(f"invalid inputs: {exc}", FailureType.PIPELINE_ERROR) from None
+            attributes: list[Any] = [sa.PIPELINE.value_set(spec.name), sa.STATUS.value_set("Running")]
+            if self._request.tenant:
+                attributes.append(sa.TENANT.value_set(self._request.tenant))
+            if self._v2:
+                models = engine.remaining_models()
+                self._state.search_models = models
+                attributes.append(sa.MODELS.value_set(models))
             self._upsert(attributes)
-        self._main = asyncio.ensure_future(self._execute(spec, carry.position if carry else 0))
+            engine.lifecycle("pipeline.started", data={"pipeline": spec.name, "tenant": self._request.tenant})
+        self._main = asyncio.ensure_future(self._execute(engine, carry.position if carry else 0))
         try:
             await self._main
         except asyncio.CancelledError:
             if self._cancel is None:
                 self._finish("cancelled", "Cancelled", reason="workflow cancelled")
                 raise
-        except ApplicationError as exc:
-            raise self._fail(exc.message, error_type=exc.type or "StepFailed") from None
+        except (StepFailure, ApplicationError) as exc:
+            raise self._fail(exc.message, exc.type or FailureType.STEP_FAILED) from None
         if self._cancel is not None:
             return self._finish("cancelled", "Cancelled", reason=self._cancel.reason)
-        top = Scope(self._context)
-        outputs = {
-            name: self._render(source, top, f"outputs.{name}") for name, source in spec.outputs.items()
-        }
+        top = engine.top_scope()
+        try:
+            outputs = {
+                name: engine.render(source, top, f"outputs.{name}") for name, source in spec.outputs.items()
+            }
+        except StepFailure as exc:
+            raise self._fail(exc.message, exc.type) from None
         return self._finish("completed", "Completed", outputs=outputs)
 
-    async def _load(self, request: PipelineRequest) -> None:
+    async def _load(self) -> None:
+        request = self._request
         if self._spec_error is not None:
-            raise self._fail(self._spec_error, error_type="PipelineError")
+            raise self._fail(self._spec_error, FailureType.PIPELINE_ERROR)
         if request.pipeline_name is None:
             raise self._fail(
-                "the request names no pipeline: give 'pipeline' or 'pipeline_name'",
-                error_type="PipelineError",
+                "the request names no pipeline: give 'pipeline' (a spec) or 'pipeline_name' (registered)",
+                FailureType.PIPELINE_ERROR,
             )
         try:
             data: dict[str, Any] = await workflow.execute_local_activity(
@@ -306,20 +485,24 @@ class PipelineWorkflow(StepRunner):
         except ActivityError as exc:
             cause = exc.cause
             message = cause.message if isinstance(cause, ApplicationError) else str(cause or exc)
-            raise self._fail(message, error_type="UnknownPipeline") from None
+            raise self._fail(message, FailureType.UNKNOWN_PIPELINE) from None
         try:
-            self._adopt(parse_pipeline(data))
+            self._adopt(parse_pipeline(data, defaults_version=self._state.defaults_version))
         except PipelineError as exc:
-            raise self._fail(str(exc), error_type="PipelineError") from None
+            raise self._fail(str(exc), FailureType.PIPELINE_ERROR) from None
 
-    async def _execute(self, spec: PipelineSpec, start: int) -> None:
-        top = Scope(self._context)
-        for index in range(start, len(spec.steps)):
+    async def _execute(self, engine: Engine, start: int) -> None:
+        top = engine.top_scope()
+        steps = engine.spec.steps
+        for index in range(start, len(steps)):
             if index > start and self._should_continue_as_new():
                 self._token_stream_for_watchers.detach_pollers()
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(self._carry_over(index))
-            await self._run_step(spec.steps[index], top)
+            self._state.position = index
+            await engine.run_step(steps[index], top)
+            if self._v2:
+                engine.refresh_models()
 
     def _should_continue_as_new(self) -> bool:
         info = workflow.info()
@@ -329,18 +512,12 @@ class PipelineWorkflow(StepRunner):
         return workflow.patched("continue-as-new")
 
     def _carry_over(self, position: int) -> PipelineRequest:
-        status = self.status()
-        carry = CarryOver(
-            position=position,
-            inputs=self._context["inputs"],
-            context_steps=dict(self._context["steps"]),
-            status=status,
-            providers=self._providers,
-            events=self._events,
-            decisions=self._decisions,
-            token_stream=self._token_stream_for_watchers.get_state(),
+        self._state.position = position
+        self._state.view()
+        carry = CarryOver.model_validate(
+            {**self._state.model_dump(), "token_stream": self._token_stream_for_watchers.get_state()}
         )
-        spec = self._require_spec()
+        spec = self._require_engine().spec
         return self._request.model_copy(
             update={
                 "pipeline": spec.model_dump(mode="json", by_alias=True, exclude_none=True),
@@ -351,31 +528,33 @@ class PipelineWorkflow(StepRunner):
 
     # --- bookkeeping ------------------------------------------------------------------------------
 
+    def _require_engine(self) -> Engine:
+        if self._engine is None:
+            raise StepFailure("the pipeline spec is not loaded", FailureType.PIPELINE_ERROR)
+        return self._engine
+
     def _upsert(self, updates: list[Any]) -> None:
         if self._request.search_attributes:
             workflow.upsert_search_attributes(updates)
 
-    def _details(self, summary: str) -> None:
-        done = [s.id for s in self._status.steps if s.status == "completed"]
-        position = ""
-        if self._spec is not None and self._status.current_step in self._states:
-            top = [s.id for s in self._spec.steps]
-            current = self._status.current_step
-            if current in top:
-                position = f" — step {top.index(current) + 1}/{len(top)}"
-        workflow.set_current_details(
-            f"**{self._status.pipeline}**{position}: `{summary}`\n\n"
-            f"completed: {', '.join(done) or 'none'} · tokens {self._status.usage.total_tokens}"
-            f" · cost ${self._status.cost_usd:.6f}" + (" · PAUSED" if self._status.paused else "")
-        )
+    def _close(self, status: RunStatus, label: str) -> None:
+        self._state.status.status = status
+        self._state.status.current_step = None
+        updates: list[Any] = [sa.STATUS.value_set(label)]
+        if self._v2 and self._engine is not None:
+            if any(d.status == "waiting" for d in self._state.decisions.values()):
+                updates.append(sa.AWAITING.value_set([]))
+            if self._state.search_models:
+                updates.append(sa.MODELS.value_set([]))
+        self._upsert(updates)
 
-    def _fail(self, message: str, *, error_type: str) -> ApplicationError:
-        self._status.status = "failed"
-        self._status.error = message
-        self._status.current_step = None
-        self._upsert([sa.STATUS.value_set("Failed")])
+    def _fail(self, message: str, failure: str) -> ApplicationError:
+        self._state.status.error = message
+        self._close("failed", "Failed")
         workflow.set_current_details(f"**failed**: {message}")
-        return error(message, error_type)
+        if self._engine is not None:
+            self._engine.lifecycle("pipeline.failed", data={"error_type": failure})
+        return ApplicationError(message, type=failure, non_retryable=True)
 
     def _finish(
         self,
@@ -385,32 +564,37 @@ class PipelineWorkflow(StepRunner):
         outputs: dict[str, Any] | None = None,
         reason: str | None = None,
     ) -> PipelineResult:
-        self._status.status = status
-        self._status.current_step = None
-        self._upsert([sa.STATUS.value_set(label)])
+        self._close(status, label)
         workflow.set_current_details(f"**{label.lower()}**" + (f": {reason}" if reason else ""))
+        run = self._state.status
+        if self._engine is not None:
+            self._engine.lifecycle(
+                f"pipeline.{status}",
+                data={"usage": run.usage.model_dump(), "cost_usd": run.cost_usd},
+            )
         return PipelineResult(
-            pipeline=self._status.pipeline,
+            pipeline=run.pipeline,
             status=status,
             outputs=outputs or {},
-            steps=self._status.steps,
-            usage=self._status.usage,
-            cost_usd=self._status.cost_usd,
-            cost_unknown_models=self._status.cost_unknown_models,
+            steps=run.steps,
+            usage=run.usage,
+            cost_usd=run.cost_usd,
+            cost_unknown_models=run.cost_unknown_models,
             reason=reason,
         )
 
 
-def _listed(steps: list[Step], parent: str | None = None) -> list[tuple[Step, str | None]]:
-    """Steps shown in the status, in order: all but those inside a map (which run once per item)."""
-    listed: list[tuple[Step, str | None]] = []
+def _listed(steps: list[StepSpec], parent: str | None = None) -> list[tuple[StepSpec, str | None]]:
+    """Steps shown in the status, in order: all but those inside a scope boundary (which run once
+    per item)."""
+    listed: list[tuple[StepSpec, str | None]] = []
     for step in steps:
         listed.append((step, parent))
-        if step.type != "map":
+        if not step.scope_boundary:
             for _, children in step.children():
                 listed.extend(_listed(children, step.id))
     return listed
 
 
-def _find(spec: PipelineSpec, step_id: str) -> Step | None:
+def _find(spec: PipelineSpec, step_id: str) -> StepSpec | None:
     return next((step for step, _ in spec.walk() if step.id == step_id), None)

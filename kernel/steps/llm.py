@@ -1,0 +1,181 @@
+"""``llm``: ask a model, with ordered fallbacks or weighted balance, optional structured output with
+re-asks, streaming, and per-step timeouts and retries."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from kernel.contracts import ChatRequest, ResponseFormat, Tool
+from kernel.errors import FailureType
+from kernel.routing import Balance, weighted_order
+from kernel.schema import schema_errors
+from kernel.steps.base import MODEL_PATTERN, RetrySpec, StepFailure, StepKind, StepSpec, _Spec
+
+if TYPE_CHECKING:
+    from kernel.engine import CallResult, StepRun
+
+__all__ = ["KIND", "LlmStep", "MessageTemplate", "order_models"]
+
+
+class MessageTemplate(_Spec):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(min_length=1)
+
+
+class LlmStep(StepSpec):
+    """Ask a model. ``model`` is ``provider/model`` or an alias configured on the worker; ``fallbacks``
+    are tried in order when a model's retries are exhausted or its error cannot be retried.
+    ``output_schema`` asks for JSON of that schema, validates the answer and re-asks up to
+    ``max_repairs`` times with the validation error before the model counts as failed."""
+
+    versioned_defaults: ClassVar[dict[str, dict[int, Any]]] = {"heartbeat_timeout_s": {2: 8.0}}
+
+    type: Literal["llm"] = "llm"
+    model: str = Field(pattern=MODEL_PATTERN)
+    fallbacks: list[Annotated[str, Field(pattern=MODEL_PATTERN)]] = Field(default_factory=list, max_length=10)
+    balance: Balance | None = Field(
+        default=None, description="Spread calls by weight over equivalent models."
+    )
+    system: str | None = None
+    prompt: str | None = None
+    messages: list[MessageTemplate] | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, gt=0)
+    response_format: ResponseFormat | None = None
+    output_schema: dict[str, Any] | None = Field(default=None, description="JSON Schema of the answer.")
+    max_repairs: int = Field(default=2, ge=0, le=10)
+    tools: list[Tool] | None = None
+    output: Literal["text", "json"] = "text"
+    stream: bool = Field(default=False, description="Stream tokens (heartbeating as they arrive).")
+    local_activity: bool = Field(default=False, description="Run as a local activity (lower latency).")
+    timeout_s: float = Field(default=120.0, gt=0, le=86400, description="Per attempt.")
+    heartbeat_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=3600,
+        description="How soon a lost worker is noticed (the call then runs again elsewhere).",
+    )
+    retry: RetrySpec | None = None
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> LlmStep:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.messages is not None and self.system is not None:
+            raise ValueError("'system' goes with 'prompt'; with 'messages' add a message of role system")
+        if self.output_schema is not None:
+            if self.response_format is not None:
+                raise ValueError("give 'output_schema' or 'response_format', not both")
+            if not isinstance(self.output_schema.get("type", "object"), str | list):
+                raise ValueError("'output_schema' must be a JSON Schema object")
+            self.output = "json"
+        return self
+
+    def message_templates(self) -> list[MessageTemplate]:
+        if self.messages is not None:
+            return self.messages
+        templates = [MessageTemplate(role="system", content=self.system)] if self.system else []
+        return [*templates, MessageTemplate(role="user", content=self.prompt or "")]
+
+    def templates(self) -> list[tuple[str, Any]]:
+        return [(f"messages[{i}].content", m.content) for i, m in enumerate(self.message_templates())]
+
+    def models(self) -> list[str]:
+        return list(dict.fromkeys([self.model, *self.fallbacks, *(b.model for b in self.balance or [])]))
+
+    def chat_request(self, messages: list[dict[str, Any]]) -> ChatRequest:
+        response_format: Any = self.response_format
+        if self.output_schema is not None:
+            response_format = {
+                "type": "json_schema",
+                "json_schema": {"name": self.id, "schema": self.output_schema},
+            }
+        try:
+            return ChatRequest.model_validate(
+                {
+                    "model": self.model,
+                    "messages": messages,
+                    "temperature": self.temperature,
+                    "max_tokens": self.max_tokens,
+                    "response_format": response_format,
+                    "tools": self.tools,
+                }
+            )
+        except ValueError as exc:
+            raise StepFailure(
+                f"step {self.id!r} builds an invalid request: {exc}", FailureType.PIPELINE_ERROR
+            ) from None
+
+
+def order_models(primary: str, fallbacks: list[str], balance: Balance | None, rand: float) -> list[str]:
+    """The models a step tries, in order. Without ``balance``: ``primary`` then ``fallbacks``. With it
+    (each model once): one balanced model picked by weight with ``rand`` (the run's seeded random, so
+    replay picks the same), the other balanced ones, then ``primary`` and ``fallbacks``."""
+    if not balance:
+        return [primary, *fallbacks]
+    return list(dict.fromkeys([*weighted_order(balance, rand), primary, *fallbacks]))
+
+
+async def run(step: LlmStep, run: StepRun) -> tuple[Any, dict[str, Any]]:
+    from kernel.engine import ModelCall
+
+    engine, state = run.engine, run.state
+    messages = [
+        {"role": m.role, "content": run.render(m.content, f"messages[{i}]")}
+        for i, m in enumerate(step.message_templates())
+    ]
+    rand = engine.effects.random() if step.balance else 0.0
+    models = order_models(step.model, step.fallbacks, step.balance, rand)
+    schema = step.output_schema
+
+    def on_attempt(model: str, number: int) -> None:
+        state.model = model
+        suffix = f" (fallback {number - 1} of {len(models) - 1})" if number > 1 else ""
+        if number > 1:
+            engine.lifecycle("model.fallback", step.id, {"model": model, "attempt": number})
+        run.details(f"{step.id} · {model}{suffix}")
+
+    def validate(result: CallResult) -> Any:
+        run.account(result.response.usage, result.cost_usd, result.model_ref)
+        if step.output == "text":
+            return result.response.text
+        try:
+            value = json.loads(result.response.text or "")
+        except ValueError as exc:
+            raise ValueError(f"the answer is not JSON: {exc}") from exc
+        problems = schema_errors(value, schema) if schema is not None else []
+        if problems:
+            raise ValueError("the answer does not match output_schema: " + "; ".join(problems))
+        return value
+
+    result, output = await engine.effects.call_model(
+        ModelCall(
+            models=models,
+            request=step.chat_request(messages),
+            step_id=step.id,
+            pipeline=engine.spec.name,
+            label=f"step {step.id!r}",
+            timeout_s=step.timeout_s,
+            heartbeat_timeout_s=step.heartbeat_timeout_s,
+            retry=step.retry or engine.spec.retry,
+            local_activity=step.local_activity,
+            stream=step.stream,
+            max_repairs=step.max_repairs if schema is not None else 0,
+            validate=validate,
+            on_attempt=on_attempt,
+            on_failure=state.failures.append,
+            on_repair=lambda failure: run.details(f"{step.id} · re-asking {failure.model}"),
+            route=engine.route,
+        )
+    )
+    state.model = result.model_ref
+    state.provider = result.provider
+    engine.note_provider(result.provider)
+    await engine.check_budget()
+    return output, {"text": result.response.text, "model": result.model_ref, "provider": result.provider}
+
+
+KIND = StepKind("llm", LlmStep, run, "ask a model (fallbacks, balance, structured output, streaming)")

@@ -1,0 +1,191 @@
+"""The interpreter's effects on Temporal: timers, conditions, activities, child workflows, search
+attributes and the Web UI's current details. Deterministic workflow code (it only schedules).
+
+Failures of activities and children become ``StepFailure`` here, once, with the message the step
+reports; cancellation stays ``asyncio.CancelledError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.embed import LLM_EMBED, EmbedCallInput, EmbedCallResult
+    from activities.tool import HTTP_TOOL, ToolCallInput, ToolCallResult
+    from kernel.engine import (
+        CallResult,
+        ChildCall,
+        ChildResult,
+        EmbedCall,
+        EmbedResult,
+        LifecycleEvent,
+        ModelCall,
+        SearchField,
+        ToolCall,
+        ToolResult,
+    )
+    from kernel.errors import FailureType
+    from kernel.steps.base import StepFailure
+    from workflows import search_attributes as sa
+    from workflows.calls import AllModelsFailed, CallOptions, call_model, retry_policy
+    from workflows.contract import PIPELINE_WORKFLOW, PipelineRequest, PipelineResult
+
+__all__ = ["TemporalEffects", "failure_cause"]
+
+_SEARCH: dict[str, Any] = {
+    "status": sa.STATUS,
+    "providers": sa.PROVIDER,
+    "awaiting": sa.AWAITING,
+    "models": sa.MODELS,
+}
+_SINCE_V2 = frozenset({"awaiting", "models"})
+
+
+class TemporalEffects:
+    """``kernel.engine.Effects`` for ``PipelineWorkflow``. ``search_attributes`` is the request's
+    switch; ``v2`` says whether this run records the search attributes added with the engine's
+    second shape (runs that started before replay without them)."""
+
+    def __init__(self, *, search_attributes: bool, v2: bool) -> None:
+        self.search_attributes = search_attributes
+        self.v2 = v2
+        self.lifecycle_events: list[LifecycleEvent] = []
+
+    def now(self) -> datetime:
+        return workflow.now()
+
+    def random(self) -> float:
+        return workflow.random().random()
+
+    async def sleep(self, seconds: float, *, summary: str) -> None:
+        await workflow.sleep(timedelta(seconds=seconds), summary=summary)
+
+    async def wait(self, condition: Callable[[], bool], *, timeout: float | None, summary: str) -> bool:  # noqa: ASYNC109
+        if timeout is None:
+            await workflow.wait_condition(condition)
+            return True
+        try:
+            await workflow.wait_condition(condition, timeout=timeout, timeout_summary=summary)
+        except TimeoutError:
+            return False
+        return True
+
+    async def call_model(self, call: ModelCall) -> tuple[CallResult, Any]:
+        options = CallOptions(
+            timeout_s=call.timeout_s,
+            heartbeat_timeout_s=call.heartbeat_timeout_s,
+            retry=call.retry,
+            local_activity=call.local_activity,
+            stream=call.stream,
+        )
+        try:
+            return await call_model(
+                call.models,
+                call.request,
+                options=options,
+                label=call.label,
+                step_id=call.step_id,
+                pipeline=call.pipeline,
+                validate=call.validate,
+                on_attempt=call.on_attempt,
+                on_failure=call.on_failure,
+                route=call.route,
+                max_repairs=call.max_repairs,
+                on_repair=call.on_repair,
+            )
+        except AllModelsFailed as exc:
+            raise StepFailure(exc.message, FailureType.STEP_FAILED) from None
+        except ApplicationError as exc:
+            raise StepFailure(exc.message, exc.type or FailureType.STEP_FAILED) from None
+
+    async def embed(self, call: EmbedCall) -> EmbedResult:
+        heartbeat = call.heartbeat_timeout_s
+        try:
+            result: EmbedCallResult = await workflow.execute_activity(
+                LLM_EMBED,
+                EmbedCallInput(
+                    model=call.model, request=call.request, step_id=call.step_id, pipeline=call.pipeline
+                ),
+                result_type=EmbedCallResult,
+                start_to_close_timeout=timedelta(seconds=call.timeout_s),
+                heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None,
+                retry_policy=retry_policy(call.retry),
+                summary=call.summary,
+            )
+        except ActivityError as exc:
+            raise StepFailure(f"step {call.step_id!r} failed: {failure_cause(exc)}") from None
+        return result
+
+    async def tool(self, call: ToolCall) -> ToolResult:
+        heartbeat = call.heartbeat_timeout_s
+        try:
+            result: ToolCallResult = await workflow.execute_activity(
+                HTTP_TOOL,
+                ToolCallInput(
+                    url=call.url,
+                    method=call.method,
+                    headers=call.headers,
+                    query=call.query,
+                    body=call.body,
+                    timeout_s=call.timeout_s,
+                    step_id=call.step_id,
+                ),
+                result_type=ToolCallResult,
+                start_to_close_timeout=timedelta(seconds=call.timeout_s + 5),
+                heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None,
+                retry_policy=retry_policy(call.retry),
+                summary=call.summary,
+            )
+        except ActivityError as exc:
+            cause = exc.cause
+            kind = (
+                cause.type if isinstance(cause, ApplicationError) and cause.type else FailureType.STEP_FAILED
+            )
+            raise StepFailure(f"step {call.step_id!r} failed: {failure_cause(exc)}", kind) from None
+        return result
+
+    async def child(self, call: ChildCall) -> ChildResult:
+        request = PipelineRequest.model_validate(
+            {**call.request, "search_attributes": self.search_attributes}
+        )
+        try:
+            result: PipelineResult = await workflow.execute_child_workflow(
+                PIPELINE_WORKFLOW,
+                request,
+                id=call.workflow_id,
+                result_type=PipelineResult,
+                static_summary=call.summary,
+            )
+        except ChildWorkflowError as exc:
+            raise StepFailure(
+                f"step {call.step_id!r}: sub-pipeline {call.name!r} failed: {failure_cause(exc)}"
+            ) from None
+        return result
+
+    def search(self, name: SearchField, value: str | list[str]) -> None:
+        if not self.search_attributes or (name in _SINCE_V2 and not self.v2):
+            return
+        key = _SEARCH[name]
+        workflow.upsert_search_attributes([key.value_set(value)])
+
+    def details(self, text: str) -> None:
+        workflow.set_current_details(text)
+
+    def lifecycle(self, event: LifecycleEvent) -> None:
+        self.lifecycle_events.append(event)
+        del self.lifecycle_events[:-100]
+
+
+def failure_cause(exc: BaseException) -> str:
+    """The innermost reason of an activity or child failure, as ``Type: message``."""
+    cause = exc.cause if isinstance(exc, ActivityError | ChildWorkflowError) else None
+    while isinstance(cause, ChildWorkflowError | ActivityError) and cause.cause is not None:
+        cause = cause.cause
+    if isinstance(cause, ApplicationError):
+        return f"{cause.type}: {cause.message}" if cause.type else cause.message
+    return str(cause or exc)
