@@ -11,10 +11,12 @@ from pydantic import BaseModel, Field
 from temporalio import activity
 
 from activities.errors import to_application_error
+from activities.live import LiveProviders, heartbeating
 from kernel.contracts import EmbedRequest, EmbedResponse
 from kernel.errors import KernelflowError
 from kernel.pricing import PriceTable
 from kernel.registry import Registry
+from kernel.routing import Permit
 
 __all__ = ["LLM_EMBED", "EmbedActivities", "EmbedCallInput", "EmbedCallResult"]
 
@@ -39,21 +41,47 @@ class EmbedCallResult(BaseModel):
 
 
 class EmbedActivities:
-    def __init__(self, registry: Registry, *, prices: PriceTable | None = None) -> None:
-        self.registry = registry
-        self.prices = prices or PriceTable()
+    """Reads the worker's live providers at each call, like ``llm_chat``: a config reload reaches
+    embeddings too, and the same circuit breakers guard them."""
+
+    def __init__(
+        self,
+        registry: Registry | None = None,
+        *,
+        prices: PriceTable | None = None,
+        live: LiveProviders | None = None,
+    ) -> None:
+        if live is None:
+            if registry is None:
+                raise ValueError("EmbedActivities needs a registry or live providers")
+            live = LiveProviders(registry, prices=prices)
+        self.live = live
 
     @activity.defn(name=LLM_EMBED)
     async def embed(self, call: EmbedCallInput) -> EmbedCallResult:
+        registry, prices, breakers = self.live.registry, self.live.prices, self.live.breakers
+        permit: Permit | None = None
         try:
-            provider, model_name = self.registry.resolve(call.model)
-            response = await provider.embed(call.request.model_copy(update={"model": model_name}))
+            provider, model_name = registry.resolve(call.model)
+            if breakers is not None:
+                permit = breakers.admit(provider.name, model_name)
+            response = await heartbeating(
+                provider.embed(call.request.model_copy(update={"model": model_name}))
+            )
         except KernelflowError as exc:
+            if breakers is not None:
+                breakers.settle(permit, exc)
             _log.warning("embed call failed", step=call.step_id, model=call.model, error=str(exc))
             raise to_application_error(exc) from exc
+        except BaseException as exc:
+            if breakers is not None:
+                breakers.settle(permit, exc)
+            raise
+        if breakers is not None:
+            breakers.settle(permit, None)
         return EmbedCallResult(
             response=response,
             model_ref=f"{provider.name}/{model_name}",
             provider=provider.name,
-            cost_usd=self.prices.cost(provider.name, model_name, response.usage),
+            cost_usd=prices.cost(provider.name, model_name, response.usage),
         )

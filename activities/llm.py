@@ -7,7 +7,6 @@ the provider from the worker's environment or settings; they never enter inputs,
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -17,6 +16,7 @@ from pydantic import BaseModel, Field
 from temporalio import activity
 
 from activities.errors import to_application_error
+from activities.live import HEARTBEAT_EVERY, LiveProviders, heartbeating
 from activities.streaming import DEFAULT_BATCH_INTERVAL, TokenPublisher
 from kernel.contracts import ChatRequest, ChatResponse, StreamEvent, TextDelta, ToolCallDelta
 from kernel.errors import KernelflowError
@@ -61,16 +61,39 @@ class LlmActivities:
 
     def __init__(
         self,
-        registry: Registry,
+        registry: Registry | None = None,
         *,
         prices: PriceTable | None = None,
-        heartbeat_every: float = 5.0,
+        heartbeat_every: float = HEARTBEAT_EVERY,
         breakers: BreakerBoard | None = None,
+        live: LiveProviders | None = None,
     ) -> None:
-        self.registry = registry
-        self.prices = prices or PriceTable()
+        if live is None:
+            if registry is None:
+                raise ValueError("LlmActivities needs a registry or live providers")
+            live = LiveProviders(registry, prices=prices, breakers=breakers)
+        self.live = live
         self.heartbeat_every = heartbeat_every
-        self.breakers = breakers
+
+    @property
+    def registry(self) -> Registry:
+        return self.live.registry
+
+    @registry.setter
+    def registry(self, registry: Registry) -> None:
+        self.live.registry = registry
+
+    @property
+    def prices(self) -> PriceTable:
+        return self.live.prices
+
+    @prices.setter
+    def prices(self, prices: PriceTable) -> None:
+        self.live.prices = prices
+
+    @property
+    def breakers(self) -> BreakerBoard | None:
+        return self.live.breakers
 
     @activity.defn(name=LLM_CHAT)
     async def chat(self, call: LlmCallInput) -> LlmCallResult:
@@ -149,22 +172,4 @@ class LlmActivities:
             return await collect_stream(counted(), provider=provider)
 
     async def _heartbeating(self, work: Awaitable[_T], is_local: bool) -> _T:
-        """Await ``work`` while heartbeating, so a lost worker is noticed within the heartbeat timeout
-        and a cancelled workflow cancels the call (closing its connection)."""
-        task = asyncio.ensure_future(work)
-        if is_local:
-            return await task
-        interval = self.heartbeat_every
-        heartbeat_timeout = activity.info().heartbeat_timeout
-        if heartbeat_timeout:
-            interval = min(interval, heartbeat_timeout.total_seconds() / 3)
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=interval)
-                if done:
-                    return task.result()
-                activity.heartbeat()
-        finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        return await heartbeating(work, every=self.heartbeat_every)

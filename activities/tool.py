@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.live import heartbeating
 from kernel.errors import parse_retry_after
 
 __all__ = ["HTTP_TOOL", "ToolActivities", "ToolCallInput", "ToolCallResult", "parse_allow_list"]
@@ -91,13 +92,15 @@ class ToolActivities:
             )
         client = self._client or httpx.AsyncClient()
         try:
-            response = await client.request(
-                call.method,
-                url,
-                params=call.query or None,
-                headers=call.headers,
-                json=call.body if call.body is not None else None,
-                timeout=call.timeout_s,
+            response = await heartbeating(
+                client.request(
+                    call.method,
+                    url,
+                    params=call.query or None,
+                    headers=call.headers,
+                    json=call.body if call.body is not None else None,
+                    timeout=call.timeout_s,
+                )
             )
         except httpx.HTTPError as exc:
             raise ApplicationError(

@@ -14,12 +14,10 @@ from typing import Any
 
 import structlog
 from temporalio.client import Client
-from temporalio.worker import Worker
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+from temporalio.worker import Worker, WorkflowRunner
 
-from activities.embed import EmbedActivities
 from activities.llm import LlmActivities
-from activities.tool import ToolActivities, parse_allow_list
+from activities.tool import parse_allow_list
 from kernel.pricing import PriceTable
 from kernel.provider import ProviderSettings
 from kernel.registry import Registry
@@ -33,9 +31,9 @@ from worker.config import (
     payload_settings_from_env,
 )
 from worker.pipelines import PipelineCatalog, load_catalog, pipelines_dir
+from worker.plugin import KernelflowPlugin, sandbox_runner
 from worker.search_attributes import ensure_search_attributes
 from worker.storage import build_data_converter
-from workflows.pipeline import PipelineWorkflow
 
 __all__ = [
     "SIMULATED_PROVIDERS",
@@ -49,27 +47,6 @@ __all__ = [
 ]
 
 _log = structlog.get_logger("kernelflow.worker")
-
-_PASSTHROUGH = (
-    "pydantic",
-    "pydantic_core",
-    "jinja2",
-    "markupsafe",
-    "yaml",
-    "structlog",
-    "httpx",
-    "kernel",
-    "activities",
-    # The engine's deterministic building blocks: shared instead of re-imported into every workflow's
-    # sandbox (the workflow class module, workflows.pipeline, stays sandboxed).
-    "workflows.calls",
-    "workflows.engine.effects",
-    "workflows.engine.checks",
-    "workflows.contract",
-    "workflows.search_attributes",
-    "workflows.api",
-    "workflows.conversation",
-)
 
 SIMULATED_PROVIDERS: dict[str, str] = {
     "openai": "/v1",
@@ -131,11 +108,9 @@ def build_registry(
     return registry
 
 
-def workflow_runner() -> SandboxedWorkflowRunner:
+def workflow_runner() -> WorkflowRunner:
     """The workflow sandbox every worker uses (and the replay tests replay with)."""
-    return SandboxedWorkflowRunner(
-        restrictions=SandboxRestrictions.default.with_passthrough_modules(*_PASSTHROUGH)
-    )
+    return sandbox_runner()
 
 
 def build_worker(
@@ -156,32 +131,27 @@ def build_worker(
     pipelines: PipelineCatalog | None = None,
     tool_allow: Sequence[str] = (),
 ) -> Worker:
-    """A worker on ``task_queue``. It converts payloads with ``client``'s converter, or with one
-    built from ``payloads`` when given (which must match the clients' settings)."""
+    """A worker on ``task_queue`` with ``KernelflowPlugin``. It converts payloads with ``client``'s
+    converter, or with one built from ``payloads`` when given (which must match the clients')."""
     if llm_activities is None:
         if registry is None:
             raise ValueError("build_worker needs a registry or llm_activities")
         llm_activities = LlmActivities(
             registry, prices=prices, breakers=breakers if breakers is not None else default_breakers()
         )
-    activities = llm_activities
     if payloads is not None:
         config = client.config()
         config["data_converter"] = build_data_converter(payloads)
         client = Client(**config)
+    plugin = KernelflowPlugin(
+        chat=llm_activities, pipelines=pipelines, tool_allow=tool_allow, extra_activities=extra_activities
+    )
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[PipelineWorkflow, *extra_workflows],
-        activities=[
-            activities.chat,
-            EmbedActivities(activities.registry, prices=activities.prices).embed,
-            ToolActivities(tool_allow).call,
-            (pipelines or PipelineCatalog()).load,
-            *extra_activities,
-        ],
+        workflows=list(extra_workflows),
         activity_executor=activity_executor,
-        workflow_runner=workflow_runner(),
+        plugins=[plugin],
         max_concurrent_activities=max_concurrent_activities,
         max_concurrent_workflow_tasks=max_concurrent_workflow_tasks,
         graceful_shutdown_timeout=timedelta(seconds=20),

@@ -1,0 +1,170 @@
+"""Kernelflow as one Temporal plugin: add it to a client (and so to every worker made from that client)
+or to a worker, and it brings Kernelflow's data converter, sandbox pass-through, activities and
+``PipelineWorkflow``, composing with what is already there::
+
+    client = await Client.connect("localhost:7233", plugins=[KernelflowPlugin(registry=registry)])
+    worker = Worker(client, task_queue="my-queue", workflows=[MyWorkflow], activities=[my_activity])
+
+What it composes with:
+- the data converter: Kernelflow needs pydantic payload conversion and its payload storage; a
+  converter that already converts with pydantic keeps its class, and its codec, failure converter and
+  external storage are kept (a user's own external storage then serves Kernelflow's large payloads).
+- the workflow runner: a sandboxed runner keeps its restrictions and gains Kernelflow's pass-through
+  modules (each with its reason below); an unsandboxed runner stays unsandboxed.
+- workflows and activities: appended to the user's own.
+
+A client-only use (``kernelflow run``, a business system starting pipelines) needs no registry: the
+plugin then only sets the data converter, and adds ``PipelineWorkflow`` for replayers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from temporalio.contrib.pydantic import PydanticPayloadConverter
+from temporalio.converter import DataConverter, DefaultPayloadConverter
+from temporalio.plugin import SimplePlugin
+from temporalio.worker import WorkerConfig, WorkflowRunner
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from activities.embed import EmbedActivities
+from activities.live import LiveProviders
+from activities.llm import LlmActivities
+from activities.tool import ToolActivities
+from kernel.errors import KernelflowError
+from kernel.pricing import PriceTable
+from kernel.registry import Registry
+from kernel.routing import BreakerBoard
+from worker.config import PayloadSettings, payload_settings_from_env
+from worker.pipelines import PipelineCatalog
+from worker.storage import build_data_converter
+from workflows.engine.checks import install_model_check
+from workflows.pipeline import PipelineWorkflow
+
+__all__ = ["PASSTHROUGH_MODULES", "PLUGIN_NAME", "KernelflowPlugin", "kernelflow_converter", "sandbox_runner"]
+
+PLUGIN_NAME = "kernelflow"
+
+PASSTHROUGH_MODULES: dict[str, str] = {
+    "pydantic": "payload models; re-importing pydantic per workflow costs memory and time",
+    "pydantic_core": "pydantic's compiled core",
+    "jinja2": "templates and expressions (a sandboxed environment of its own, no I/O)",
+    "markupsafe": "jinja2's escaping",
+    "yaml": "registered pipelines are parsed from YAML",
+    "structlog": "logging configuration is process-wide",
+    "httpx": "imported by activity modules the workflows reference by name",
+    "kernel": "the pure kernel: contracts, step kinds and their table, the interpreter (deterministic)",
+    "activities": "activity input and result models (the activities themselves run outside the sandbox)",
+    "workflows.calls": "deterministic model-call helper shared with users' workflows",
+    "workflows.engine.effects": "the interpreter's Temporal effects (deterministic)",
+    "workflows.engine.checks": "the worker's model check read by update validators (never on replay)",
+    "workflows.contract": "names and payload models of the public surface",
+    "workflows.search_attributes": "search attribute keys",
+    "workflows.api": "code-defined workflows' helpers",
+    "workflows.conversation": "the conversation workflow's models",
+}
+"""Modules shared with the host instead of re-imported into every workflow's sandbox, and why each
+is safe to share. The workflow class module itself (``workflows.pipeline``) stays sandboxed."""
+
+
+def sandbox_runner(existing: WorkflowRunner | None = None) -> WorkflowRunner:
+    """``existing`` with Kernelflow's pass-through modules added (a new sandboxed runner if none)."""
+    if existing is None:
+        return SandboxedWorkflowRunner(
+            restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH_MODULES)
+        )
+    if isinstance(existing, SandboxedWorkflowRunner):
+        return dataclasses.replace(
+            existing, restrictions=existing.restrictions.with_passthrough_modules(*PASSTHROUGH_MODULES)
+        )
+    return existing
+
+
+def kernelflow_converter(
+    existing: DataConverter | None = None, *, payloads: PayloadSettings | None = None
+) -> DataConverter:
+    """Kernelflow's converter, or ``existing`` made able to carry Kernelflow's payloads."""
+    ours = build_data_converter(payloads if payloads is not None else payload_settings_from_env())
+    if existing is None or existing == DataConverter.default:
+        return ours
+    converter_class = existing.payload_converter_class
+    if converter_class is DefaultPayloadConverter:
+        converter_class = ours.payload_converter_class
+    elif not issubclass(converter_class, PydanticPayloadConverter):
+        raise KernelflowError(
+            f"the client's payload converter {converter_class.__qualname__} does not convert pydantic "
+            "models; Kernelflow's payloads need temporalio.contrib.pydantic's PydanticPayloadConverter "
+            "(or a subclass of it)"
+        )
+    return dataclasses.replace(
+        existing,
+        payload_converter_class=converter_class,
+        external_storage=existing.external_storage or ours.external_storage,
+        payload_codec=existing.payload_codec or ours.payload_codec,
+    )
+
+
+class KernelflowPlugin(SimplePlugin):
+    """Adds Kernelflow to a Temporal client and its workers.
+
+    With ``registry`` (or ``providers``), workers get the activities (``llm_chat``, ``llm_embed``,
+    ``http_tool``, ``load_pipeline``) and update validators check reroute targets against it.
+    ``payloads`` must match on the client and every worker (default: the environment's
+    ``KERNELFLOW_PAYLOADS_*`` / ``payloads:`` settings).
+    """
+
+    def __init__(
+        self,
+        *,
+        registry: Registry | None = None,
+        providers: LiveProviders | None = None,
+        prices: PriceTable | None = None,
+        breakers: BreakerBoard | None = None,
+        payloads: PayloadSettings | None = None,
+        pipelines: PipelineCatalog | None = None,
+        tool_allow: Sequence[str] = (),
+        chat: LlmActivities | None = None,
+        extra_activities: Sequence[Callable[..., Any]] = (),
+    ) -> None:
+        if chat is not None:
+            providers = chat.live
+        elif providers is None and registry is not None:
+            providers = LiveProviders(registry, prices=prices, breakers=breakers)
+        self.providers = providers
+        self.payloads = payloads
+        activities: list[Callable[..., Any]] | None = None
+        if providers is not None:
+            chat = chat or LlmActivities(live=providers)
+            activities = [
+                chat.chat,
+                EmbedActivities(live=providers).embed,
+                ToolActivities(tool_allow).call,
+                (pipelines or PipelineCatalog()).load,
+                *extra_activities,
+            ]
+        self.chat_activities = chat
+        super().__init__(
+            PLUGIN_NAME,
+            data_converter=lambda existing: kernelflow_converter(existing, payloads=payloads),
+            workflows=[PipelineWorkflow],
+            activities=activities,
+            workflow_runner=sandbox_runner,
+        )
+
+    def configure_worker(self, config: WorkerConfig) -> WorkerConfig:
+        config = super().configure_worker(config)
+        if self.providers is not None:
+            install_model_check(self._model_problem)
+        return config
+
+    def _model_problem(self, model: str) -> str | None:
+        """Why this worker cannot call ``model`` (unknown provider or alias), or None."""
+        if self.providers is None:
+            return None
+        try:
+            self.providers.registry.resolve_ref(model)
+        except KernelflowError as exc:
+            return str(exc)
+        return None
