@@ -5,28 +5,55 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
 
 from temporalio.client import Client, WithStartWorkflowOperation, WorkflowFailureError, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError
+from temporalio.workflow import UpdateMethodMultiParam
 
 from kernel.errors import PipelineError, UnknownProvider
 from kernel.pipeline import PipelineSpec
 from kernel.registry import Registry
-from workflows.contract import ApprovalState, DecisionRequest, EventRequest, RerouteRequest
-from workflows.pipeline import PIPELINE_WORKFLOW, PipelineRequest, PipelineResult, PipelineStatus
+from workflows import search_attributes as sa
+from workflows.contract import (
+    PIPELINE_WORKFLOW,
+    ApprovalState,
+    CancelRequest,
+    ControlAnswer,
+    DecisionRequest,
+    EventRequest,
+    PauseRequest,
+    PipelineRequest,
+    PipelineResult,
+    PipelineStatus,
+    RerouteRequest,
+    ResumeRequest,
+    Signal,
+)
+from workflows.pipeline import PipelineWorkflow
 
 __all__ = [
+    "PipelineSummary",
     "approve",
+    "cancel",
     "check_models",
     "decide_with_start",
     "deliver_event",
     "follow",
+    "list_pipelines",
+    "outputs",
+    "pause",
     "reject",
     "reroute",
+    "resume",
     "send_event",
     "start_pipeline",
+    "start_registered",
+    "status",
+    "visibility_query",
     "workflow_url",
 ]
 
@@ -58,11 +85,10 @@ async def start_pipeline(
     client (request_eager_start), saving a round trip when client and worker share a process."""
     request = _request(spec, inputs, tenant)
     return await client.start_workflow(
-        PIPELINE_WORKFLOW,
+        PipelineWorkflow.run,
         request,
         id=workflow_id or f"{spec.name}-{uuid.uuid4().hex[:12]}",
         task_queue=task_queue,
-        result_type=PipelineResult,
         static_summary=f"pipeline {spec.name}" + (f" · tenant {tenant}" if tenant else ""),
         static_details=spec.description or f"{len(spec.steps)} steps: " + ", ".join(s.id for s in spec.steps),
         request_eager_start=eager,
@@ -83,7 +109,7 @@ async def follow(
         while not result_task.done():
             if on_status is not None:
                 try:
-                    status = await handle.query("status", result_type=PipelineStatus)
+                    status = await handle.query(PipelineWorkflow.status)
                 except (RPCError, WorkflowFailureError):
                     status = None
                 if status is not None:
@@ -116,42 +142,194 @@ def workflow_url(ui_url: str, namespace: str, workflow_id: str) -> str:
 
 # --- driving running pipelines -------------------------------------------------------------------
 
+# The SDK types an async update handler's result as its coroutine; these say what it answers.
+_APPROVE = cast("UpdateMethodMultiParam[[Any, DecisionRequest], ApprovalState]", PipelineWorkflow.approve)
+_REJECT = cast("UpdateMethodMultiParam[[Any, DecisionRequest], ApprovalState]", PipelineWorkflow.reject)
+
+# Every helper names the workflow's handler by reference, never by a string: a renamed handler
+# would fail type checking here, not at run time. Refusals raise ``WorkflowUpdateFailedError`` whose
+# cause is an ``ApplicationError`` with a ``FailureType`` and a message saying why; nothing changed.
+
 
 async def approve(
     client: Client, workflow_id: str, step_id: str, *, by: str | None = None, comment: str | None = None
 ) -> ApprovalState:
     """Approve the pipeline's approval step ``step_id``. An unknown or already decided approval is
-    refused (``WorkflowUpdateFailedError`` whose cause says why) and changes nothing."""
-    handle = client.get_workflow_handle(workflow_id)
+    refused and changes nothing."""
     decision = DecisionRequest(step_id=step_id, by=by, comment=comment)
-    result: ApprovalState = await handle.execute_update("approve", decision, result_type=ApprovalState)
-    return result
+    return await client.get_workflow_handle(workflow_id).execute_update(_APPROVE, decision)
 
 
 async def reject(
     client: Client, workflow_id: str, step_id: str, *, by: str | None = None, comment: str | None = None
 ) -> ApprovalState:
-    handle = client.get_workflow_handle(workflow_id)
     decision = DecisionRequest(step_id=step_id, by=by, comment=comment)
-    result: ApprovalState = await handle.execute_update("reject", decision, result_type=ApprovalState)
-    return result
+    return await client.get_workflow_handle(workflow_id).execute_update(_REJECT, decision)
 
 
-async def send_event(client: Client, workflow_id: str, name: str, payload: Any = None) -> None:
-    """Deliver business event ``name`` to a running pipeline (kept until a ``wait_event`` takes it)."""
-    await client.get_workflow_handle(workflow_id).signal("event", EventRequest(name=name, payload=payload))
+async def send_event(
+    client: Client,
+    workflow_id: str,
+    name: str,
+    payload: Any = None,
+    *,
+    event_id: str | None = None,
+    confirm: bool = False,
+) -> ControlAnswer | None:
+    """Deliver business event ``name`` to a running pipeline (kept until a ``wait_event`` takes it).
+    With ``event_id``, a redelivered event is applied once. ``confirm`` sends the ``event_update``
+    twin instead of the signal: a refused event raises, and the answer says whether it was applied."""
+    handle = client.get_workflow_handle(workflow_id)
+    event = EventRequest(name=name, payload=payload, id=event_id)
+    if confirm:
+        return await handle.execute_update(PipelineWorkflow.event_update, event)
+    await handle.signal(PipelineWorkflow.event, event)
+    return None
 
 
 async def reroute(
-    client: Client, workflow_id: str, routes: Mapping[str, str], *, reason: str | None = None
+    client: Client,
+    workflow_id: str,
+    routes: Mapping[str, str],
+    *,
+    reason: str | None = None,
+    by: str | None = None,
 ) -> dict[str, str]:
     """Send the pipeline's later calls for each model in ``routes`` to its target; returns the routes
-    in force. Model strings are checked by the workflow before anything changes."""
-    request = RerouteRequest(routes=dict(routes), reason=reason)
-    result: dict[str, str] = await client.get_workflow_handle(workflow_id).execute_update(
-        "reroute", request, result_type=dict
+    in force. Targets the worker cannot call (unknown provider or alias) are refused before anything
+    changes."""
+    request = RerouteRequest(routes=dict(routes), reason=reason, by=by)
+    return await client.get_workflow_handle(workflow_id).execute_update(PipelineWorkflow.reroute, request)
+
+
+async def pause(
+    client: Client, workflow_id: str, *, reason: str = "paused by request", by: str | None = None
+) -> ControlAnswer:
+    """Hold the pipeline before its next step (work in flight finishes); refused unless it runs."""
+    request = PauseRequest(reason=reason, by=by)
+    return await client.get_workflow_handle(workflow_id).execute_update(
+        PipelineWorkflow.pause_update, request
     )
-    return result
+
+
+async def resume(
+    client: Client,
+    workflow_id: str,
+    *,
+    reason: str = "resumed by request",
+    budget: Mapping[str, Any] | None = None,
+    by: str | None = None,
+) -> ControlAnswer:
+    """Resume a paused pipeline; after a budget pause, ``budget`` sets its new limits."""
+    request = ResumeRequest.model_validate({"reason": reason, "budget": budget, "by": by})
+    return await client.get_workflow_handle(workflow_id).execute_update(
+        PipelineWorkflow.resume_update, request
+    )
+
+
+async def cancel(
+    client: Client, workflow_id: str, *, reason: str = "cancelled by request", by: str | None = None
+) -> ControlAnswer:
+    """Stop the pipeline after cancelling the work in flight; finished steps and outputs are kept."""
+    request = CancelRequest(reason=reason, by=by)
+    return await client.get_workflow_handle(workflow_id).execute_update(
+        PipelineWorkflow.cancel_update, request
+    )
+
+
+async def status(client: Client, workflow_id: str) -> PipelineStatus:
+    return await client.get_workflow_handle(workflow_id).query(PipelineWorkflow.status)
+
+
+async def outputs(client: Client, workflow_id: str) -> dict[str, Any]:
+    """The outputs of the steps completed so far."""
+    return await client.get_workflow_handle(workflow_id).query(PipelineWorkflow.outputs)
+
+
+# --- finding pipelines ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PipelineSummary:
+    """One pipeline as Temporal visibility knows it (no query to the workflow)."""
+
+    workflow_id: str
+    run_id: str | None
+    pipeline: str | None
+    status: str | None
+    tenant: str | None
+    providers: list[str]
+    models: list[str]
+    awaiting: list[str]
+    started_at: datetime | None
+    workflow_status: str | None
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def visibility_query(
+    *,
+    pipeline: str | None = None,
+    status: str | None = None,
+    tenant: str | None = None,
+    provider: str | None = None,
+    model: str | None = None,
+    awaiting: str | bool | None = None,
+    running: bool | None = None,
+) -> str:
+    """A visibility query over Kernelflow's search attributes; every value is quoted, so no filter
+    can change the query's shape. ``awaiting=True`` finds pipelines waiting for any approval."""
+    clauses = [f"WorkflowType = {_quote(PIPELINE_WORKFLOW)}"]
+    for key, value in (
+        (sa.PIPELINE, pipeline),
+        (sa.STATUS, status),
+        (sa.TENANT, tenant),
+        (sa.PROVIDER, provider),
+        (sa.MODELS, model),
+    ):
+        if value is not None:
+            clauses.append(f"{key.name} = {_quote(value)}")
+    if awaiting is True:
+        clauses.append(f"{sa.AWAITING.name} IS NOT NULL")
+    elif isinstance(awaiting, str):
+        clauses.append(f"{sa.AWAITING.name} = {_quote(awaiting)}")
+    if running is not None:
+        clauses.append("ExecutionStatus = 'Running'" if running else "ExecutionStatus != 'Running'")
+    return " AND ".join(clauses)
+
+
+async def list_pipelines(
+    client: Client,
+    *,
+    query: str | None = None,
+    limit: int = 100,
+    **filters: Any,
+) -> list[PipelineSummary]:
+    """Pipelines found through visibility: by ``filters`` (see ``visibility_query``) or a raw ``query``."""
+    text = query if query is not None else visibility_query(**filters)
+    found: list[PipelineSummary] = []
+    async for execution in client.list_workflows(text, limit=limit):
+        attrs = execution.typed_search_attributes
+        found.append(
+            PipelineSummary(
+                workflow_id=execution.id,
+                run_id=execution.run_id,
+                pipeline=attrs.get(sa.PIPELINE),
+                status=attrs.get(sa.STATUS),
+                tenant=attrs.get(sa.TENANT),
+                providers=list(attrs.get(sa.PROVIDER) or []),
+                models=list(attrs.get(sa.MODELS) or []),
+                awaiting=list(attrs.get(sa.AWAITING) or []),
+                started_at=execution.start_time,
+                workflow_status=execution.status.name if execution.status is not None else None,
+            )
+        )
+    return found
+
+
+# --- starting -------------------------------------------------------------------------------------
 
 
 async def start_registered(
@@ -170,11 +348,10 @@ async def start_registered(
         pipeline_name=name, pipeline_version=version, inputs=dict(inputs), tenant=tenant
     )
     return await client.start_workflow(
-        PIPELINE_WORKFLOW,
+        PipelineWorkflow.run,
         request,
         id=workflow_id or f"{name}-{uuid.uuid4().hex[:12]}",
         task_queue=task_queue,
-        result_type=PipelineResult,
         static_summary=f"pipeline {name}" + (f" · tenant {tenant}" if tenant else ""),
     )
 
@@ -198,18 +375,19 @@ async def deliver_event(
     *,
     task_queue: str,
     tenant: str | None = None,
+    event_id: str | None = None,
 ) -> WorkflowHandle[Any, PipelineResult]:
     """Signal-with-start, for a business system that does not know whether the pipeline runs yet:
     deliver event ``name`` to pipeline ``workflow_id``, starting it with ``spec`` and ``inputs`` first
-    if it is not running. Either way the event is kept until a ``wait_event`` step takes it."""
+    if it is not running. Either way the event is kept until a ``wait_event`` step takes it; with
+    ``event_id``, a redelivered event is applied once."""
     return await client.start_workflow(
-        PIPELINE_WORKFLOW,
+        PipelineWorkflow.run,
         _request(spec, inputs, tenant),
         id=workflow_id,
         task_queue=task_queue,
-        result_type=PipelineResult,
-        start_signal="event",
-        start_signal_args=[EventRequest(name=name, payload=payload)],
+        start_signal=Signal.EVENT,
+        start_signal_args=[EventRequest(name=name, payload=payload, id=event_id)],
         static_summary=f"pipeline {spec.name}" + (f" · tenant {tenant}" if tenant else ""),
     )
 
@@ -231,18 +409,18 @@ async def decide_with_start(
     it is not running (a decision made before the step is reached is applied when it is). Returns the
     decision once the workflow has recorded it; a refused decision raises and changes nothing."""
     operation: WithStartWorkflowOperation[Any, PipelineResult] = WithStartWorkflowOperation(
-        PIPELINE_WORKFLOW,
+        PipelineWorkflow.run,
         _request(spec, inputs, tenant),
         id=workflow_id,
         task_queue=task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        result_type=PipelineResult,
         static_summary=f"pipeline {spec.name}" + (f" · tenant {tenant}" if tenant else ""),
     )
-    result: ApprovalState = await client.execute_update_with_start_workflow(
-        "approve" if approved else "reject",
-        DecisionRequest(step_id=step_id, by=by, comment=comment),
-        start_workflow_operation=operation,
-        result_type=ApprovalState,
+    decision = DecisionRequest(step_id=step_id, by=by, comment=comment)
+    if approved:
+        return await client.execute_update_with_start_workflow(
+            _APPROVE, decision, start_workflow_operation=operation
+        )
+    return await client.execute_update_with_start_workflow(
+        _REJECT, decision, start_workflow_operation=operation
     )
-    return result
