@@ -64,6 +64,7 @@ PASSTHROUGH_MODULES: dict[str, str] = {
     "workflows.search_attributes": "search attribute keys",
     "workflows.api": "code-defined workflows' helpers",
     "workflows.conversation": "the conversation workflow's models",
+    "kernelflow": "the public facade users' workflows import chat and Conversation from",
 }
 """Modules shared with the host instead of re-imported into every workflow's sandbox, and why each
 is safe to share. The workflow class module itself (``workflows.pipeline``) stays sandboxed."""

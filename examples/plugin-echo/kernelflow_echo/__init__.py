@@ -7,8 +7,9 @@ The gateway takes ``POST {base_url}/house/v1/generate`` with an ``x-house-key`` 
 It has no tools, JSON schemas, images or embeddings, and the capabilities below say so: the kernel
 refuses such requests before any network call.
 
-The plugin depends on Kernelflow's public kernel only (``kernel.contracts``, ``kernel.errors``,
-``kernel.provider``) and on httpx.
+The plugin depends only on Kernelflow's public facade (``import kernelflow``): it subclasses
+``kernelflow.HttpProvider``, which owns the connection (base URL, the pooled httpx client, errors
+by status, streams that fail cleanly), and writes only the mapping.
 """
 
 from __future__ import annotations
@@ -17,16 +18,17 @@ import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, ClassVar
 
-import httpx
-
-from kernel.contracts import (
+from kernelflow import (
     AssistantMessage,
+    Capabilities,
     ChatRequest,
     ChatResponse,
     Choice,
     FinishReason,
+    HttpProvider,
+    InvalidRequest,
+    MalformedResponse,
     StreamDone,
-    StreamError,
     StreamEvent,
     StreamStart,
     SystemMessage,
@@ -35,16 +37,6 @@ from kernel.contracts import (
     UserMessage,
     message_text,
 )
-from kernel.errors import (
-    ConnectionFailed,
-    InvalidRequest,
-    MalformedResponse,
-    ProviderError,
-    StreamInterrupted,
-    UpstreamTimeout,
-    error_from_status,
-)
-from kernel.provider import Capabilities, Provider, ProviderSettings
 
 __all__ = ["EchoProvider"]
 
@@ -52,7 +44,7 @@ _FINISH_REASONS: dict[str, FinishReason] = {"end": "stop", "limit": "length"}
 _GENERATE_PATH = "/house/v1/generate"
 
 
-class EchoProvider(Provider):
+class EchoProvider(HttpProvider):
     name = "echo"
     version = "0.1.0"
     kernel_api = (1, 1)
@@ -61,112 +53,42 @@ class EchoProvider(Provider):
         chat=True, stream=True, tools=False, json_schema=False, json_schema_mode="none", embeddings=False
     )
     api_key_env: ClassVar[str | None] = "ECHO_API_KEY"
-    base_url_env: ClassVar[str] = "ECHO_BASE_URL"
+    base_url_env: ClassVar[str | None] = "ECHO_BASE_URL"
     default_base_url: ClassVar[str | None] = "http://127.0.0.1:8090"
 
-    def __init__(
-        self,
-        *,
-        settings: ProviderSettings | None = None,
-        environ: Mapping[str, str] | None = None,
-        http_client: httpx.AsyncClient | None = None,
-    ) -> None:
-        super().__init__(settings=settings, environ=environ)
-        self._client = http_client
-        self._owns_client = http_client is None
+    # --- connection: what differs from HttpProvider's defaults ------------------------------------
 
-    # --- connection ------------------------------------------------------------------------------
+    def _auth_headers(self) -> dict[str, str]:
+        return {"x-house-key": self.api_key()}  # MissingCredentials before anything is sent
 
-    @property
-    def base_url(self) -> str:
-        if not self.settings.base_url and self._environ.get(self.base_url_env):
-            return self._environ[self.base_url_env].rstrip("/")
-        return super().base_url
-
-    @property
-    def client(self) -> httpx.AsyncClient:
-        # httpx never retries on its own; Temporal owns retries, so nothing here adds any.
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(self.settings.timeout, connect=self.settings.connect_timeout),
-                headers=self.settings.headers,
-            )
-        return self._client
-
-    async def aclose(self) -> None:
-        if self._client is not None and self._owns_client:
-            await self._client.aclose()
-        self._client = None
-
-    def _request(self, payload: dict[str, Any]) -> httpx.Request:
-        headers = {"x-house-key": self.api_key()}  # MissingCredentials before anything is sent
-        return self.client.build_request(
-            "POST", f"{self.base_url}{_GENERATE_PATH}", json=payload, headers=headers
-        )
-
-    async def _send(self, payload: dict[str, Any], model: str, *, stream: bool) -> httpx.Response:
-        request = self._request(payload)
-        try:
-            response = await self.client.send(request, stream=stream)
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(
-                f"{self.name} did not answer in time", provider=self.name, model=model
-            ) from exc
-        except httpx.HTTPError as exc:
-            raise ConnectionFailed(
-                f"cannot reach {self.name} at {self.base_url}: {type(exc).__name__}",
-                provider=self.name,
-                model=model,
-            ) from exc
-        if response.status_code >= 400:
-            text = (await response.aread()).decode("utf-8", "replace")
-            await response.aclose()
-            raise self._status_error(response, text, model)
-        return response
-
-    def _status_error(self, response: httpx.Response, text: str, model: str) -> ProviderError:
-        try:
-            error = json.loads(text).get("error") or {}
-        except (ValueError, AttributeError):
-            error = {}
-        kind = error.get("kind") if isinstance(error, dict) else None
-        detail = error.get("detail") if isinstance(error, dict) else None
-        return error_from_status(
-            response.status_code,
-            str(detail or text[:300] or "(empty body)"),
-            provider=self.name,
-            model=model,
-            code=str(kind) if kind else None,
-            headers=response.headers,
-            body=text[:2000],
-        )
+    def _error_details(self, body: Any, text: str) -> tuple[str, str | None]:
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict):
+            kind = error.get("kind")
+            return str(error.get("detail") or text[:300]), str(kind) if kind else None
+        return text[:300] or "(empty body)", None
 
     # --- calls -----------------------------------------------------------------------------------
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
         self.check_chat(request)
-        payload = self._map_request(request, stream=False)
-        response = await self._send(payload, request.model, stream=False)
-        try:
-            return self._parse_response(response.json(), request.model)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise MalformedResponse(
-                f"{self.name} answered with an unexpected body ({type(exc).__name__}: {exc})",
-                provider=self.name,
-                model=request.model,
-            ) from exc
+        data = await self._post_json(
+            _GENERATE_PATH, self._map_request(request, stream=False), model=request.model
+        )
+        return self._parse_response(data, request.model)
 
     def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         self.check_chat(request, stream=True)
-        return self._stream_events(request, self._map_request(request, stream=True))
+        payload = self._map_request(request, stream=True)
+        return self._guard_stream(self._stream_events(request, payload), model=request.model)
 
     async def _stream_events(
         self, request: ChatRequest, payload: dict[str, Any]
     ) -> AsyncIterator[StreamEvent]:
-        """Failures before the first event raise; after it they end the stream as ``StreamError``."""
-        response = await self._send(payload, request.model, stream=True)
-        started = False
-        try:
+        """NDJSON lines: ``{"delta"}`` … then ``{"done": true, …}``. A stream that ends before its final
+        line, breaks off, or sends a malformed line is turned into the right error by ``_guard_stream``."""
+        async with self._open_stream(_GENERATE_PATH, payload, model=request.model) as response:
+            started = False
             async for line in response.aiter_lines():
                 if not line.strip():
                     continue
@@ -181,22 +103,6 @@ class EchoProvider(Provider):
                     return
                 if chunk.get("delta"):
                     yield TextDelta(text=str(chunk["delta"]))
-            error: ProviderError = StreamInterrupted(
-                f"{self.name} stream ended without its final line", provider=self.name, model=request.model
-            )
-        except httpx.HTTPError as exc:
-            error = StreamInterrupted(
-                f"{self.name} stream broke off: {type(exc).__name__}", provider=self.name, model=request.model
-            )
-        except (ValueError, AttributeError) as exc:
-            error = MalformedResponse(
-                f"{self.name} sent a malformed stream line: {exc}", provider=self.name, model=request.model
-            )
-        finally:
-            await response.aclose()  # at once, also when the consumer stops early
-        if not started:
-            raise error
-        yield StreamError(error_type=type(error).__name__, message=str(error), retryable=error.retryable)
 
     # --- mapping ---------------------------------------------------------------------------------
 
@@ -223,9 +129,13 @@ class EchoProvider(Provider):
         return payload
 
     def _parse_response(self, data: Any, model: str) -> ChatResponse:
-        output = data["output"]
+        output = data.get("output") if isinstance(data, dict) else None
         if not isinstance(output, str):
-            raise TypeError(f"'output' is {type(output).__name__}, not a string")
+            raise MalformedResponse(
+                f"{self.name} answered without a text 'output' ({type(output).__name__})",
+                provider=self.name,
+                model=model,
+            )
         return ChatResponse(
             id=str(data.get("id") or ""),
             model=str(data.get("model") or model),
