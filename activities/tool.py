@@ -2,14 +2,16 @@
 
 The allow-list belongs to the worker (``KERNELFLOW_TOOL_ALLOWLIST``: comma-separated URL prefixes such
 as ``https://crm.internal/api/``), never to the pipeline, so a pipeline spec cannot reach a host the
-operator did not allow. A URL matches a prefix when scheme, host and port are equal and its path starts
-with the prefix's path. Refusals, 4xx answers and bad URLs are not retried; 5xx, 429 and connection
+operator did not allow. A URL matches a prefix when scheme, host and port are equal and its path's
+segments (in one canonical encoding) start with the prefix's; encoded dot segments and encoded slashes
+are refused, since the server would decode them after the check. Refusals, 4xx answers and bad URLs are not retried; 5xx, 429 and connection
 failures are (Temporal's retry policy of the step).
 """
 
 from __future__ import annotations
 
 import json
+from urllib.parse import quote, unquote
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any, Literal
@@ -54,13 +56,46 @@ def parse_allow_list(raw: str | Iterable[str] | None) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
+_PCHAR_SAFE = "!$&'()*+,;=:@-._~"
+
+
+def _segments(raw_path: bytes | str) -> list[str] | str:
+    """The path's segments in one canonical percent-encoding, or why the path is refused.
+
+    Servers decode and normalise paths their own way, so a check that reads one form while another is
+    sent can be walked around (``/public/%2e%2e/secret``). Encoded dot segments and encoded slashes
+    or backslashes are refused outright; literal dot segments are already resolved by httpx, and the
+    URL that is checked is the URL that is sent."""
+    text = raw_path.decode("ascii", "replace") if isinstance(raw_path, bytes) else raw_path
+    text = text.split("?", 1)[0]
+    segments = []
+    for segment in text.split("/")[1:]:
+        decoded = unquote(segment)
+        if decoded != segment and decoded in (".", ".."):
+            return f"the path has an encoded dot segment ({segment!r})"
+        if "/" in decoded or "\\" in decoded:
+            return f"the path has an encoded slash or backslash ({segment!r})"
+        if decoded in (".", ".."):
+            return f"the path has a dot segment ({segment!r})"
+        segments.append(quote(decoded, safe=_PCHAR_SAFE))
+    return segments
+
+
 def _allowed(url: httpx.URL, prefixes: Sequence[str]) -> bool:
+    """Scheme, host and port equal to a prefix's, and the path's segments start with the prefix's."""
+    path = _segments(url.raw_path)
+    if isinstance(path, str):
+        return False
     for raw in prefixes:
         prefix = httpx.URL(raw)
         if (url.scheme, url.host, url.port) != (prefix.scheme, prefix.host, prefix.port):
             continue
-        base = prefix.path.rstrip("/")
-        if not base or url.path == base or url.path.startswith(base + "/"):
+        base = _segments(prefix.raw_path)
+        if isinstance(base, str):
+            continue
+        while base and base[-1] == "":
+            base = base[:-1]
+        if path[: len(base)] == base:
             return True
     return False
 
@@ -82,6 +117,13 @@ class ToolActivities:
                 type="ToolRequestInvalid",
                 non_retryable=True,
             ) from exc
+        refused = _segments(url.raw_path)
+        if isinstance(refused, str):
+            raise ApplicationError(
+                f"step {call.step_id!r}: {call.url!r} is refused: {refused}",
+                type="ToolRequestInvalid",
+                non_retryable=True,
+            )
         if url.scheme not in ("http", "https") or not _allowed(url, self.allow):
             allowed = ", ".join(self.allow) or "nothing (set KERNELFLOW_TOOL_ALLOWLIST on the worker)"
             raise ApplicationError(
