@@ -149,6 +149,26 @@ def test_run_starts_a_pipeline_registered_on_the_worker_by_name(
     assert "no-such-pipeline" in unknown.stderr and "ticket-triage" in unknown.stderr  # lists what exists
 
 
+def test_run_takes_inputs_too_large_for_a_command_line_from_a_file(
+    dev_stack: tuple[subprocess.Popen[str], int, int, dict[str, str]], tmp_path: Path
+) -> None:
+    *_, env = dev_stack
+    ticket = "My invoice is wrong. " + "Here is the whole thread. " * 12_000  # ~300 kB
+    inputs = tmp_path / "inputs.yaml"
+    inputs.write_text(f"ticket: {json.dumps(ticket)}\ncustomer: Initech\n")
+    done = _run("run", TRIAGE, "--input-file", str(inputs), "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["status"] == "completed" and "Initech" in result["outputs"]["reply"]
+
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    refused = _run("run", TRIAGE, "--input-file", str(listed), env=env)
+    assert refused.returncode == 2 and "must hold an object" in refused.stderr
+    missing = _run("run", TRIAGE, "--input-file", str(tmp_path / "nope.json"), env=env)
+    assert missing.returncode == 2 and "cannot be read" in missing.stderr
+
+
 def test_run_refuses_bad_input_naming_it(
     dev_stack: tuple[subprocess.Popen[str], int, int, dict[str, str]], tmp_path: Path
 ) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import yaml
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
@@ -99,8 +100,27 @@ def _print_result(result: PipelineResult, *, as_json: bool) -> None:
 # --- commands ------------------------------------------------------------------------------------
 
 
-def _parse_inputs(pairs: Sequence[str], raw_json: str | None) -> dict[str, Any]:
-    inputs: dict[str, Any] = {}
+def _input_file(path: str) -> dict[str, Any]:
+    """Inputs from a JSON or YAML file: for inputs too large (or too structured) for a command line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"--input-file {path!r} cannot be read: {exc.strerror}") from exc
+    try:
+        loaded = yaml.safe_load(text)  # JSON is YAML too
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(f"--input-file {path!r} is neither JSON nor YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigurationError(
+            f"--input-file {path!r} must hold an object of input names to values, got {type(loaded).__name__}"
+        )
+    return loaded
+
+
+def _parse_inputs(
+    pairs: Sequence[str], raw_json: str | None, input_file: str | None = None
+) -> dict[str, Any]:
+    inputs: dict[str, Any] = _input_file(input_file) if input_file else {}
     if raw_json:
         try:
             loaded = json.loads(raw_json)
@@ -136,7 +156,7 @@ async def _cmd_run(args: argparse.Namespace) -> int:
     from worker.client import check_models, follow, start_pipeline, start_registered
 
     settings = WorkerSettings.from_env(**_overrides(args))
-    given = _parse_inputs(args.input or [], args.input_json)
+    given = _parse_inputs(args.input or [], args.input_json, args.input_file)
     if (args.pipeline is None) == (args.name is None):
         raise ConfigurationError("give a pipeline file, or --name of a pipeline registered on the worker")
     client = await connect(settings.temporal_address, settings.namespace)
@@ -340,6 +360,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--version", type=int, help="with --name: that version (default: the newest)")
     run.add_argument("--input", action="append", metavar="NAME=VALUE", help="an input (repeatable)")
     run.add_argument("--input-json", metavar="JSON", help="inputs as a JSON object")
+    run.add_argument(
+        "--input-file",
+        metavar="PATH",
+        help="inputs from a JSON or YAML file (--input-json and --input add to it)",
+    )
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.add_argument("--id", help="workflow id (default: pipeline name + random suffix)")
     run.add_argument("--tenant", help="tenant, searchable in the Web UI as KernelflowTenant")
