@@ -82,9 +82,9 @@ async def test_killed_worker_resumes_on_a_new_worker_without_repeating_completed
                 {
                     "id": "s2",
                     "model": "openai/gpt-4o-mini",
-                    # The first call hangs (the worker dies during it); its retry answers.
+                    # The first call hangs (the worker dies during it); its retry answers. The default
+                    # heartbeat timeout is what notices the lost worker.
                     "prompt": f"second [[sim: tag=s2 fault=hang times=1 key={key}]] {{{{ steps.s1.output }}}}",
-                    "heartbeat_timeout_s": 2,
                     "retry": {"max_attempts": 5, "initial_interval_s": 0.2},
                 },
                 {
@@ -114,6 +114,13 @@ async def test_killed_worker_resumes_on_a_new_worker_without_repeating_completed
     history = await handle.fetch_history()
     completed = [e for e in history.events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED]
     assert len(completed) == 3
+    scheduled = [
+        e.activity_task_scheduled_event_attributes
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
+    # A lost worker is noticed within 10 s by default (not the 30 s of the first defaults).
+    assert {a.heartbeat_timeout.ToSeconds() for a in scheduled} == {8}
 
 
 async def _temporal(target: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -30,7 +30,7 @@ from kernel.routing import BreakerBoard, BreakerSettings
 from providers.openai import OpenAIProvider
 from simulator.server import SimulatorServer
 from worker.app import ConfigReloader, build_registry, build_worker, simulator_settings
-from worker.client import start_pipeline
+from worker.client import reroute, start_pipeline
 from worker.config import ConfigWatcher, KernelflowConfig, load_config
 from workflows.pipeline import PipelineResult, PipelineWorkflow
 
@@ -350,3 +350,30 @@ async def test_refused_reload_keeps_the_running_config(tmp_path: Path) -> None:
     _write_config(config_file, {"smart": "openai/gpt-4.1-nano"})
     assert await watcher.reload() is False
     assert watcher.current.aliases == {"smart": "openai/gpt-4o-mini"} and watcher.reloads == 0
+
+
+async def test_reload_reaches_embeddings_and_reroute_checks_the_live_registry(
+    client: Client, sim: SimulatorServer, tmp_path: Path
+) -> None:
+    config_file = tmp_path / "kernelflow.yaml"
+    _write_config(config_file, {"vectors": "openai/text-embedding-3-small"})
+    embed = {"name": "embed", "steps": [{"id": "v", "type": "embed", "model": "vectors", "input": "hello"}]}
+    async with _reloading_worker(client, config_file, sim, _Gate()) as (queue, _, applied):
+        before = await _run(client, embed, queue)
+        assert before.steps[0].model == "openai/text-embedding-3-small"
+        _write_config(config_file, {"vectors": "openai/text-embedding-3-large", "fresh": "openai/gpt-4o"})
+        await applied.reach(1, "the worker reloads its changed config file")
+        after = await _run(client, embed, queue)
+        assert after.steps[0].model == "openai/text-embedding-3-large"
+
+        # Reroute validators ask the same live registry: an alias added by the reload is a valid target.
+        waiting = {
+            "name": "waits",
+            "steps": [
+                {"id": "gate", "type": "approval"},
+                {"id": "ask", "model": "openai/gpt-4.1", "prompt": "hi"},
+            ],
+        }
+        handle = await start_pipeline(client, parse_pipeline(waiting), {}, task_queue=queue)
+        assert await reroute(client, handle.id, {"openai/gpt-4.1": "fresh"}) == {"openai/gpt-4.1": "fresh"}
+        await handle.cancel()

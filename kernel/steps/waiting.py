@@ -62,13 +62,18 @@ async def _approval(step: ApprovalStep, run: StepRun) -> tuple[Any, dict[str, An
                 timeout=step.timeout_s,
                 summary=f"{step.id} · approval timeout",
             )
-            if not decided:
-                approval.status = "approved" if step.default == "approve" else "rejected"
-                approval.by, approval.timed_out = "timeout", True
-                approval.decided_at = engine.effects.now()
-        finally:
+        except GeneratorExit:  # the run is being evicted from the worker's cache: no workflow calls
+            raise
+        except BaseException:
             state.status = "running"
             engine.awaiting_changed()
+            raise
+        if not decided:
+            approval.status = "approved" if step.default == "approve" else "rejected"
+            approval.by, approval.timed_out = "timeout", True
+            approval.decided_at = engine.effects.now()
+        state.status = "running"
+        engine.awaiting_changed()
         engine.lifecycle(
             "approval.decided",
             step.id,
@@ -122,10 +127,16 @@ async def _wait_event(step: WaitEventStep, run: StepRun) -> tuple[Any, dict[str,
                 timeout=step.timeout_s,
                 summary=f"{step.id} · event {name} timeout",
             )
-        finally:
+        except GeneratorExit:  # the run is being evicted from the worker's cache: no workflow calls
+            raise
+        except BaseException:
             state.status = "running"
             waiting.remove(name)
             engine.refresh_search_status()
+            raise
+        state.status = "running"
+        waiting.remove(name)
+        engine.refresh_search_status()
         if not arrived:
             if step.on_timeout == "fail":
                 raise run.fail(
