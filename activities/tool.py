@@ -11,10 +11,10 @@ failures are (Temporal's retry policy of the step).
 from __future__ import annotations
 
 import json
-from urllib.parse import quote, unquote
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any, Literal
+from urllib.parse import quote, unquote
 
 import httpx
 from pydantic import BaseModel, Field

@@ -57,7 +57,11 @@ def test_the_server_itself_normalises_encoded_dot_segments(files: str) -> None:
 
 
 def _tool(url: str) -> dict[str, Any]:
-    return {"name": "fetch", "inputs": {"path": {"type": "string"}}, "steps": [{"id": "get", "type": "tool", "url": url}]}
+    return {
+        "name": "fetch",
+        "inputs": {"path": {"type": "string"}},
+        "steps": [{"id": "get", "type": "tool", "url": url}],
+    }
 
 
 @pytest.mark.parametrize(
