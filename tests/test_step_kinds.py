@@ -52,7 +52,7 @@ def test_the_kind_is_in_the_table_and_validated_like_any_other() -> None:
                 ],
             }  # fmt: skip
         )
-    with pytest.raises(PipelineError, match="reads inputs.nope, which is not declared"):
+    with pytest.raises(PipelineError, match=r"reads inputs\.nope, which is not declared"):
         parse_pipeline(_spec("{{ inputs.nope }}"))
     with pytest.raises(ValueError, match="already registered"):
         register_step_kind(StepKind("wait_until", WaitUntilStep, WAIT_UNTIL.handler))
