@@ -50,7 +50,7 @@ def test_the_kind_is_in_the_table_and_validated_like_any_other() -> None:
                         "branches": {"wait": [{"id": "hold", "type": "wait_until", "untill": "x"}]},
                     }
                 ],
-            }  # fmt: skip
+            }
         )
     with pytest.raises(PipelineError, match=r"reads inputs\.nope, which is not declared"):
         parse_pipeline(_spec("{{ inputs.nope }}"))
