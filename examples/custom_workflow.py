@@ -20,8 +20,8 @@ from pydantic import BaseModel, Field
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from kernel.contracts import Usage
-    from workflows import api as kernelflow
+    import kernelflow
+    from kernelflow import Usage
 
 __all__ = ["NEGOTIATE_CLAUSE", "NegotiateClause", "NegotiationInput", "NegotiationResult", "Turn"]
 
