@@ -8,6 +8,7 @@ pydantic data converter, so a non-deterministic change fails here before it reac
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,14 @@ _TEXT = {path.stem: path.read_text(encoding="utf-8") for path in HISTORIES}
 
 def test_histories_are_present() -> None:
     names = {path.stem for path in HISTORIES}
-    assert {"ticket-triage-v1", "ticket-triage", "approval-gate", "fan-out"} <= names
+    assert {
+        "ticket-triage-v1",
+        "ticket-triage-v2",
+        "ticket-triage",
+        "approval-gate",
+        "fan-out",
+        "driven",
+    } <= names
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
@@ -37,3 +45,40 @@ async def test_history_replays_without_non_determinism(path: Path) -> None:
     )
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
+
+
+def _patches(name: str) -> set[str]:
+    history = WorkflowHistory.from_json(name, _TEXT[name])
+    found = set()
+    for event in history.events:
+        marker = event.marker_recorded_event_attributes
+        if marker.marker_name == "core_patch":
+            for payload in marker.details["patch-data"].payloads:
+                found.add(json.loads(payload.data)["id"])
+    return found
+
+
+def _search_attributes(name: str) -> set[str]:
+    history = WorkflowHistory.from_json(name, _TEXT[name])
+    return {
+        key
+        for event in history.events
+        for key in event.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields
+    }
+
+
+@pytest.mark.parametrize("name", ["ticket-triage", "approval-gate", "fan-out", "driven"])
+def test_current_recordings_carry_the_engine_2_marker_and_search_attributes(name: str) -> None:
+    assert "kernelflow-engine-2" in _patches(name)
+    assert "KernelflowModels" in _search_attributes(name)
+
+
+@pytest.mark.parametrize("name", ["ticket-triage-v1", "ticket-triage-v2", "approval-gate-v2", "fan-out-v2"])
+def test_older_recordings_replay_as_runs_without_the_marker(name: str) -> None:
+    assert "kernelflow-engine-2" not in _patches(name)
+    assert not {"KernelflowModels", "KernelflowAwaiting"} & _search_attributes(name)
+
+
+def test_the_approval_recordings_show_the_awaited_approval_in_visibility() -> None:
+    assert "KernelflowAwaiting" in _search_attributes("approval-gate")
+    assert "KernelflowAwaiting" in _search_attributes("driven")

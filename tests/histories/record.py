@@ -7,8 +7,9 @@ Run from the repository root whenever an example pipeline or the engine changes 
 
 Each recording runs an example pipeline on an embedded Temporal dev server against the simulator and
 writes ``tests/histories/<name>.json``. Histories recorded by earlier engine versions are kept under
-their own names (``*-v1.json``) and never regenerated: they prove that running workflows survive a
-deploy.
+their own names and never regenerated: they prove that running workflows survive a deploy.
+``*-v1.json``: before step types, budgets and continue-as-new; ``*-v2.json``: before the engine became
+data (runs without the ``kernelflow-engine-2`` marker, so without its search attributes).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from kernel.pipeline import load_pipeline  # noqa: E402
 from simulator.server import SimulatorServer  # noqa: E402
 from worker.app import build_registry, build_worker, connect, simulator_settings  # noqa: E402
-from worker.client import approve, start_pipeline  # noqa: E402
+from worker.client import approve, pause, reroute, resume, send_event, start_pipeline  # noqa: E402
 from worker.search_attributes import ensure_search_attributes  # noqa: E402
 from workflows.pipeline import PipelineStatus  # noqa: E402
 
@@ -52,6 +53,29 @@ async def _approve_review(client: Client, handle: WorkflowHandle[Any, Any]) -> N
             return
         await asyncio.sleep(0.05)
     raise TimeoutError("the approval never started waiting")
+
+
+async def _drive_from_outside(client: Client, handle: WorkflowHandle[Any, Any]) -> None:
+    """Every control once: a refused signal, a pause and resume by update, a reroute, an approval,
+    and a business event delivered twice under one id."""
+    await _wait_for(
+        handle, lambda s: any(a.step_id == "review" and a.status == "waiting" for a in s.approvals)
+    )
+    await handle.signal("event", {"payload": "no name"})  # refused, recorded in status
+    await pause(client, handle.id, reason="recorded", by="ops")
+    await resume(client, handle.id, by="ops")
+    await reroute(client, handle.id, {"openai/gpt-4.1": "openai/gpt-4o"}, by="ops")
+    await approve(client, handle.id, "review", by="alice", comment="recorded")
+    for _ in range(2):
+        await send_event(client, handle.id, "shipped", {"carrier": "DHL"}, event_id="evt-recorded-1")
+
+
+async def _wait_for(handle: WorkflowHandle[Any, Any], check: Callable[[PipelineStatus], bool]) -> None:
+    for _ in range(600):
+        if check(await handle.query("status", result_type=PipelineStatus)):
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError("the pipeline never reached the awaited state")
 
 
 @dataclass
@@ -82,6 +106,12 @@ RECORDINGS: list[Recording] = [
         "fan-out",
         "examples/fan-out.yaml",
         {"text": "The release went well.", "sections": ["intro", "results", "outlook"]},
+    ),
+    Recording(
+        "driven",
+        "tests/histories/driven.yaml",
+        {"order": "A-1001"},
+        drive=_drive_from_outside,
     ),
 ]
 
