@@ -23,7 +23,7 @@ __all__ = [
 
 MINIMAL_ACTIVITY = "bench_raw_chat"
 _TIMEOUT = timedelta(seconds=120)
-_HEARTBEAT = timedelta(seconds=30)  # what a default pipeline step uses (timeout_s / 4, within 10..60)
+_HEARTBEAT = timedelta(seconds=8)  # what a default pipeline step uses (defaults version 2)
 _RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_attempts=4)
 
 

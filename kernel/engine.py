@@ -12,7 +12,7 @@ all steps share: scopes, step states, skipping, accounting, budgets, routes, and
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol
@@ -196,7 +196,10 @@ class Effects(Protocol):
     async def embed(self, call: EmbedCall) -> EmbedResult: ...
     async def tool(self, call: ToolCall) -> ToolResult: ...
     async def child(self, call: ChildCall) -> ChildResult: ...
-    def search(self, name: SearchField, value: str | list[str]) -> None: ...
+    def search(self, updates: Mapping[SearchField, str | list[str]]) -> None:
+        """Set search attributes, all in one update."""
+        ...
+
     def details(self, text: str) -> None: ...
     def lifecycle(self, event: LifecycleEvent) -> None: ...
 
@@ -374,7 +377,7 @@ class Engine:
     def note_provider(self, provider: str) -> None:
         if provider not in self.state.providers:
             self.state.providers.append(provider)
-            self.effects.search("providers", list(self.state.providers))
+            self.effects.search({"providers": list(self.state.providers)})
 
     def account(self, state: StepState, usage: Usage, cost: float | None, model_ref: str | None) -> None:
         status = self.state.status
@@ -413,9 +416,10 @@ class Engine:
 
     # --- what the outside sees -----------------------------------------------------------------
 
-    def refresh_search_status(self) -> None:
+    def refresh_search_status(self, also: Mapping[SearchField, str | list[str]] | None = None) -> None:
+        """Update ``KernelflowStatus`` if the run's state changed it, together with ``also``."""
         status = self.state.status
-        waiting = sorted(a.step_id for a in self.state.decisions.values() if a.status == "waiting")
+        waiting = any(a.status == "waiting" for a in self.state.decisions.values())
         label = "Running"
         if status.paused:
             label = "Paused"
@@ -423,15 +427,17 @@ class Engine:
             label = "WaitingForApproval"
         elif status.waiting_for_events:
             label = "WaitingForEvent"
+        updates: dict[SearchField, str | list[str]] = dict(also or {})
         if label != self.state.search_status:
             self.state.search_status = label
-            self.effects.search("status", label)
+            updates["status"] = label
+        if updates:
+            self.effects.search(updates)
 
     def awaiting_changed(self) -> None:
         """The approvals waiting for a decision changed: tell visibility (the approvals inbox)."""
         waiting = sorted(a.step_id for a in self.state.decisions.values() if a.status == "waiting")
-        self.effects.search("awaiting", waiting)
-        self.refresh_search_status()
+        self.refresh_search_status({"awaiting": waiting})
 
     def remaining_models(self) -> list[str]:
         """The models the pipeline may still call: those of steps not finished, after routes."""
@@ -446,7 +452,7 @@ class Engine:
         models = self.remaining_models()
         if models != self.state.search_models:
             self.state.search_models = models
-            self.effects.search("models", models)
+            self.effects.search({"models": models})
 
     def details(self, summary: str) -> None:
         status = self.state.status

@@ -6,7 +6,7 @@ changes in the run state; each test asserts what the pipeline does, step by step
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -135,8 +135,8 @@ class FakeEffects:
     async def child(self, call: ChildCall) -> ChildResult:
         raise StepFailure("no children here", FailureType.STEP_FAILED)
 
-    def search(self, name: SearchField, value: str | list[str]) -> None:
-        self.search_updates.append((name, value))
+    def search(self, updates: Mapping[SearchField, str | list[str]]) -> None:
+        self.search_updates.extend(updates.items())
 
     def details(self, text: str) -> None:
         pass

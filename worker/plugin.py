@@ -65,6 +65,10 @@ PASSTHROUGH_MODULES: dict[str, str] = {
     "workflows.api": "code-defined workflows' helpers",
     "workflows.conversation": "the conversation workflow's models",
     "kernelflow": "the public facade users' workflows import chat and Conversation from",
+    "workflows": "the package itself, whose __init__ would otherwise be re-run in every sandbox",
+    "workflows.pipeline": "PipelineWorkflow itself: re-importing its module into every run's sandbox cost "
+    "most of a waiting pipeline's memory and of a workflow task's latency; its determinism rests on the "
+    "kernel's purity and the replayed histories, like the passed-through engine it drives",
 }
 """Modules shared with the host instead of re-imported into every workflow's sandbox, and why each
 is safe to share. The workflow class module itself (``workflows.pipeline``) stays sandboxed."""

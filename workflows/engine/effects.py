@@ -7,7 +7,7 @@ reports; cancellation stays ``asyncio.CancelledError``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -167,11 +167,16 @@ class TemporalEffects:
             ) from None
         return result
 
-    def search(self, name: SearchField, value: str | list[str]) -> None:
-        if not self.search_attributes or (name in _SINCE_V2 and not self.v2):
+    def search(self, updates: Mapping[SearchField, str | list[str]]) -> None:
+        if not self.search_attributes:
             return
-        key = _SEARCH[name]
-        workflow.upsert_search_attributes([key.value_set(value)])
+        chosen = [
+            _SEARCH[name].value_set(value)
+            for name, value in updates.items()
+            if self.v2 or name not in _SINCE_V2
+        ]
+        if chosen:
+            workflow.upsert_search_attributes(chosen)
 
     def details(self, text: str) -> None:
         workflow.set_current_details(text)
