@@ -22,7 +22,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.live import heartbeating
-from kernel.errors import parse_retry_after
+from kernel.errors import FailureType, parse_retry_after
 
 __all__ = ["HTTP_TOOL", "ToolActivities", "ToolCallInput", "ToolCallResult", "parse_allow_list"]
 
@@ -114,14 +114,14 @@ class ToolActivities:
         except httpx.InvalidURL as exc:
             raise ApplicationError(
                 f"step {call.step_id!r}: {call.url!r} is not a valid URL: {exc}",
-                type="ToolRequestInvalid",
+                type=FailureType.TOOL_REQUEST_INVALID,
                 non_retryable=True,
             ) from exc
         refused = _segments(url.raw_path)
         if isinstance(refused, str):
             raise ApplicationError(
                 f"step {call.step_id!r}: {call.url!r} is refused: {refused}",
-                type="ToolRequestInvalid",
+                type=FailureType.TOOL_REQUEST_INVALID,
                 non_retryable=True,
             )
         if url.scheme not in ("http", "https") or not _allowed(url, self.allow):
@@ -129,7 +129,7 @@ class ToolActivities:
             raise ApplicationError(
                 f"step {call.step_id!r}: {call.method} {url.copy_with(query=None)} is not on the worker's "
                 f"tool allow-list; allowed: {allowed}",
-                type="ToolNotAllowed",
+                type=FailureType.TOOL_NOT_ALLOWED,
                 non_retryable=True,
             )
         client = self._client or httpx.AsyncClient()
@@ -147,7 +147,7 @@ class ToolActivities:
         except httpx.HTTPError as exc:
             raise ApplicationError(
                 f"step {call.step_id!r}: {call.method} {url.host} failed: {type(exc).__name__}: {exc}",
-                type="ToolConnectionFailed",
+                type=FailureType.TOOL_CONNECTION_FAILED,
             ) from exc
         finally:
             if self._client is None:
@@ -163,7 +163,7 @@ def _result(call: ToolCallInput, response: httpx.Response) -> ToolCallResult:
             f"step {call.step_id!r}: {call.method} {response.url.copy_with(query=None)} answered HTTP "
             f"{response.status_code}: {response.text[:300]}",
             {"status_code": response.status_code},
-            type="ToolRequestFailed",
+            type=FailureType.TOOL_REQUEST_FAILED,
             non_retryable=not retryable,
             next_retry_delay=timedelta(seconds=delay) if delay is not None else None,
         )

@@ -326,3 +326,28 @@ def test_loop_over_steps_output_in_a_valid_spec() -> None:
     prompt = spec.steps[0].prompt
     assert prompt is not None
     assert render(prompt, {"inputs": {"topics": ["a", "b"]}}, location="x") == "- a\n- b\n"
+
+
+def test_defaults_of_a_version_stay_with_the_runs_that_started_under_it() -> None:
+    from kernel.pipeline import DEFAULTS_VERSION
+
+    raw = {
+        "name": "versions",
+        "steps": [
+            {"id": "ask", "model": "openai/gpt-4o-mini", "prompt": "hi"},
+            {"id": "call", "type": "tool", "url": "http://127.0.0.1/x"},
+            {"id": "vec", "type": "embed", "model": "openai/text-embedding-3-small", "input": "hi"},
+        ],
+    }
+    first = parse_pipeline(raw, defaults_version=1)
+    second = parse_pipeline(raw, defaults_version=2)
+    newest = parse_pipeline(raw)
+    assert DEFAULTS_VERSION == 2
+    assert [s.heartbeat_timeout_s for s in first.steps] == [None, None, None]  # type: ignore[attr-defined]
+    assert [s.heartbeat_timeout_s for s in second.steps] == [8.0, 8.0, 8.0]  # type: ignore[attr-defined]
+    assert newest == second
+    explicit = {**raw, "steps": [{**raw["steps"][0], "heartbeat_timeout_s": 30}]}  # type: ignore[dict-item]
+    assert parse_pipeline(explicit, defaults_version=2).steps[0].heartbeat_timeout_s == 30  # type: ignore[attr-defined]
+    # What a run carries into its next run (continue-as-new) keeps its version's values explicitly.
+    carried = first.model_dump(mode="json", by_alias=True, exclude_none=True)
+    assert parse_pipeline(carried, defaults_version=1) == first

@@ -17,7 +17,7 @@ import yaml
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
-from kernel.errors import ConfigurationError, KernelflowError
+from kernel.errors import ConfigurationError, FailureType, KernelflowError
 from kernel.pipeline import PipelineSpec, load_pipeline
 from worker.config import WorkerSettings, load_config
 from worker.logs import configure_logging
@@ -417,7 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             and not isinstance(cause, ApplicationError)
         ):
             cause = cause.__cause__
-        print(f"kernelflow: pipeline failed: {cause}", file=sys.stderr)
+        if isinstance(cause, ApplicationError) and cause.type in FailureType.__members__.values():
+            print(f"kernelflow: pipeline failed ({cause.type}): {cause.message}", file=sys.stderr)
+        else:
+            print(f"kernelflow: pipeline failed: {cause}", file=sys.stderr)
         return 3
     except (OSError, RuntimeError) as exc:
         print(f"kernelflow: {exc}", file=sys.stderr)

@@ -16,7 +16,7 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from kernel.errors import ConfigurationError, PipelineError
+from kernel.errors import ConfigurationError, FailureType, PipelineError
 from kernel.pipeline import PipelineSpec, load_pipeline
 from workflows.contract import LoadPipelineInput
 from workflows.pipeline import LOAD_PIPELINE
@@ -70,7 +70,7 @@ class PipelineCatalog:
         try:
             spec = self.get(request.name, request.version)
         except PipelineError as exc:
-            raise ApplicationError(str(exc), type="UnknownPipeline", non_retryable=True) from exc
+            raise ApplicationError(str(exc), type=FailureType.UNKNOWN_PIPELINE, non_retryable=True) from exc
         return spec.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 

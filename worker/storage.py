@@ -40,7 +40,7 @@ from temporalio.converter import (
 )
 from temporalio.exceptions import ApplicationError
 
-from kernel.errors import ConfigurationError
+from kernel.errors import ConfigurationError, FailureType
 from worker.config import PayloadSettings
 
 __all__ = [
@@ -73,7 +73,7 @@ class PayloadTooLarge(ApplicationError):
             f"payload of {size} bytes exceeds Temporal's per-payload limit of {limit} bytes "
             f"and payload storage is off; {_FIX}",
             {"size_bytes": size, "limit_bytes": limit},
-            type="PayloadTooLarge",
+            type=FailureType.PAYLOAD_TOO_LARGE,
             non_retryable=True,
         )
         self.size = size

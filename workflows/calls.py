@@ -20,6 +20,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 with workflow.unsafe.imports_passed_through():
     from activities.llm import LLM_CHAT, LlmCallInput, LlmCallResult
     from kernel.contracts import AssistantMessage, ChatRequest, UserMessage
+    from kernel.errors import FailureType
     from kernel.pipeline import RetrySpec
     from kernel.routing import WeightedModel, weighted_order
     from kernel.run import ModelFailure
@@ -42,7 +43,9 @@ class AllModelsFailed(ApplicationError):
 
     def __init__(self, label: str, failures: list[ModelFailure]) -> None:
         tried = "; ".join(f"{f.model}: {f.error_type}: {f.message}" for f in failures)
-        super().__init__(f"{label} failed on every model ({tried})", type="StepFailed", non_retryable=True)
+        super().__init__(
+            f"{label} failed on every model ({tried})", type=FailureType.STEP_FAILED, non_retryable=True
+        )
         self.failures = failures
 
 
@@ -100,7 +103,9 @@ async def call_model(
     ``AllModelsFailed`` when every model failed, and ``asyncio.CancelledError`` when cancelled.
     """
     if not models:
-        raise ApplicationError(f"{label}: no model to call", type="PipelineError", non_retryable=True)
+        raise ApplicationError(
+            f"{label}: no model to call", type=FailureType.PIPELINE_ERROR, non_retryable=True
+        )
     options = options or CallOptions()
     failures: list[ModelFailure] = []
     for number, planned in enumerate(models, start=1):
@@ -128,7 +133,7 @@ async def call_model(
             try:
                 return result, validate(result)
             except ValueError as exc:
-                failure = ModelFailure(model=model, error_type="InvalidOutput", message=str(exc))
+                failure = ModelFailure(model=model, error_type=FailureType.INVALID_OUTPUT, message=str(exc))
             if repair == max_repairs:
                 break
             if on_repair is not None:

@@ -127,8 +127,8 @@ class PipelineWorkflow:
             self._state.status.run += 1
         else:
             self._state = RunState(status=PipelineStatus(pipeline=str(name or "unnamed")))
-        if self._state.defaults_version is None:
-            self._state.defaults_version = 2 if self._v2 else 1
+        if self._state.defaults_version is None:  # a carried-over run without one started before versions
+            self._state.defaults_version = 2 if self._v2 and carry is None else 1
         self._effects = TemporalEffects(search_attributes=self._request.search_attributes, v2=self._v2)
         self._token_stream_for_watchers = WorkflowStream(prior_state=carry.token_stream if carry else None)
         self._engine: Engine | None = None
