@@ -92,7 +92,7 @@ async def measure(env: DurableEnv, mode: Mode, progress: Progress) -> list[Resul
                     baseline="minimal workflow",
                     baseline_value=percentile(minimal, q) * 1e3,
                     params=params,
-                ).check(ratio_at_most=1.10)
+                ).check(ratio_at_most=1.05 if label == "standard" else 1.10)
             )
     return results
 

@@ -79,7 +79,7 @@ async def measure(env: DurableEnv, mode: Mode, progress: Progress) -> list[Resul
             baseline="minimal workflow",
             baseline_value=rate["minimal"],
             params=params,
-        ).check(ratio_at_least=0.90)
+        ).check(ratio_at_least=0.95)
     ]
 
 
