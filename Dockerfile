@@ -10,6 +10,7 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin kernelflow
 
 WORKDIR /tmp/kernelflow-src
 COPY pyproject.toml README.md ./
+COPY kernelflow/ kernelflow/
 COPY kernel/ kernel/
 COPY providers/ providers/
 COPY activities/ activities/
