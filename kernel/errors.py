@@ -365,7 +365,7 @@ class FailureType(StrEnum):
     EVENT_TIMEOUT = "EventTimeout"
     INVALID_OUTPUT = "InvalidOutput"
     INVALID_REROUTE = "InvalidReroute"
-    INVALID_SIGNAL = "InvalidSignal"
+    INVALID_INPUT = "InvalidInput"
     UNKNOWN_APPROVAL = "UnknownApproval"
     NOT_AN_APPROVER = "NotAnApprover"
     ALREADY_DECIDED = "AlreadyDecided"

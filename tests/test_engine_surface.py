@@ -133,7 +133,7 @@ async def test_refused_signals_are_recorded_and_updates_answer_the_sender(
         await client.get_workflow_handle(handle.id).execute_update("event_update", {"payload": 1})
     cause = refused.value.cause
     assert isinstance(cause, ApplicationError)
-    assert cause.type == FailureType.INVALID_SIGNAL and cause.non_retryable
+    assert cause.type == FailureType.INVALID_INPUT and cause.non_retryable
     assert "event_update.name: Field required" in cause.message
 
     # An update sent without input names what it takes instead of leaking a Python TypeError.

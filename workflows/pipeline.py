@@ -118,7 +118,10 @@ class PipelineWorkflow:
         try:
             self._request = _parse(PipelineRequest, request, "request", required=True)
         except ValueError as exc:
-            self._request_error = f"{exc}. A pipeline request is {{'pipeline': {{...spec}}}} or {{'pipeline_name': 'name'}}, with optional inputs, tenant"
+            self._request_error = (
+                f"{exc}; a pipeline request is a JSON object with 'pipeline' (a spec) or 'pipeline_name' "
+                "(registered on the worker), and optionally 'pipeline_version', 'inputs', 'tenant'"
+            )
             self._request = PipelineRequest()
         carry = self._request.carry_over
         name = self._request.pipeline_name or (self._request.pipeline or {}).get("name")
@@ -278,7 +281,7 @@ class PipelineWorkflow:
         try:
             return _parse(model, raw, handler, required=required)
         except ValueError as exc:
-            raise refuse(str(exc), FailureType.INVALID_SIGNAL) from None
+            raise refuse(str(exc), FailureType.INVALID_INPUT) from None
 
     def _require_running(self, handler: str) -> None:
         if not self._running:
@@ -327,7 +330,7 @@ class PipelineWorkflow:
         self._require_running("event_update")
         problem = self._event_problem(parsed)
         if problem is not None:
-            raise refuse(problem, FailureType.INVALID_SIGNAL)
+            raise refuse(problem, FailureType.INVALID_INPUT)
 
     # --- approvals ---------------------------------------------------------------------------------
 
