@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from kernel.contracts import ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, Usage
 from kernel.errors import FailureType, PipelineError
@@ -28,6 +28,7 @@ from kernel.templating import render
 
 __all__ = [
     "LIFECYCLE_TYPES",
+    "Answered",
     "CallResult",
     "ChildCall",
     "ChildResult",
@@ -83,15 +84,24 @@ class RunInfo:
 # --- what effects take and give ------------------------------------------------------------------
 
 
-class CallResult(Protocol):
+_R_co = TypeVar("_R_co", covariant=True)
+
+
+class Answered(Protocol[_R_co]):
+    """What a model answered: its response, the ``provider/model`` that answered, and the cost."""
+
     @property
-    def response(self) -> ChatResponse: ...
+    def response(self) -> _R_co: ...
     @property
     def model_ref(self) -> str: ...
     @property
     def provider(self) -> str: ...
     @property
     def cost_usd(self) -> float | None: ...
+
+
+CallResult = Answered[ChatResponse]
+EmbedResult = Answered[EmbedResponse]
 
 
 @dataclass
@@ -127,17 +137,6 @@ class EmbedCall:
     retry: RetrySpec
     summary: str
     heartbeat_timeout_s: float | None = None
-
-
-class EmbedResult(Protocol):
-    @property
-    def response(self) -> EmbedResponse: ...
-    @property
-    def model_ref(self) -> str: ...
-    @property
-    def provider(self) -> str: ...
-    @property
-    def cost_usd(self) -> float | None: ...
 
 
 @dataclass
