@@ -5,25 +5,45 @@ pipeline, search-attribute update and Web UI detail goes through that small inte
 ``PipelineWorkflow`` gives it Temporal's (``workflows.engine.effects``); a unit test can give it an
 in-memory one and run a pipeline without a Temporal server.
 
-How each kind of step runs lives with its spec in ``kernel/steps/<kind>.py``; this module holds what
-all steps share: scopes, step states, skipping, accounting, budgets, routes, and lifecycle events.
+How each kind of step runs lives with its spec in ``kernel/steps/<kind>.py``; what a handler works
+with (``StepRun``, ``Scope``, ``Effects`` and the calls it takes) is ``kernel/steps/context.py``; this
+module holds what all steps share: step states, skipping, accounting, budgets, routes, visibility and
+lifecycle events.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Literal, Protocol, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from kernel.contracts import ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, Usage
+from kernel.contracts import Usage
 from kernel.errors import FailureType, PipelineError
 from kernel.expressions import evaluate, render_value
 from kernel.pipeline import PipelineSpec
 from kernel.routing import apply_routes
-from kernel.run import ApprovalState, ModelFailure, RunState, StepState
-from kernel.steps.base import BudgetSpec, RetrySpec, StepFailure, StepSpec, step_kind
+from kernel.run import ApprovalState, RunState, StepState
+from kernel.steps.base import BudgetSpec, StepFailure, StepSpec, step_kind
+from kernel.steps.context import (
+    LIFECYCLE_TYPES,
+    Answered,
+    CallResult,
+    ChildCall,
+    ChildResult,
+    Effects,
+    EmbedCall,
+    EmbedResult,
+    EngineView,
+    LifecycleEvent,
+    ModelCall,
+    RunInfo,
+    Scope,
+    SearchField,
+    SpecView,
+    StepRun,
+    ToolCall,
+    ToolResult,
+    json_value,
+)
 from kernel.templating import render
 
 __all__ = [
@@ -36,242 +56,18 @@ __all__ = [
     "EmbedCall",
     "EmbedResult",
     "Engine",
+    "EngineView",
     "LifecycleEvent",
     "ModelCall",
     "RunInfo",
     "Scope",
     "SearchField",
+    "SpecView",
     "StepRun",
     "ToolCall",
     "ToolResult",
     "json_value",
 ]
-
-SearchField = Literal["status", "providers", "awaiting", "models"]
-
-LIFECYCLE_TYPES = (
-    "pipeline.started",
-    "step.completed",
-    "step.failed",
-    "model.fallback",
-    "approval.requested",
-    "approval.decided",
-    "pipeline.completed",
-    "pipeline.failed",
-    "pipeline.cancelled",
-)
-
-
-@dataclass(frozen=True)
-class LifecycleEvent:
-    """Something that happened to a pipeline, as outbound events report it: references and summaries
-    (ids, models, usage, cost, error types), never prompts or outputs."""
-
-    type: str
-    sequence: int
-    time: datetime
-    step_id: str | None = None
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    workflow_id: str
-    pipeline: str
-    tenant: str | None = None
-
-
-# --- what effects take and give ------------------------------------------------------------------
-
-
-_R_co = TypeVar("_R_co", covariant=True)
-
-
-class Answered(Protocol[_R_co]):
-    """What a model answered: its response, the ``provider/model`` that answered, and the cost."""
-
-    @property
-    def response(self) -> _R_co: ...
-    @property
-    def model_ref(self) -> str: ...
-    @property
-    def provider(self) -> str: ...
-    @property
-    def cost_usd(self) -> float | None: ...
-
-
-CallResult = Answered[ChatResponse]
-EmbedResult = Answered[EmbedResponse]
-
-
-@dataclass
-class ModelCall:
-    """One model call of a step: the models in order (fallbacks after the first), how each is called,
-    and the hooks the step uses to follow it."""
-
-    models: list[str]
-    request: ChatRequest
-    step_id: str
-    pipeline: str
-    label: str
-    timeout_s: float
-    heartbeat_timeout_s: float | None
-    retry: RetrySpec
-    local_activity: bool = False
-    stream: bool = False
-    max_repairs: int = 0
-    validate: Callable[[Any], Any] | None = None
-    on_attempt: Callable[[str, int], None] | None = None
-    on_failure: Callable[[ModelFailure], None] | None = None
-    on_repair: Callable[[ModelFailure], None] | None = None
-    route: Callable[[str], str] | None = None
-
-
-@dataclass
-class EmbedCall:
-    model: str
-    request: EmbedRequest
-    step_id: str
-    pipeline: str
-    timeout_s: float
-    retry: RetrySpec
-    summary: str
-    heartbeat_timeout_s: float | None = None
-
-
-@dataclass
-class ToolCall:
-    url: str
-    method: str
-    headers: dict[str, str]
-    query: dict[str, str]
-    body: Any
-    timeout_s: float
-    step_id: str
-    retry: RetrySpec
-    summary: str
-    heartbeat_timeout_s: float | None = None
-
-
-class ToolResult(Protocol):
-    @property
-    def status_code(self) -> int: ...
-    @property
-    def body(self) -> Any: ...
-
-
-@dataclass
-class ChildCall:
-    step_id: str
-    name: str
-    workflow_id: str
-    request: dict[str, Any]
-    summary: str
-
-
-class ChildResult(Protocol):
-    @property
-    def outputs(self) -> dict[str, Any]: ...
-    @property
-    def usage(self) -> Usage: ...
-    @property
-    def cost_usd(self) -> float: ...
-    @property
-    def cost_unknown_models(self) -> list[str]: ...
-
-
-class Effects(Protocol):
-    """Everything the interpreter does to the world. Each method either returns or raises
-    ``StepFailure`` (a failure the step reports) or ``asyncio.CancelledError``."""
-
-    def now(self) -> datetime: ...
-    def random(self) -> float: ...
-    async def sleep(self, seconds: float, *, summary: str) -> None: ...
-    async def wait(self, condition: Callable[[], bool], *, timeout: float | None, summary: str) -> bool:  # noqa: ASYNC109
-        """Wait until ``condition()`` holds: True, or False when ``timeout`` seconds passed first."""
-        ...
-
-    async def call_model(self, call: ModelCall) -> tuple[CallResult, Any]: ...
-    async def embed(self, call: EmbedCall) -> EmbedResult: ...
-    async def tool(self, call: ToolCall) -> ToolResult: ...
-    async def child(self, call: ChildCall) -> ChildResult: ...
-    def search(self, updates: Mapping[SearchField, str | list[str]]) -> None:
-        """Set search attributes, all in one update."""
-        ...
-
-    def details(self, text: str) -> None: ...
-    def lifecycle(self, event: LifecycleEvent) -> None: ...
-
-
-# --- scopes and the handler's view -----------------------------------------------------------------
-
-
-@dataclass
-class Scope:
-    """Where steps run: the template context, whether their states are listed in the status (not
-    inside a scope boundary such as a map), the enclosing step, and a label for ids."""
-
-    context: dict[str, Any]
-    listed: bool = True
-    parent: str | None = None
-    label: str = ""
-    scratch: dict[str, StepState] = field(default_factory=dict)
-
-    @property
-    def steps(self) -> MutableMapping[str, Any]:
-        steps: MutableMapping[str, Any] = self.context["steps"]
-        return steps
-
-    def inner(self, parent: str) -> Scope:
-        """The scope of a step's nested steps (same context; listed like the step)."""
-        return Scope(self.context, self.listed, parent, self.label, self.scratch)
-
-
-@dataclass
-class StepRun:
-    """What a step handler gets: the engine, the step's scope and its state, and helpers that name
-    the step in every error."""
-
-    engine: Engine
-    step: StepSpec
-    scope: Scope
-    state: StepState
-
-    @property
-    def effects(self) -> Effects:
-        return self.engine.effects
-
-    @property
-    def spec(self) -> PipelineSpec:
-        return self.engine.spec
-
-    def where(self, field_name: str = "") -> str:
-        return f"step {self.step.id!r}" + (f" {field_name}" if field_name else "")
-
-    def fail(self, message: str, type: str = FailureType.STEP_FAILED) -> StepFailure:
-        return StepFailure(message, type)
-
-    def render(self, source: str, field_name: str, scope: Scope | None = None) -> str:
-        return self.engine.render(source, scope or self.scope, self.where(field_name))
-
-    def value(self, value: Any, field_name: str, scope: Scope | None = None) -> Any:
-        return self.engine.value(value, scope or self.scope, self.where(field_name))
-
-    def evaluate(self, source: str, field_name: str, scope: Scope | None = None) -> Any:
-        return self.engine.evaluate(source, scope or self.scope, self.where(field_name))
-
-    def detail(self, text: str | None) -> None:
-        self.state.detail = text
-
-    def details(self, summary: str) -> None:
-        self.engine.details(summary)
-
-    def account(self, usage: Usage, cost: float | None, model_ref: str | None) -> None:
-        self.engine.account(self.state, usage, cost, model_ref)
-
-    def route(self, model: str) -> str:
-        return self.engine.route(model)
-
 
 # --- the engine ------------------------------------------------------------------------------------
 
@@ -491,14 +287,3 @@ def _step_summary(step: StepSpec, state: StepState) -> dict[str, Any]:
     if state.cost_usd is not None:
         summary["cost_usd"] = state.cost_usd
     return summary
-
-
-def json_value(value: Any, location: str) -> Any:
-    """Values become JSON data (kept in status and history); anything else is a clear error."""
-    try:
-        return json.loads(json.dumps(value))
-    except (TypeError, ValueError):
-        raise StepFailure(
-            f"{location}: the value is not JSON data ({type(value).__name__}); a generator needs '| list'",
-            FailureType.PIPELINE_ERROR,
-        ) from None

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 from pydantic_core import PydanticCustomError, core_schema
-
-if TYPE_CHECKING:
-    from kernel.engine import StepRun
 
 __all__ = [
     "ID_PATTERN",
@@ -154,8 +151,9 @@ class StepSpec(_Spec):
         return []
 
 
-StepHandler = Callable[[Any, "StepRun"], Awaitable[tuple[Any, dict[str, Any]]]]
-"""Runs a step: returns its output and extra template fields (``steps.<id>.<extra>``)."""
+StepHandler = Callable[[Any, Any], Awaitable[tuple[Any, dict[str, Any]]]]
+"""Runs a step, given its spec and its ``kernel.steps.context.StepRun``: returns its output and extra
+template fields (``steps.<id>.<extra>``)."""
 
 
 _SpecClass = type[StepSpec]

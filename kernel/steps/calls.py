@@ -10,9 +10,9 @@ from pydantic import Field, model_validator
 from kernel.contracts import EmbedRequest
 from kernel.errors import FailureType
 from kernel.steps.base import MODEL_PATTERN, NAME_PATTERN, RetrySpec, StepKind, StepSpec
+from kernel.steps.context import ChildCall, EmbedCall, StepRun, ToolCall, json_value
 
 if TYPE_CHECKING:
-    from kernel.engine import StepRun
     from kernel.pipeline import PipelineSpec
 
 __all__ = ["EMBED", "PIPELINE", "TOOL", "EmbedStep", "PipelineStep", "ToolStep"]
@@ -43,8 +43,6 @@ class ToolStep(StepSpec):
 
 
 async def _tool(step: ToolStep, run: StepRun) -> tuple[Any, dict[str, Any]]:
-    from kernel.engine import ToolCall, json_value
-
     url = run.render(step.url, "url")
     result = await run.effects.tool(
         ToolCall(
@@ -88,8 +86,6 @@ class EmbedStep(StepSpec):
 
 
 async def _embed(step: EmbedStep, run: StepRun) -> tuple[Any, dict[str, Any]]:
-    from kernel.engine import EmbedCall
-
     engine, state = run.engine, run.state
     value = run.value(step.input, "input")
     texts = value if isinstance(value, list) else [value]
@@ -146,8 +142,6 @@ class PipelineStep(StepSpec):
 
 
 async def _child(step: PipelineStep, run: StepRun) -> tuple[Any, dict[str, Any]]:
-    from kernel.engine import ChildCall
-
     engine = run.engine
     inputs = run.value(step.inputs, "inputs")
     request: dict[str, Any] = {

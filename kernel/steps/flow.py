@@ -6,16 +6,16 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import ChainMap
-from collections.abc import Coroutine
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from kernel.errors import FailureType
 from kernel.steps.base import ID_PATTERN, StepFailure, StepKind, StepSpec, _Spec
+from kernel.steps.context import Scope, StepRun, json_value
 
 if TYPE_CHECKING:
-    from kernel.engine import StepRun
     from kernel.steps.base import StepSpec as Step
 else:
     from kernel.steps.base import Step
@@ -60,7 +60,7 @@ class ParallelStep(StepSpec):
         return [(f"branches.{name}", steps) for name, steps in self.branches.items()]
 
 
-async def all_or_nothing(runs: list[Coroutine[Any, Any, Any]]) -> list[Any]:
+async def all_or_nothing(runs: list[Awaitable[Any]]) -> list[Any]:
     """Run all; on the first failure cancel the others, let them finish cancelling, then re-raise."""
     tasks = [asyncio.ensure_future(run) for run in runs]
     try:
@@ -141,8 +141,6 @@ class MapStep(StepSpec):
 
 
 async def _map(step: MapStep, run: StepRun) -> tuple[Any, dict[str, Any]]:
-    from kernel.engine import Scope
-
     items = run.value(step.items, "items")
     if isinstance(items, dict | str) or not isinstance(items, list | tuple):
         raise run.fail(
@@ -245,8 +243,6 @@ class TransformStep(StepSpec):
 
 
 async def _transform(step: TransformStep, run: StepRun) -> tuple[Any, dict[str, Any]]:
-    from kernel.engine import json_value
-
     value = run.evaluate(step.expression, "expression")
     return json_value(value, run.where("expression")), {}
 

@@ -4,7 +4,7 @@ re-asks, streaming, and per-step timeouts and retries."""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -13,9 +13,7 @@ from kernel.errors import FailureType
 from kernel.routing import Balance, weighted_order
 from kernel.schema import schema_errors
 from kernel.steps.base import MODEL_PATTERN, RetrySpec, StepFailure, StepKind, StepSpec, _Spec
-
-if TYPE_CHECKING:
-    from kernel.engine import CallResult, StepRun
+from kernel.steps.context import CallResult, ModelCall, StepRun
 
 __all__ = ["KIND", "LlmStep", "MessageTemplate", "order_models"]
 
@@ -120,8 +118,6 @@ def order_models(primary: str, fallbacks: list[str], balance: Balance | None, ra
 
 
 async def run(step: LlmStep, run: StepRun) -> tuple[Any, dict[str, Any]]:
-    from kernel.engine import ModelCall
-
     engine, state = run.engine, run.state
     messages = [
         {"role": m.role, "content": run.render(m.content, f"messages[{i}]")}

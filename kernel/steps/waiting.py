@@ -4,15 +4,13 @@ event arrives) and ``sleep`` (a durable timer)."""
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
 from kernel.errors import FailureType
 from kernel.steps.base import NAME_PATTERN, StepKind, StepSpec
-
-if TYPE_CHECKING:
-    from kernel.engine import StepRun
+from kernel.steps.context import StepRun
 
 __all__ = ["APPROVAL", "SLEEP", "WAIT_EVENT", "ApprovalStep", "SleepStep", "WaitEventStep"]
 
