@@ -309,6 +309,17 @@ async def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result.status == "completed" else 3
 
 
+async def _cmd_codec_server(args: argparse.Namespace) -> int:
+    from worker.codec_server import serve_forever, settings_from_env
+
+    configure_logging("console", "info")
+    settings = settings_from_env(
+        namespaces=args.namespace, ui_origins=args.ui_origin, verifier=args.verifier, no_auth=args.no_auth
+    )
+    await serve_forever(settings, host=args.host, port=args.port)
+    return 0
+
+
 def _on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -385,6 +396,18 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--ui-port", type=int, default=8233)
     demo.add_argument("--state-dir", default=".state")
 
+    codec = sub.add_parser(
+        "codec-server", help="decrypt payloads for the Web UI and `temporal --codec-endpoint` (remote codec)"
+    )
+    codec.add_argument("--host", default="127.0.0.1")
+    codec.add_argument("--port", type=int, default=8081)
+    codec.add_argument("--ui-origin", action="append", help="Web UI origin allowed by CORS (repeatable)")
+    codec.add_argument("--namespace", action="append", help="namespace served (repeatable; default default)")
+    codec.add_argument("--verifier", help="module:callable(token, namespace) -> bool checking access tokens")
+    codec.add_argument(
+        "--no-auth", action="store_true", help="no token (loopback only): for a local dev set-up"
+    )
+
     providers = sub.add_parser("providers", help="list provider plugins, capabilities and credentials")
     providers.add_argument("--json", action="store_true")
     return parser
@@ -402,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "run": _cmd_run,
             "watch": _cmd_watch,
             "demo": _cmd_demo,
+            "codec-server": _cmd_codec_server,
         }[args.command]
         return asyncio.run(handler(args))
     except KeyboardInterrupt:

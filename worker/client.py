@@ -17,6 +17,7 @@ from temporalio.workflow import UpdateMethodMultiParam
 from kernel.errors import PipelineError, UnknownProvider
 from kernel.pipeline import PipelineSpec
 from kernel.registry import Registry
+from worker.codec import scoped_workflow_id
 from workflows import search_attributes as sa
 from workflows.contract import (
     PIPELINE_WORKFLOW,
@@ -87,7 +88,7 @@ async def start_pipeline(
     return await client.start_workflow(
         PipelineWorkflow.run,
         request,
-        id=workflow_id or f"{spec.name}-{uuid.uuid4().hex[:12]}",
+        id=scoped_workflow_id(client, tenant, workflow_id, f"{spec.name}-{uuid.uuid4().hex[:12]}"),
         task_queue=task_queue,
         static_summary=f"pipeline {spec.name}" + (f" · tenant {tenant}" if tenant else ""),
         static_details=spec.description or f"{len(spec.steps)} steps: " + ", ".join(s.id for s in spec.steps),
@@ -350,7 +351,7 @@ async def start_registered(
     return await client.start_workflow(
         PipelineWorkflow.run,
         request,
-        id=workflow_id or f"{name}-{uuid.uuid4().hex[:12]}",
+        id=scoped_workflow_id(client, tenant, workflow_id, f"{name}-{uuid.uuid4().hex[:12]}"),
         task_queue=task_queue,
         static_summary=f"pipeline {name}" + (f" · tenant {tenant}" if tenant else ""),
     )
@@ -384,7 +385,7 @@ async def deliver_event(
     return await client.start_workflow(
         PipelineWorkflow.run,
         _request(spec, inputs, tenant),
-        id=workflow_id,
+        id=scoped_workflow_id(client, tenant, workflow_id, workflow_id),
         task_queue=task_queue,
         start_signal=Signal.EVENT,
         start_signal_args=[EventRequest(name=name, payload=payload, id=event_id)],
@@ -411,7 +412,7 @@ async def decide_with_start(
     operation: WithStartWorkflowOperation[Any, PipelineResult] = WithStartWorkflowOperation(
         PipelineWorkflow.run,
         _request(spec, inputs, tenant),
-        id=workflow_id,
+        id=scoped_workflow_id(client, tenant, workflow_id, workflow_id),
         task_queue=task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         static_summary=f"pipeline {spec.name}" + (f" · tenant {tenant}" if tenant else ""),

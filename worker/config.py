@@ -16,6 +16,12 @@ Provider set-up comes from an optional YAML file (``KERNELFLOW_CONFIG``)::
       storage: filesystem        # or "off", or "driver" with driver: "my_pkg.storage:make_s3_driver"
       dir: .state/payloads       # shared by the client and every worker (a shared volume in compose)
       threshold_bytes: 65536     # payloads at least this large are stored outside the history
+      encryption:                # payloads encrypted at rest (docs/encryption.md)
+        enabled: true
+        provider: file           # or env (KERNELFLOW_ENCRYPTION_KEYS), or a kernelflow.key_providers plugin
+        options: {dir: /etc/kernelflow/keys}
+        tenant_keys: false       # per-tenant keys for workflow ids "tenant/<tenant>/..."
+      compression: {enabled: true, min_bytes: 1024}   # zlib before encryption
     routing:
       breaker: {failure_threshold: 5, cooldown_s: 30}   # per provider/model; enabled: false turns off
 
@@ -24,7 +30,9 @@ A running worker re-reads the file when it changes (polled) or on SIGHUP: ``alia
 of pipelines already running; other sections need a restart.
 
 API keys belong in the environment, not in this file. ``KERNELFLOW_PAYLOADS_STORAGE`` and
-``KERNELFLOW_PAYLOADS_DIR`` override ``payloads.storage`` and ``payloads.dir``.
+``KERNELFLOW_PAYLOADS_DIR`` override ``payloads.storage`` and ``payloads.dir``; ``KERNELFLOW_ENCRYPTION``
+(on/off), ``KERNELFLOW_ENCRYPTION_KEYS_DIR`` (the file provider's directory), ``KERNELFLOW_ENCRYPTION_TENANT_KEYS``
+(on/off) and ``KERNELFLOW_COMPRESSION`` (on/off) override ``payloads.encryption`` and ``payloads.compression``.
 """
 
 from __future__ import annotations
@@ -46,7 +54,9 @@ from kernel.provider import ProviderSettings
 from kernel.routing import BreakerSettings
 
 __all__ = [
+    "CompressionSettings",
     "ConfigWatcher",
+    "EncryptionSettings",
     "KernelflowConfig",
     "PayloadSettings",
     "RoutingConfig",
@@ -59,6 +69,38 @@ __all__ = [
 
 TEMPORAL_PAYLOAD_LIMIT = 2 * 1024 * 1024
 """Temporal's default per-payload limit (``limit.blobSize.error``)."""
+
+
+class EncryptionSettings(BaseModel):
+    """AES-256-GCM encryption of every payload this process writes (see docs/encryption.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=False, description="Encrypt payloads; reading encrypted ones needs it too.")
+    provider: str = Field(
+        default="env", description="A kernelflow.key_providers entry point: env, file, or a plugin (a KMS)."
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of the provider (file: dir, create_tenant_keys)."
+    )
+    tenant_keys: bool = Field(
+        default=False,
+        description="Workflow ids 'tenant/<tenant>/...' (and their children) use the tenant's own keys.",
+    )
+    allow_plaintext: bool = Field(
+        default=True,
+        description="Read payloads written without encryption (histories from before it was turned on).",
+    )
+
+
+class CompressionSettings(BaseModel):
+    """zlib compression of large payloads, before encryption."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    min_bytes: int = Field(default=1024, ge=0, description="Compress payloads at least this large.")
+    level: int = Field(default=6, ge=1, le=9)
 
 
 class PayloadSettings(BaseModel):
@@ -88,6 +130,8 @@ class PayloadSettings(BaseModel):
         gt=0,
         description="The server's per-payload limit; with storage off, larger payloads are refused.",
     )
+    encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
+    compression: CompressionSettings = Field(default_factory=CompressionSettings)
 
     @model_validator(mode="after")
     def _driver_named(self) -> PayloadSettings:
@@ -172,6 +216,9 @@ def load_config(path: Path | None) -> KernelflowConfig:
         config.pipelines_dir = (path.parent / config.pipelines_dir).resolve()
     if "dir" in config.payloads.model_fields_set and not config.payloads.dir.is_absolute():
         config.payloads.dir = (path.parent / config.payloads.dir).resolve()
+    keys_dir = config.payloads.encryption.options.get("dir")
+    if isinstance(keys_dir, str) and not Path(keys_dir).is_absolute():
+        config.payloads.encryption.options["dir"] = str((path.parent / keys_dir).resolve())
     return config
 
 
@@ -186,12 +233,51 @@ def payload_settings_from_env(environ: Mapping[str, str] | None = None) -> Paylo
         overrides["storage"] = env["KERNELFLOW_PAYLOADS_STORAGE"]
     if env.get("KERNELFLOW_PAYLOADS_DIR"):
         overrides["dir"] = env["KERNELFLOW_PAYLOADS_DIR"]
+    encryption = _encryption_overrides(env, payloads.encryption)
+    if encryption is not None:
+        overrides["encryption"] = encryption
+    if env.get("KERNELFLOW_COMPRESSION"):
+        overrides["compression"] = {
+            **payloads.compression.model_dump(exclude_unset=True),
+            "enabled": _switch(env, "KERNELFLOW_COMPRESSION"),
+        }
     if not overrides:
         return payloads
     try:
         return PayloadSettings.model_validate({**payloads.model_dump(exclude_unset=True), **overrides})
     except ValidationError as exc:
         raise ConfigurationError(format_validation_error(exc, prefix="payloads")) from exc
+
+
+def _switch(env: Mapping[str, str], name: str) -> bool:
+    value = env[name].strip().lower()
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    raise ConfigurationError(f"{name}={env[name]!r}: use on or off")
+
+
+def _encryption_overrides(env: Mapping[str, str], current: EncryptionSettings) -> dict[str, Any] | None:
+    """``payloads.encryption`` with the environment's overrides, or ``None`` when none is set.
+    ``KERNELFLOW_ENCRYPTION_KEYS_DIR`` selects the file provider; ``KERNELFLOW_ENCRYPTION_KEYS`` alone
+    (no config) turns encryption on with the env provider."""
+    values = current.model_dump(exclude_unset=True)
+    changed = False
+    if env.get("KERNELFLOW_ENCRYPTION_KEYS_DIR"):
+        values["provider"] = "file"
+        values["options"] = {**current.options, "dir": env["KERNELFLOW_ENCRYPTION_KEYS_DIR"]}
+        changed = True
+    if env.get("KERNELFLOW_ENCRYPTION_TENANT_KEYS"):
+        values["tenant_keys"] = _switch(env, "KERNELFLOW_ENCRYPTION_TENANT_KEYS")
+        changed = True
+    if env.get("KERNELFLOW_ENCRYPTION"):
+        values["enabled"] = _switch(env, "KERNELFLOW_ENCRYPTION")
+        changed = True
+    elif changed or (env.get("KERNELFLOW_ENCRYPTION_KEYS") and "enabled" not in values):
+        values["enabled"] = True
+        changed = True
+    return values if changed else None
 
 
 _log = structlog.get_logger("kernelflow.config")

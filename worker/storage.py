@@ -15,6 +15,12 @@ of being retried (and the model paid for) again, and a workflow input that big n
 
 Every process must use the same settings: a worker without the store cannot read a history whose
 payloads were stored (the SDK reports ``TMPRL1105``).
+
+Encryption and compression (``settings.encryption``, ``settings.compression``; ``worker/codec.py``) are
+the converter's payload codec. The SDK runs the codec before external storage on the way out and after
+it on the way in, so the store only ever holds encrypted payloads. With encryption on, the failure
+converter moves failure messages and stack traces into an encoded payload, so a prompt quoted in an
+error is encrypted too.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from temporalio.api.common.v1 import Payload
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import (
     DataConverter,
+    DefaultFailureConverter,
     ExternalStorage,
     StorageDriver,
     StorageDriverClaim,
@@ -41,6 +48,7 @@ from temporalio.converter import (
 from temporalio.exceptions import ApplicationError
 
 from kernel.errors import ConfigurationError, FailureType
+from worker.codec import EncryptedFailureConverter, KernelflowCodec
 from worker.config import PayloadSettings
 
 __all__ = [
@@ -49,6 +57,7 @@ __all__ = [
     "FileSystemPayloadStore",
     "PayloadStoreError",
     "PayloadTooLarge",
+    "build_codec",
     "build_data_converter",
     "build_storage_driver",
 ]
@@ -216,10 +225,28 @@ def build_storage_driver(settings: PayloadSettings) -> StorageDriver | None:
     return driver
 
 
+def build_codec(settings: PayloadSettings) -> KernelflowCodec:
+    """The payload codec ``settings`` ask for: encryption with the configured key provider, and
+    compression. Installed with encryption off too, to explain an encrypted payload it cannot read."""
+    from worker.keys import load_key_provider
+
+    encryption = settings.encryption
+    provider = load_key_provider(encryption.provider, encryption.options) if encryption.enabled else None
+    return KernelflowCodec(
+        provider=provider,
+        tenant_keys=encryption.tenant_keys,
+        allow_plaintext=encryption.allow_plaintext,
+        compress_min_bytes=settings.compression.min_bytes if settings.compression.enabled else None,
+        compress_level=settings.compression.level,
+    )
+
+
 def build_data_converter(settings: PayloadSettings | None = None) -> DataConverter:
-    """Kernelflow's converter (pydantic) with payload storage, or the size guard when storage is off.
-    The client and every worker must be built from the same ``settings``."""
+    """Kernelflow's converter (pydantic) with payload storage, or the size guard when storage is off,
+    and the payload codec (encryption, compression). The client and every worker must be built from
+    the same ``settings``."""
     settings = settings or PayloadSettings()
+    codec = build_codec(settings)
     driver = build_storage_driver(settings)
     if driver is None:
         # Payloads of exactly the limit still pass; only larger ones reach the guard.
@@ -228,4 +255,9 @@ def build_data_converter(settings: PayloadSettings | None = None) -> DataConvert
         )
     else:
         storage = ExternalStorage(drivers=[driver], payload_size_threshold=settings.threshold_bytes)
-    return dataclasses.replace(pydantic_data_converter, external_storage=storage)
+    return dataclasses.replace(
+        pydantic_data_converter,
+        external_storage=storage,
+        payload_codec=codec,
+        failure_converter_class=(EncryptedFailureConverter if codec.encrypting else DefaultFailureConverter),
+    )
