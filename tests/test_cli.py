@@ -84,8 +84,11 @@ def dev_stack(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[subprocess.Popen[str], int, int, dict[str, str]]]:
     env = {**os.environ, "KERNELFLOW_TASK_QUEUE": "cli-test"}
-    process, port, ui_port = _start_dev(tmp_path_factory.mktemp("dev-state"), env)
-    yield process, port, ui_port, {**env, "TEMPORAL_ADDRESS": f"127.0.0.1:{port}"}
+    state = tmp_path_factory.mktemp("dev-state")
+    process, port, ui_port = _start_dev(state, env)
+    # kernelflow dev encrypts with a key under its state folder: commands beside it use that key.
+    keys = {"KERNELFLOW_ENCRYPTION_KEYS_DIR": str(state / "keys")}
+    yield process, port, ui_port, {**env, "TEMPORAL_ADDRESS": f"127.0.0.1:{port}", **keys}
     _stop(process)
 
 

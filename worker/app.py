@@ -30,6 +30,7 @@ from worker.config import (
     load_config,
     payload_settings_from_env,
 )
+from worker.devkeys import log_encryption_state
 from worker.pipelines import PipelineCatalog, load_catalog, pipelines_dir
 from worker.plugin import KernelflowPlugin, sandbox_runner
 from worker.search_attributes import ensure_search_attributes
@@ -239,7 +240,9 @@ async def run_worker(
     registry = build_registry(config, provider_settings=provider_settings)
     prices = _prices(config)
     activities = LlmActivities(registry, prices=prices, breakers=default_breakers(config))
-    client = await connect(settings.temporal_address, settings.namespace, payloads=config.payloads)
+    payloads = payload_settings_from_env(base=config.payloads)
+    log_encryption_state(payloads)
+    client = await connect(settings.temporal_address, settings.namespace, payloads=payloads)
     added = await ensure_search_attributes(client, settings.namespace)
     if added:
         _log.info("registered search attributes", names=added, namespace=settings.namespace)

@@ -159,7 +159,7 @@ async def _cmd_run(args: argparse.Namespace) -> int:
     given = _parse_inputs(args.input or [], args.input_json, args.input_file)
     if (args.pipeline is None) == (args.name is None):
         raise ConfigurationError("give a pipeline file, or --name of a pipeline registered on the worker")
-    client = await connect(settings.temporal_address, settings.namespace)
+    client = await connect(settings.temporal_address, settings.namespace, payloads=_client_payloads())
     if args.name is not None:
         handle = await start_registered(
             client, args.name, given, task_queue=settings.task_queue, version=args.version,
@@ -182,12 +182,20 @@ async def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if result.status == "completed" else 3
 
 
+def _client_payloads() -> Any:
+    """The payload settings of the environment; ``kernelflow dev``'s key when run beside it."""
+    from worker.config import payload_settings_from_env
+    from worker.devkeys import discover_dev_keys
+
+    return discover_dev_keys(payload_settings_from_env())
+
+
 async def _cmd_watch(args: argparse.Namespace) -> int:
     from worker.app import connect
     from worker.watch import PipelineWatch, WatchError
 
     settings = WorkerSettings.from_env(**_overrides(args))
-    client = await connect(settings.temporal_address, settings.namespace)
+    client = await connect(settings.temporal_address, settings.namespace, payloads=_client_payloads())
     try:
         status = await PipelineWatch(client, args.workflow_id, as_json=args.json).run()
     except WatchError as exc:
@@ -241,10 +249,17 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     _on_signals(stop)
     sim = None if args.no_simulator else SimulatorServer(port=args.sim_port)
+    codec = None
     try:
         overrides = simulator_settings(sim.start()) if sim is not None else None
-        async with DevServer(state_dir=args.state_dir, port=args.port, ui_port=args.ui_port) as server:
-            client = await connect(server.target, settings.namespace)
+        payloads, codec = _dev_encryption(
+            args.state_dir, args.ui_port, settings.namespace, not args.no_encryption
+        )
+        async with DevServer(
+            state_dir=args.state_dir, port=args.port, ui_port=args.ui_port,
+            ui_codec_endpoint=codec.url if codec is not None else None,
+        ) as server:  # fmt: skip
+            client = await connect(server.target, settings.namespace, payloads=payloads)
             await ensure_search_attributes(client, settings.namespace)
             config = load_config(settings.config_file)
             registry = build_registry(config, provider_settings=overrides)
@@ -255,6 +270,7 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
             async with worker:
                 print(f"Temporal   {server.target}  (namespace {settings.namespace}, data {server.db_path})")
                 print(f"Web UI     {server.ui_url}")
+                _print_encryption(payloads, codec, args.state_dir)
                 if sim is not None:
                     print(
                         f"Simulator  {sim.url}  (providers {', '.join(sorted(overrides or {}))} point here)"
@@ -271,7 +287,46 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
     finally:
         if sim is not None:
             sim.stop()
+        if codec is not None:
+            codec.stop()
     return 0
+
+
+def _dev_encryption(state_dir: str, ui_port: int, namespace: str, encrypt: bool) -> tuple[Any, Any]:
+    """Payload settings of ``kernelflow dev``/``demo`` (encrypted by default, key under the state folder)
+    and, when encrypting, the started codec server the Web UI decodes with."""
+    from worker.codec_server import CodecServer, CodecServerSettings
+    from worker.config import payload_settings_from_env
+    from worker.devkeys import dev_payload_settings
+
+    payloads = dev_payload_settings(payload_settings_from_env(), state_dir, encrypt=encrypt)
+    if not payloads.encryption.enabled:
+        return payloads, None
+    # The dev Web UI sends no token: the codec server binds to loopback and accepts browsers only from
+    # the Web UI's origin.
+    origins = [f"http://127.0.0.1:{ui_port}", f"http://localhost:{ui_port}"]
+    settings = CodecServerSettings(
+        namespaces=[namespace], ui_origins=origins, authenticate=False, payloads=payloads
+    )
+    from worker.devserver import free_port
+
+    codec = CodecServer(settings, port=free_port())  # below the ephemeral range Temporal picks from
+    codec.start()
+    return payloads, codec
+
+
+def _print_encryption(payloads: Any, codec: Any, state_dir: str) -> None:
+    from worker.devkeys import describe_encryption
+
+    print(f"Encryption {describe_encryption(payloads)}")
+    if codec is not None:
+        print(
+            f"Codec      {codec.url}  (decrypts for the Web UI; no token: loopback only, browsers only "
+            "from the Web UI origin)"
+        )
+        keys = payloads.encryption.options.get("dir")
+        if keys and Path(state_dir).resolve() != Path(".state").resolve():
+            print(f"           other terminals: export KERNELFLOW_ENCRYPTION_KEYS_DIR={keys}")
 
 
 async def _cmd_demo(args: argparse.Namespace) -> int:
@@ -286,13 +341,18 @@ async def _cmd_demo(args: argparse.Namespace) -> int:
     port, ui_port = free_port(args.port), free_port(args.ui_port)
     print("Kernelflow demo: embedded Temporal server, LLM-cloud simulator and worker, all on 127.0.0.1")
     with SimulatorServer(config=SimulatorConfig(faults=list(DEMO_FAULTS))) as sim:
-        async with DevServer(state_dir=args.state_dir, port=port, ui_port=ui_port) as server:
-            client = await connect(server.target)
+        payloads, codec = _dev_encryption(args.state_dir, ui_port, "default", not args.no_encryption)
+        async with DevServer(
+            state_dir=args.state_dir, port=port, ui_port=ui_port,
+            ui_codec_endpoint=codec.url if codec is not None else None,
+        ) as server:  # fmt: skip
+            client = await connect(server.target, payloads=payloads)
             registry = build_registry(provider_settings=simulator_settings(sim.url))
             task_queue = "kernelflow-demo"
             async with build_worker(client, task_queue=task_queue, registry=registry):
                 print(f"  Temporal {server.target} · Web UI {server.ui_url} · simulator {sim.url}")
-                print(f"  simulated outage: {DEMO_FAULTS[0]['model']} answers 503 on every call\n")
+                print(f"  simulated outage: {DEMO_FAULTS[0]['model']} answers 503 on every call")
+                print(f"  payloads encrypted at rest: {'yes' if codec is not None else 'no'}\n")
                 handle = await start_pipeline(client, spec, DEMO_INPUTS, task_queue=task_queue)
                 print(f"pipeline {spec.name} started as workflow {handle.id}", flush=True)
                 result = await follow(handle, Progress(sys.stdout))
@@ -306,6 +366,8 @@ async def _cmd_demo(args: argparse.Namespace) -> int:
                 f"\n  Web UI of this run (while a server runs on this state, e.g. `kernelflow dev --ui-port {ui_port}`):"
             )
             print(f"    {workflow_url(server.ui_url or '', 'default', handle.id)}")
+        if codec is not None:
+            codec.stop()
     return 0 if result.status == "completed" else 3
 
 
@@ -364,6 +426,9 @@ def _parser() -> argparse.ArgumentParser:
         "--no-simulator", action="store_true", help="call the real clouds (keys from the environment)"
     )
     dev.add_argument("--log-level", default="info")
+    dev.add_argument(
+        "--no-encryption", action="store_true", help="store payloads in clear (encrypted by default)"
+    )
 
     run = sub.add_parser("run", help="start a pipeline, show its progress, print its outputs")
     run.add_argument("pipeline", nargs="?", help="pipeline YAML file")
@@ -395,6 +460,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=7233)
     demo.add_argument("--ui-port", type=int, default=8233)
     demo.add_argument("--state-dir", default=".state")
+    demo.add_argument(
+        "--no-encryption", action="store_true", help="store payloads in clear (encrypted by default)"
+    )
 
     codec = sub.add_parser(
         "codec-server", help="decrypt payloads for the Web UI and `temporal --codec-endpoint` (remote codec)"

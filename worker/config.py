@@ -222,12 +222,14 @@ def load_config(path: Path | None) -> KernelflowConfig:
     return config
 
 
-def payload_settings_from_env(environ: Mapping[str, str] | None = None) -> PayloadSettings:
-    """The ``payloads:`` section of ``KERNELFLOW_CONFIG`` (defaults without one), with the
-    ``KERNELFLOW_PAYLOADS_STORAGE`` and ``KERNELFLOW_PAYLOADS_DIR`` overrides applied."""
+def payload_settings_from_env(
+    environ: Mapping[str, str] | None = None, *, base: PayloadSettings | None = None
+) -> PayloadSettings:
+    """The ``payloads:`` section of ``KERNELFLOW_CONFIG`` (or ``base``; defaults without either), with
+    the ``KERNELFLOW_PAYLOADS_*``, ``KERNELFLOW_ENCRYPTION*`` and ``KERNELFLOW_COMPRESSION`` overrides."""
     env = os.environ if environ is None else environ
     config_file = env.get("KERNELFLOW_CONFIG")
-    payloads = load_config(Path(config_file) if config_file else None).payloads
+    payloads = base if base is not None else load_config(Path(config_file) if config_file else None).payloads
     overrides: dict[str, Any] = {}
     if env.get("KERNELFLOW_PAYLOADS_STORAGE"):
         overrides["storage"] = env["KERNELFLOW_PAYLOADS_STORAGE"]

@@ -128,6 +128,7 @@ class DevServer:
         startup_timeout: float = 60.0,
         stop_timeout: float = 10.0,
         temporal_binary: str | None = None,
+        ui_codec_endpoint: str | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.port = port
@@ -137,6 +138,8 @@ class DevServer:
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self._temporal_binary = temporal_binary
+        self.ui_codec_endpoint = ui_codec_endpoint
+        """A remote codec server the Web UI decodes payloads with (``--ui-codec-endpoint``)."""
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -186,6 +189,8 @@ class DevServer:
         ]
         if self.headless:
             args.append("--headless")
+        elif self.ui_codec_endpoint:
+            args += ["--ui-codec-endpoint", self.ui_codec_endpoint]
         for key in ALL:
             args += ["--search-attribute", f"{key.name}={cli_type_name(key)}"]
         return args
