@@ -115,7 +115,10 @@ def build_codec_app(settings: CodecServerSettings, converter: DataConverter | No
             "Vary": "Origin",
         }
 
+    refusals: dict[int, int] = {}
+
     def refuse(request: Request, status: int, reason: str) -> Response:
+        refusals[status] = refusals.get(status, 0) + 1
         _log.warning(
             "codec request refused",
             path=request.url.path,
@@ -202,12 +205,14 @@ def build_codec_app(settings: CodecServerSettings, converter: DataConverter | No
         encoded = list(payloads) if codec is None else await codec.encode(payloads)
         return answer(request, encoded)
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/decode", decode, methods=["POST", "OPTIONS"]),
             Route("/encode", encode, methods=["POST", "OPTIONS"]),
         ]
     )
+    app.state.refusals = refusals
+    return app
 
 
 async def _authentic(settings: CodecServerSettings, token: str, namespace: str) -> bool:
@@ -259,6 +264,11 @@ class CodecServer:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def refusals(self) -> dict[int, int]:
+        """Refused requests so far, by HTTP status."""
+        return dict(self._app.state.refusals)
 
     def start(self) -> str:
         sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
