@@ -33,6 +33,7 @@ from worker.config import (
 from worker.devkeys import log_encryption_state
 from worker.pipelines import PipelineCatalog, load_catalog, pipelines_dir
 from worker.plugin import KernelflowPlugin, sandbox_runner
+from worker.redaction import redact_error_logs
 from worker.search_attributes import ensure_search_attributes
 from worker.storage import build_data_converter
 
@@ -241,6 +242,8 @@ async def run_worker(
     prices = _prices(config)
     activities = LlmActivities(registry, prices=prices, breakers=default_breakers(config))
     payloads = payload_settings_from_env(base=config.payloads)
+    if payloads.encryption.enabled and payloads.encryption.redact_logs:
+        redact_error_logs()
     log_encryption_state(payloads)
     client = await connect(settings.temporal_address, settings.namespace, payloads=payloads)
     added = await ensure_search_attributes(client, settings.namespace)

@@ -91,6 +91,10 @@ class EncryptionSettings(BaseModel):
         default=True,
         description="Read payloads written without encryption (histories from before it was turned on).",
     )
+    redact_logs: bool = Field(
+        default=True,
+        description="Keep error messages (which may quote a prompt) out of the worker's logs.",
+    )
 
 
 class CompressionSettings(BaseModel):
