@@ -287,3 +287,19 @@ async def _shows(temporal: str, target: str, ids: dict[str, str], logs: Path, *e
         assert process.returncode == 0, err.decode()
         outputs.append(_decoded_show(out.decode()))
     return "\n".join(outputs)
+
+
+def test_demo_is_encrypted_at_rest_by_default(tmp_path: Path) -> None:
+    kernelflow = shutil.which("kernelflow") or str(Path(sys.executable).parent / "kernelflow")
+    state = tmp_path / "state"
+    done = subprocess.run(
+        [kernelflow, "demo", "--state-dir", str(state), "--port", str(free_port()), "--ui-port", str(free_port())],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "payloads encrypted at rest: yes" in done.stdout
+    assert "charged twice" in done.stdout, "the demo's answer (which quotes the ticket) was not printed"
+    assert (state / "keys" / "default.keys").is_file(), "no key generated under the state folder"
+    database = (state / "temporal.db").read_bytes() + _wal(state)
+    assert b"ticket-triage" in database, "not the demo's database"
+    assert b"charged twice" not in database, "the demo's ticket is readable in the Temporal database"
