@@ -44,6 +44,7 @@ FIGURES: dict[str, tuple[str, Callable[[Mode], Awaitable[list[Result]]], list[tu
     ),
     "4": ("history growth", _figure("history_growth"), [("4. history growth", "MB")]),
     "5": ("worker memory", _figure("worker_memory"), [("5. worker memory per waiting pipeline", "KiB")]),
+    "6": ("encryption", _figure("encryption"), [("6. encryption: durable latency p50", "ms")]),
 }
 
 
