@@ -278,14 +278,35 @@ async def test_per_tenant_keys_and_crypto_shredding(
         tenants = {m.get("kernelflow-tenant") for m in _payload_metadata(history)}
         assert tenants == {"acme"}, f"{workflow_id}: payloads not all under acme's keys: {tenants}"
 
+    # The procedure: destroying is refused while one of acme's pipelines runs; terminate, then destroy.
+    async with build_worker(enc, task_queue=queue, registry=registry):
+        gate = _spec([{"id": "hold", "type": "approval", "timeout_s": 3600}])
+        waiting = await start_pipeline(enc, gate, {"ticket": "x"}, task_queue=queue, tenant="acme")
+        with pytest.raises(ConfigurationError, match="still has 1 running pipeline"):
+            await _destroy_when_listed(enc, keys, "acme", waiting.id)
+        await waiting.terminate()
     # Destroy acme's keys: acme's stored prompts become unreadable everywhere; globex is untouched.
-    assert keys.destroy("acme")
+    assert await _destroy_when_listed(enc, keys, "acme", None)
     fresh = _client(client, settings)
     with pytest.raises(KeyUnavailable, match="tenant 'acme'"):
         await fresh.get_workflow_handle(acme.id).result()
     with pytest.raises(KeyUnavailable, match="tenant 'acme'"):
         await fresh.get_workflow_handle(child_id).result()
     assert (await fresh.get_workflow_handle(globex.id).result())["status"] == "completed"
+
+
+async def _destroy_when_listed(
+    client: Client, keys: FileKeyProvider, tenant: str, running: str | None
+) -> bool:
+    """``destroy_tenant_keys`` once the visibility store (eventually consistent) shows ``running`` as the
+    tenant's only running workflow, or none."""
+    from worker.keys_cli import destroy_tenant_keys, running_tenant_workflows
+
+    for _ in range(200):
+        if await running_tenant_workflows(client, tenant) == ([running] if running else []):
+            break
+        await asyncio.sleep(0.05)
+    return await destroy_tenant_keys(client, keys, tenant)
 
 
 @pytest.mark.parametrize("name", ["ticket-triage-v1", "ticket-triage", "approval-gate", "fan-out"])

@@ -382,6 +382,12 @@ async def _cmd_codec_server(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _cmd_keys(args: argparse.Namespace) -> int:
+    from worker.keys_cli import keys_command
+
+    return await keys_command(args)
+
+
 def _on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -476,6 +482,10 @@ def _parser() -> argparse.ArgumentParser:
         "--no-auth", action="store_true", help="no token (loopback only): for a local dev set-up"
     )
 
+    from worker.keys_cli import add_keys_parser
+
+    add_keys_parser(sub)
+
     providers = sub.add_parser("providers", help="list provider plugins, capabilities and credentials")
     providers.add_argument("--json", action="store_true")
     return parser
@@ -494,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "watch": _cmd_watch,
             "demo": _cmd_demo,
             "codec-server": _cmd_codec_server,
+            "keys": _cmd_keys,
         }[args.command]
         return asyncio.run(handler(args))
     except KeyboardInterrupt:
