@@ -18,7 +18,8 @@ COPY workflows/ workflows/
 COPY worker/ worker/
 COPY simulator/ simulator/
 RUN pip install . && cd / && rm -rf /tmp/kernelflow-src \
-    && mkdir -p /var/lib/kernelflow/payloads && chown kernelflow /var/lib/kernelflow/payloads
+    && mkdir -p /var/lib/kernelflow/payloads /var/lib/kernelflow/keys \
+    && chown kernelflow /var/lib/kernelflow/payloads /var/lib/kernelflow/keys && chmod 700 /var/lib/kernelflow/keys
 
 USER kernelflow
 WORKDIR /home/kernelflow

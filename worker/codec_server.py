@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -350,7 +351,8 @@ def settings_from_env(
     no_auth: bool = False,
 ) -> CodecServerSettings:
     """Settings from arguments, else ``KERNELFLOW_CODEC_NAMESPACES`` (default: ``TEMPORAL_NAMESPACE`` or
-    ``default``), ``KERNELFLOW_CODEC_UI_ORIGINS``, ``KERNELFLOW_CODEC_TOKEN``, ``KERNELFLOW_CODEC_VERIFIER``;
+    ``default``), ``KERNELFLOW_CODEC_UI_ORIGINS``, ``KERNELFLOW_CODEC_TOKEN`` (or a file named by
+    ``KERNELFLOW_CODEC_TOKEN_FILE``), ``KERNELFLOW_CODEC_VERIFIER``;
     keys and payload store from the same settings as the workers (``payload_settings_from_env``)."""
     env = os.environ if environ is None else environ
 
@@ -365,8 +367,19 @@ def settings_from_env(
             or [env.get("TEMPORAL_NAMESPACE") or "default"]
         ),
         ui_origins=list(ui_origins or listed("KERNELFLOW_CODEC_UI_ORIGINS")),
-        token=env.get("KERNELFLOW_CODEC_TOKEN") or None,
+        token=env.get("KERNELFLOW_CODEC_TOKEN") or _read_token(env.get("KERNELFLOW_CODEC_TOKEN_FILE")),
         verifier=load_verifier(verifier_spec) if verifier_spec else None,
         authenticate=not no_auth,
         payloads=payload_settings_from_env(env),
     )
+
+
+def _read_token(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip() or None
+    except OSError as exc:
+        raise ConfigurationError(
+            f"KERNELFLOW_CODEC_TOKEN_FILE {path!r} cannot be read: {exc.strerror}"
+        ) from exc

@@ -10,6 +10,9 @@ otherwise, naming them.
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
+from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client
@@ -25,6 +28,8 @@ __all__ = ["add_keys_parser", "destroy_tenant_keys", "keys_command", "running_te
 def add_keys_parser(sub: Any) -> None:
     keys = sub.add_parser("keys", help="encryption keys: list, rotate, destroy a tenant's (crypto-shredding)")
     action = keys.add_subparsers(dest="keys_action", required=True, metavar="ACTION")
+    init = action.add_parser("init", help="create the deployment's ring if there is none (idempotent)")
+    init.add_argument("--codec-token-file", help="also write a random codec-server token here if missing")
     listing = action.add_parser("list", help="key ids of a ring, newest (encrypting) first")
     listing.add_argument("--tenant")
     rotate = action.add_parser("rotate", help="add a new key in front of the ring; older keys still decrypt")
@@ -66,9 +71,29 @@ async def destroy_tenant_keys(client: Client, provider: FileKeyProvider, tenant:
     return provider.destroy(tenant)
 
 
+def _init(provider: FileKeyProvider, token_file: str | None) -> int:
+    ring = provider.ring_path()
+    if ring.exists():
+        print(f"{ring} exists; left as it is")
+    else:
+        key = provider.add_key()
+        print(f"new ring {ring} with key {key.id}")
+    if token_file:
+        path = Path(token_file)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as file:
+                file.write(secrets.token_urlsafe(32) + "\n")
+            print(f"new codec-server token in {path}")
+    return 0
+
+
 async def keys_command(args: argparse.Namespace) -> int:
     settings = payload_settings_from_env()
     provider = _file_provider(settings)
+    if args.keys_action == "init":
+        return _init(provider, args.codec_token_file)
     if args.keys_action == "list":
         ring = await provider.keys(args.tenant)
         for number, key in enumerate(ring):
