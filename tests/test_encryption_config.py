@@ -11,7 +11,7 @@ import pytest
 from temporalio.api.common.v1 import Payload
 from temporalio.converter import ActivitySerializationContext, WorkflowSerializationContext
 
-from kernel.errors import ConfigurationError
+from kernel.errors import ConfigurationError, KernelflowError
 from kernel.keys import Key, KeyUnavailable
 from worker.codec import KernelflowCodec, PayloadDecryptError, PlaintextRefused, tenant_of, tenant_workflow_id
 from worker.config import payload_settings_from_env
@@ -133,3 +133,22 @@ async def test_encrypting_without_a_key_says_where_keys_come_from() -> None:
     codec = KernelflowCodec(provider=EnvKeyProvider(environ={}))
     with pytest.raises(KeyUnavailable, match="no key to encrypt with"):
         await codec.encode([Payload(metadata={"encoding": b"binary/null"})])
+
+
+def test_the_plugin_keeps_encryption_when_it_adapts_a_clients_converter(tmp_path: Path) -> None:
+    from temporalio.contrib.pydantic import pydantic_data_converter
+
+    from worker.codec import EncryptedFailureConverter
+    from worker.config import EncryptionSettings, PayloadSettings
+    from worker.plugin import kernelflow_converter
+
+    (tmp_path / "default.keys").write_text(format_ring([Key("k1", os.urandom(32))]))
+    settings = PayloadSettings(
+        dir=tmp_path / "payloads",
+        encryption=EncryptionSettings(enabled=True, provider="file", options={"dir": str(tmp_path)}),
+    )
+    adapted = kernelflow_converter(pydantic_data_converter, payloads=settings)
+    assert isinstance(adapted.payload_codec, KernelflowCodec) and adapted.payload_codec.encrypting
+    assert adapted.failure_converter_class is EncryptedFailureConverter
+    with pytest.raises(KernelflowError, match="already has a payload codec"):
+        kernelflow_converter(adapted, payloads=settings)

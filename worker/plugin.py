@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from temporalio.contrib.pydantic import PydanticPayloadConverter
-from temporalio.converter import DataConverter, DefaultPayloadConverter
+from temporalio.converter import DataConverter, DefaultFailureConverter, DefaultPayloadConverter
 from temporalio.plugin import SimplePlugin
 from temporalio.worker import WorkerConfig, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
@@ -103,11 +103,22 @@ def kernelflow_converter(
             "models; Kernelflow's payloads need temporalio.contrib.pydantic's PydanticPayloadConverter "
             "(or a subclass of it)"
         )
+    encrypting = getattr(ours.payload_codec, "encrypting", False)
+    if encrypting and existing.payload_codec is not None:
+        raise KernelflowError(
+            "the client's converter already has a payload codec, and Kernelflow's encryption is on: one "
+            "would be dropped; leave the codec out of the client's converter (Kernelflow's encrypts)"
+        )
+    failure_class = existing.failure_converter_class
+    if failure_class is DefaultFailureConverter:
+        # With encryption on, failure messages (which may quote a prompt) are encrypted too.
+        failure_class = ours.failure_converter_class
     return dataclasses.replace(
         existing,
         payload_converter_class=converter_class,
         external_storage=existing.external_storage or ours.external_storage,
         payload_codec=existing.payload_codec or ours.payload_codec,
+        failure_converter_class=failure_class,
     )
 
 
