@@ -4,6 +4,7 @@ what is wrong; the tenant rule; tampering fails authentication."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 from pathlib import Path
 
@@ -11,9 +12,16 @@ import pytest
 from temporalio.api.common.v1 import Payload
 from temporalio.converter import ActivitySerializationContext, WorkflowSerializationContext
 
-from kernel.errors import ConfigurationError, KernelflowError
+from kernel.errors import ConfigurationError
 from kernel.keys import Key, KeyUnavailable
-from worker.codec import KernelflowCodec, PayloadDecryptError, PlaintextRefused, tenant_of, tenant_workflow_id
+from worker.codec import (
+    ChainedCodec,
+    KernelflowCodec,
+    PayloadDecryptError,
+    PlaintextRefused,
+    tenant_of,
+    tenant_workflow_id,
+)
 from worker.config import payload_settings_from_env
 from worker.keys import EnvKeyProvider, FileKeyProvider, format_ring, load_key_provider, parse_ring
 
@@ -135,7 +143,7 @@ async def test_encrypting_without_a_key_says_where_keys_come_from() -> None:
         await codec.encode([Payload(metadata={"encoding": b"binary/null"})])
 
 
-def test_the_plugin_keeps_encryption_when_it_adapts_a_clients_converter(tmp_path: Path) -> None:
+async def test_the_plugin_keeps_encryption_when_it_adapts_a_clients_converter(tmp_path: Path) -> None:
     from temporalio.contrib.pydantic import pydantic_data_converter
 
     from worker.codec import EncryptedFailureConverter
@@ -150,5 +158,16 @@ def test_the_plugin_keeps_encryption_when_it_adapts_a_clients_converter(tmp_path
     adapted = kernelflow_converter(pydantic_data_converter, payloads=settings)
     assert isinstance(adapted.payload_codec, KernelflowCodec) and adapted.payload_codec.encrypting
     assert adapted.failure_converter_class is EncryptedFailureConverter
-    with pytest.raises(KernelflowError, match="already has a payload codec"):
-        kernelflow_converter(adapted, payloads=settings)
+    assert kernelflow_converter(adapted, payloads=settings).payload_codec is adapted.payload_codec
+
+    # A user's own codec is kept and runs first; Kernelflow's encryption runs last.
+    users = dataclasses.replace(
+        pydantic_data_converter, payload_codec=KernelflowCodec(provider=None, compress_min_bytes=0)
+    )
+    chained = kernelflow_converter(users, payloads=settings)
+    assert isinstance(chained.payload_codec, ChainedCodec) and chained.payload_codec.encrypting
+    [stored] = await chained.encode(["a prompt " * 50])
+    assert stored.metadata["encoding"] == b"binary/encrypted"
+    inner = (await adapted.payload_codec.decode([stored]))[0]
+    assert inner.metadata["encoding"] == b"binary/zlib", "the user's codec did not run before encryption"
+    assert await chained.decode([stored], [str]) == ["a prompt " * 50]

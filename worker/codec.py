@@ -53,6 +53,7 @@ __all__ = [
     "ENCODING_COMPRESSED",
     "ENCODING_ENCRYPTED",
     "TENANT_ID_PREFIX",
+    "ChainedCodec",
     "EncryptedFailureConverter",
     "EncryptionMismatch",
     "KernelflowCodec",
@@ -331,6 +332,38 @@ class EncryptedFailureConverter(DefaultFailureConverter):
 
 
 _CLEAR_ERRORS = (KeyUnavailable, EncryptionMismatch, PlaintextRefused, PayloadDecryptError)
+
+
+class ChainedCodec(PayloadCodec, WithSerializationContext):
+    """``inner`` (a user's own codec) then ``outer`` (Kernelflow's encryption) on encode; the reverse on
+    decode. Encryption goes last: what a user's codec does (compression, signatures) is encrypted too."""
+
+    def __init__(self, inner: PayloadCodec, outer: PayloadCodec) -> None:
+        self.inner = inner
+        self.outer = outer
+
+    async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        return await self.outer.encode(await self.inner.encode(payloads))
+
+    async def decode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        return await self.inner.decode(await self.outer.decode(payloads))
+
+    @property
+    def encrypting(self) -> bool:
+        return bool(getattr(self.outer, "encrypting", False))
+
+    def with_context(self, context: SerializationContext) -> ChainedCodec:
+        inner = (
+            self.inner.with_context(context)
+            if isinstance(self.inner, WithSerializationContext)
+            else self.inner
+        )
+        outer = (
+            self.outer.with_context(context)
+            if isinstance(self.outer, WithSerializationContext)
+            else self.outer
+        )
+        return self if inner is self.inner and outer is self.outer else ChainedCodec(inner, outer)
 
 
 def _associated_data(metadata: dict[str, bytes]) -> bytes:

@@ -37,6 +37,7 @@ from kernel.errors import KernelflowError
 from kernel.pricing import PriceTable
 from kernel.registry import Registry
 from kernel.routing import BreakerBoard
+from worker.codec import ChainedCodec
 from worker.config import PayloadSettings, payload_settings_from_env
 from worker.pipelines import PipelineCatalog
 from worker.storage import build_data_converter
@@ -103,12 +104,15 @@ def kernelflow_converter(
             "models; Kernelflow's payloads need temporalio.contrib.pydantic's PydanticPayloadConverter "
             "(or a subclass of it)"
         )
-    encrypting = getattr(ours.payload_codec, "encrypting", False)
-    if encrypting and existing.payload_codec is not None:
-        raise KernelflowError(
-            "the client's converter already has a payload codec, and Kernelflow's encryption is on: one "
-            "would be dropped; leave the codec out of the client's converter (Kernelflow's encrypts)"
-        )
+    codec = existing.payload_codec or ours.payload_codec
+    if (
+        existing.payload_codec is not None
+        and ours.payload_codec is not None
+        and getattr(ours.payload_codec, "encrypting", False)
+        and not getattr(existing.payload_codec, "encrypting", False)  # not ours, nor already chained
+    ):
+        # The user's codec runs first, Kernelflow's encryption last.
+        codec = ChainedCodec(existing.payload_codec, ours.payload_codec)
     failure_class = existing.failure_converter_class
     if failure_class is DefaultFailureConverter:
         # With encryption on, failure messages (which may quote a prompt) are encrypted too.
@@ -117,7 +121,7 @@ def kernelflow_converter(
         existing,
         payload_converter_class=converter_class,
         external_storage=existing.external_storage or ours.external_storage,
-        payload_codec=existing.payload_codec or ours.payload_codec,
+        payload_codec=codec,
         failure_converter_class=failure_class,
     )
 
