@@ -171,3 +171,18 @@ async def test_the_plugin_keeps_encryption_when_it_adapts_a_clients_converter(tm
     inner = (await adapted.payload_codec.decode([stored]))[0]
     assert inner.metadata["encoding"] == b"binary/zlib", "the user's codec did not run before encryption"
     assert await chained.decode([stored], [str]) == ["a prompt " * 50]
+
+
+def test_a_worker_with_encryption_on_and_no_key_refuses_to_start(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    kernelflow = Path(sys.executable).parent / "kernelflow"
+    env = {
+        **os.environ,
+        "KERNELFLOW_ENCRYPTION_KEYS_DIR": str(tmp_path / "empty"),
+        "TEMPORAL_ADDRESS": "127.0.0.1:1",
+    }
+    done = subprocess.run([str(kernelflow), "worker"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "encryption is on but the file key provider has no key" in done.stderr

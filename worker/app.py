@@ -30,7 +30,7 @@ from worker.config import (
     load_config,
     payload_settings_from_env,
 )
-from worker.devkeys import log_encryption_state
+from worker.devkeys import check_encryption, log_encryption_state
 from worker.pipelines import PipelineCatalog, load_catalog, pipelines_dir
 from worker.plugin import KernelflowPlugin, sandbox_runner
 from worker.redaction import redact_error_logs
@@ -244,6 +244,7 @@ async def run_worker(
     payloads = payload_settings_from_env(base=config.payloads)
     if payloads.encryption.enabled and payloads.encryption.redact_logs:
         redact_error_logs()
+    await check_encryption(payloads)
     log_encryption_state(payloads)
     client = await connect(settings.temporal_address, settings.namespace, payloads=payloads)
     added = await ensure_search_attributes(client, settings.namespace)

@@ -333,6 +333,9 @@ async def serve_forever(settings: CodecServerSettings, *, host: str, port: int) 
         raise ConfigurationError(
             f"the codec server without authentication binds to loopback only, not {host!r}"
         )
+    from worker.devkeys import check_encryption
+
+    await check_encryption(settings.payloads)
     converter = build_data_converter(settings.payloads)
     app = build_codec_app(settings, converter)
     if not getattr(converter.payload_codec, "encrypting", False):

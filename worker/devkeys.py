@@ -14,7 +14,13 @@ import structlog
 from worker.config import EncryptionSettings, PayloadSettings
 from worker.keys import FileKeyProvider, format_ring, generate_key
 
-__all__ = ["describe_encryption", "dev_payload_settings", "discover_dev_keys", "log_encryption_state"]
+__all__ = [
+    "check_encryption",
+    "describe_encryption",
+    "dev_payload_settings",
+    "discover_dev_keys",
+    "log_encryption_state",
+]
 
 DEV_KEYS = "keys"
 """The key directory's name under a state folder."""
@@ -75,4 +81,25 @@ def log_encryption_state(settings: PayloadSettings) -> None:
         _log.warning(
             "payload encryption is OFF: prompts, inputs and answers are stored in clear in Temporal and the "
             "payload store; set payloads.encryption or KERNELFLOW_ENCRYPTION_KEYS (docs/encryption.md)"
+        )
+
+
+async def check_encryption(settings: PayloadSettings) -> None:
+    """Fail at start, not at the first payload, when encryption is on but there is no key to encrypt with."""
+    encryption = settings.encryption
+    if not encryption.enabled:
+        return
+    from kernel.errors import ConfigurationError
+    from worker.keys import load_key_provider
+
+    provider = load_key_provider(encryption.provider, encryption.options)
+    try:
+        ring = await provider.keys()
+    finally:
+        await provider.aclose()
+    if not ring:
+        where = f" in {encryption.options['dir']}" if encryption.options.get("dir") else ""
+        raise ConfigurationError(
+            f"encryption is on but the {encryption.provider} key provider has no key{where}: create one "
+            "(kernelflow keys init) or set KERNELFLOW_ENCRYPTION_KEYS; see docs/encryption.md"
         )
