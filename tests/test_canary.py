@@ -40,7 +40,8 @@ PROMPT = "CANARY-PROMPT-b71e0c"
 VALUE = "CANARY-VALUE-3f9a22"
 API_KEY = "sk-CANARY-KEY-90d4e1"
 IN_ERROR = "CANARYERR81c2"
-"""Reaches the history only in an error message: the simulator refuses the directive that quotes it."""
+"""Reaches the history only in an error message: it is in no prompt or input, but in a header the worker's
+config sends to one provider, which the simulator refuses and quotes in its error."""
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -94,9 +95,11 @@ async def test_no_canary_at_rest_and_all_through_the_codec(tmp_path: Path) -> No
 
     with SimulatorServer() as sim:
         config = tmp_path / "kernelflow.yaml"
-        config.write_text(
-            yaml.safe_dump({"providers": {"openai": {"base_url": f"{sim.url}/v1"}}}), encoding="utf-8"
-        )
+        providers = {
+            "openai": {"base_url": f"{sim.url}/v1"},
+            "mistral": {"base_url": f"{sim.url}/v1", "headers": {"x-sim-fault": f"fault={IN_ERROR}"}},
+        }
+        config.write_text(yaml.safe_dump({"providers": providers}), encoding="utf-8")
         queue = f"canary-{uuid.uuid4().hex[:8]}"
         async with DevServer(state_dir=state, port=free_port(), headless=True) as server:
             env = {
@@ -109,6 +112,7 @@ async def test_no_canary_at_rest_and_all_through_the_codec(tmp_path: Path) -> No
                 "KERNELFLOW_LOG_FORMAT": "json",
                 "KERNELFLOW_LOG_LEVEL": "debug",
                 "OPENAI_API_KEY": API_KEY,
+                "MISTRAL_API_KEY": "sim-key",
             }
             keys.mkdir()
             from worker.keys import format_ring, generate_key
@@ -230,7 +234,7 @@ async def _run_pipelines(
 
     from kernel.pipeline import load_pipeline, parse_pipeline
 
-    # A failure whose message quotes the prompt (the simulator refuses the directive it cannot read).
+    # A failure whose error message carries a canary found nowhere else.
     failing = parse_pipeline(
         {
             "name": "canary-failure",
@@ -238,8 +242,8 @@ async def _run_pipelines(
             "steps": [
                 {
                     "id": "answer",
-                    "model": "openai/gpt-4o-mini",
-                    "prompt": f"[[sim: fault={IN_ERROR}]] {{{{ inputs.ticket }}}}",
+                    "model": "mistral/mistral-small-latest",
+                    "prompt": "{{ inputs.ticket }}",
                 }
             ],
         }
