@@ -164,6 +164,10 @@ def test_refusals(server: CodecServer, run: Run, headers: dict[str, str], status
 def test_bad_body_is_refused(server: CodecServer) -> None:
     response = httpx.post(f"{server.url}/decode", content=b"not json", headers=_ok_headers(), timeout=10)
     assert response.status_code == 400 and "protobuf JSON" in response.json()["error"]
+    huge = httpx.post(
+        f"{server.url}/decode", content=b" " * (65 * 1024 * 1024), headers=_ok_headers(), timeout=60
+    )
+    assert huge.status_code == 413
 
 
 def test_cors_preflight_answers_only_the_ui_origin(server: CodecServer) -> None:

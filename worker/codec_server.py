@@ -63,6 +63,8 @@ __all__ = [
 _log = structlog.get_logger("kernelflow.codec_server")
 
 Verifier = Callable[[str, str], bool | Awaitable[bool]]
+_MAX_BODY_BYTES = 64 * 1024 * 1024
+"""A history's payloads are asked for a few at a time; this bounds what one request can make us hold."""
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 
@@ -154,8 +156,13 @@ def build_codec_app(settings: CodecServerSettings, converter: DataConverter | No
         return None
 
     async def payloads_of(request: Request) -> list[Payload] | Response:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > _MAX_BODY_BYTES:
+                return refuse(request, 413, f"the body is over {_MAX_BODY_BYTES} bytes")
         try:
-            message = json_format.Parse(await request.body(), Payloads(), ignore_unknown_fields=True)
+            message = json_format.Parse(bytes(body), Payloads(), ignore_unknown_fields=True)
         except (json_format.ParseError, ValueError, UnicodeDecodeError) as exc:
             return refuse(request, 400, f"the body is not {{'payloads': [...]}} in protobuf JSON: {exc}")
         return list(message.payloads)
