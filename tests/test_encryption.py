@@ -320,6 +320,27 @@ async def test_histories_written_before_encryption_replay_with_it_on(
     assert result.replay_failure is None, f"{name}: {result.replay_failure}"
 
 
+ENCRYPTED_HISTORIES = sorted((Path(__file__).parent / "histories" / "encrypted").glob("*.json"))
+_ENCRYPTED_TEXT = {path.stem: path.read_text(encoding="utf-8") for path in ENCRYPTED_HISTORIES}
+
+
+def test_encrypted_recordings_are_present() -> None:
+    assert {p.stem for p in ENCRYPTED_HISTORIES} >= {"ticket-triage", "approval-gate", "fan-out"}
+
+
+@pytest.mark.parametrize("path", ENCRYPTED_HISTORIES, ids=[p.stem for p in ENCRYPTED_HISTORIES])
+async def test_recorded_encrypted_histories_still_decrypt_and_replay(path: Path, tmp_path: Path) -> None:
+    """Histories recorded with encryption on (tests/histories/record_encrypted.py) pin the format: the
+    codec of today reads what it wrote then."""
+    from tests.histories.record_encrypted import settings as recorded_settings
+
+    text = _ENCRYPTED_TEXT[path.stem]
+    assert "ACME Corp" not in text and "charged twice" not in text
+    history = WorkflowHistory.from_json(path.stem, text)
+    result = await _replay(history, recorded_settings(tmp_path))
+    assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
+
+
 async def test_failure_messages_are_encrypted(encrypted: tuple[Client, str]) -> None:
     from worker.client import start_pipeline
 

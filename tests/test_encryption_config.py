@@ -79,7 +79,7 @@ def test_bad_key_rings_are_refused(text: str, message: str) -> None:
 
 def test_ring_format_round_trips_with_comments() -> None:
     keys = [Key("k2", os.urandom(32)), Key("k1", os.urandom(32))]
-    assert parse_ring("# rotated 2026-11\n" + format_ring(keys), source="x") == keys
+    assert parse_ring("# rotated 2026-11, by ops\n" + format_ring(keys), source="x") == keys
 
 
 def test_unknown_key_provider_names_the_installed_ones() -> None:

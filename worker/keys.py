@@ -50,8 +50,9 @@ def generate_key(key_id: str | None = None) -> Key:
 def parse_ring(text: str, *, source: str) -> list[Key]:
     """Keys from ``id=base64`` entries separated by newlines or commas (``#`` starts a comment)."""
     keys: list[Key] = []
-    for line in text.replace(",", "\n").splitlines():
-        entry = line.split("#", 1)[0].strip()
+    entries = [part for line in text.splitlines() for part in line.split("#", 1)[0].split(",")]
+    for raw in entries:
+        entry = raw.strip()
         if not entry:
             continue
         key_id, sep, encoded = entry.partition("=")
