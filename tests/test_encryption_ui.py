@@ -4,8 +4,13 @@ the UI (a token is required and the UI sends none), only ciphertext."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,6 +33,7 @@ pytestmark = pytest.mark.skipif(
     reason="Debian's chromium is not installed (`make browser` installs it when run as root)",
 )
 
+REPO = Path(__file__).resolve().parents[1]
 PROMPT = "UICANARY-4d1e the customer asks for a refund"
 CIPHERTEXT = r"[A-Za-z0-9+/=]{300,}"
 """What the UI shows of a payload it cannot decode: its bytes in base64 (the input and the result here)."""
@@ -121,3 +127,52 @@ async def test_web_ui_shows_prompt_and_answer_only_through_the_codec_server(
             assert len(re.findall(CIPHERTEXT, absent)) >= 2, "input and result are not shown as ciphertext"
     finally:
         codec.stop()
+
+
+async def test_kernelflow_dev_is_encrypted_at_rest_and_readable_in_its_web_ui(
+    browser: object, tmp_path: Path
+) -> None:
+    """The default experience: `kernelflow dev` (its own process) stores ciphertext, and its Web UI reads
+    the run through the loopback codec server it started."""
+    kernelflow = str(Path(sys.executable).parent / "kernelflow")
+    state = tmp_path / "state"
+    port, ui_port, sim_port = free_port(), free_port(), free_port()
+    dev = subprocess.Popen(  # noqa: ASYNC220
+        [kernelflow, "dev", "--port", str(port), "--ui-port", str(ui_port), "--sim-port", str(sim_port),
+         "--state-dir", str(state), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+        banner = await asyncio.to_thread(_banner, dev)
+        assert "Encryption on (AES-256-GCM" in banner and "no token: loopback only" in banner, banner
+
+        keys = {"KERNELFLOW_ENCRYPTION_KEYS_DIR": str(state / "keys")}
+        env = {**os.environ, "TEMPORAL_ADDRESS": f"127.0.0.1:{port}", **keys}
+        ticket = "UICANARY-dev my parcel never arrived"
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [kernelflow, "run", "examples/ticket-triage.yaml", "--input", f"ticket={ticket}", "--json"],
+            capture_output=True, text=True, timeout=120, env=env, cwd=REPO,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        workflow_id = done.stderr.split("started ", 1)[1].split()[0]
+
+        url = f"http://127.0.0.1:{ui_port}/namespaces/default/workflows/{workflow_id}"
+        page = await _page_text(browser, url, wait_for="UICANARY-dev")
+        assert "classify · openai/gpt-4o-mini" in page
+    finally:
+        dev.send_signal(signal.SIGINT)
+        await asyncio.to_thread(dev.wait, 60)
+    database = b"".join(p.read_bytes() for p in state.glob("temporal.db*"))
+    assert workflow_id.encode() in database, "not the dev server's database"
+    assert b"UICANARY-dev" not in database, "the ticket is readable in the dev server's database"
+
+
+def _banner(process: subprocess.Popen[str]) -> str:
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "Ctrl-C stops everything" in line:
+            break
+    return "".join(lines)
