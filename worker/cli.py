@@ -448,8 +448,15 @@ def _parser() -> argparse.ArgumentParser:
         help="inputs from a JSON or YAML file (--input-json and --input add to it)",
     )
     run.add_argument("--json", action="store_true", help="print the result as JSON")
-    run.add_argument("--id", help="workflow id (default: pipeline name + random suffix)")
-    run.add_argument("--tenant", help="tenant, searchable in the Web UI as KernelflowTenant")
+    run.add_argument(
+        "--id",
+        help="workflow id (default: pipeline name + random suffix); never encrypted: no personal data in it",
+    )
+    run.add_argument(
+        "--tenant",
+        help="tenant, searchable in the Web UI as KernelflowTenant (never encrypted); with per-tenant keys "
+        "the workflow id starts with tenant/<tenant>/",
+    )
     run.add_argument("--no-wait", action="store_true", help="print the workflow id and return at once")
     temporal_options(run)
 

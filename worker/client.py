@@ -82,6 +82,9 @@ async def start_pipeline(
 ) -> WorkflowHandle[Any, PipelineResult]:
     """Validate inputs against the spec (a bad one never starts), then start ``PipelineWorkflow``.
 
+    ``workflow_id`` and ``tenant`` are never encrypted (the server indexes them): keep personal data
+    and business keys out of them. With per-tenant keys the id is ``tenant/<tenant>/...``.
+
     ``eager`` asks the server to hand the first workflow task straight back to a worker of this same
     client (request_eager_start), saving a round trip when client and worker share a process."""
     request = _request(spec, inputs, tenant)
