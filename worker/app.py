@@ -27,7 +27,9 @@ from worker.config import (
     KernelflowConfig,
     PayloadSettings,
     WorkerSettings,
+    describe_payload_store,
     load_config,
+    payload_settings,
     payload_settings_from_env,
 )
 from worker.pipelines import PipelineCatalog, load_catalog, pipelines_dir
@@ -239,7 +241,8 @@ async def run_worker(
     registry = build_registry(config, provider_settings=provider_settings)
     prices = _prices(config)
     activities = LlmActivities(registry, prices=prices, breakers=default_breakers(config))
-    client = await connect(settings.temporal_address, settings.namespace, payloads=config.payloads)
+    payloads = payload_settings(config)
+    client = await connect(settings.temporal_address, settings.namespace, payloads=payloads)
     added = await ensure_search_attributes(client, settings.namespace)
     if added:
         _log.info("registered search attributes", names=added, namespace=settings.namespace)
@@ -270,6 +273,7 @@ async def run_worker(
         namespace=settings.namespace,
         task_queue=settings.task_queue,
         providers=registry.names,
+        payload_store=describe_payload_store(payloads),
     )
     try:
         async with worker:

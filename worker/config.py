@@ -52,7 +52,9 @@ __all__ = [
     "RoutingConfig",
     "WorkerSettings",
     "config_changes",
+    "describe_payload_store",
     "load_config",
+    "payload_settings",
     "payload_settings_from_env",
 ]
 
@@ -175,12 +177,11 @@ def load_config(path: Path | None) -> KernelflowConfig:
     return config
 
 
-def payload_settings_from_env(environ: Mapping[str, str] | None = None) -> PayloadSettings:
-    """The ``payloads:`` section of ``KERNELFLOW_CONFIG`` (defaults without one), with the
-    ``KERNELFLOW_PAYLOADS_STORAGE`` and ``KERNELFLOW_PAYLOADS_DIR`` overrides applied."""
+def payload_settings(config: KernelflowConfig, environ: Mapping[str, str] | None = None) -> PayloadSettings:
+    """``config.payloads`` with the ``KERNELFLOW_PAYLOADS_STORAGE`` and ``KERNELFLOW_PAYLOADS_DIR``
+    overrides applied: the one path by which clients and workers choose their payload store."""
     env = os.environ if environ is None else environ
-    config_file = env.get("KERNELFLOW_CONFIG")
-    payloads = load_config(Path(config_file) if config_file else None).payloads
+    payloads = config.payloads
     overrides: dict[str, Any] = {}
     if env.get("KERNELFLOW_PAYLOADS_STORAGE"):
         overrides["storage"] = env["KERNELFLOW_PAYLOADS_STORAGE"]
@@ -192,6 +193,29 @@ def payload_settings_from_env(environ: Mapping[str, str] | None = None) -> Paylo
         return PayloadSettings.model_validate({**payloads.model_dump(exclude_unset=True), **overrides})
     except ValidationError as exc:
         raise ConfigurationError(format_validation_error(exc, prefix="payloads")) from exc
+
+
+def payload_settings_from_env(
+    environ: Mapping[str, str] | None = None, *, config_file: Path | None = None
+) -> PayloadSettings:
+    """The payload settings of ``config_file`` (default: ``KERNELFLOW_CONFIG``; defaults without
+    one), with the environment overrides applied (see ``payload_settings``)."""
+    env = os.environ if environ is None else environ
+    if config_file is None and env.get("KERNELFLOW_CONFIG"):
+        config_file = Path(env["KERNELFLOW_CONFIG"])
+    return payload_settings(load_config(config_file), env)
+
+
+def describe_payload_store(settings: PayloadSettings) -> str:
+    """Where this process keeps large payloads, in words for its start-up message."""
+    if settings.storage == "off":
+        return f"off (payloads inline; over {settings.limit_bytes} bytes refused)"
+    where = (
+        f"directory {settings.dir.resolve()}"
+        if settings.storage == "filesystem"
+        else f"driver {settings.driver}"
+    )
+    return f"{where} (payloads of {settings.threshold_bytes} bytes or more)"
 
 
 _log = structlog.get_logger("kernelflow.config")
