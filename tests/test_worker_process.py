@@ -65,3 +65,44 @@ async def test_worker_uses_the_payload_store_named_by_the_environment(
     # The start-up message says which store the process uses.
     assert str(store.resolve()) in started.get("payload_store", ""), started
     assert json.dumps(result.outputs)
+
+
+async def test_json_logs_of_a_failing_run_are_json_on_every_line(
+    temporal_target: str, sim: SimulatorServer, tmp_path: Path
+) -> None:
+    queue = f"proc-{uuid.uuid4().hex[:8]}"
+    env = worker_env(temporal_target, sim, queue, KERNELFLOW_PAYLOADS_DIR=str(tmp_path / "store"))
+    failing = PipelineSpec.model_validate(
+        {
+            "name": "fails",
+            "steps": [
+                {"id": "flaky", "model": "openai/gpt-4o-mini", "prompt": "hi [[sim: fault=500 times=1]]",
+                 "retry": {"max_attempts": 2, "initial_interval_s": 0.1}},
+                {"id": "broken", "model": "openai/gpt-4o-mini", "prompt": "hi [[sim: fault=400]]"},
+            ],
+        }
+    )  # fmt: skip
+    with WorkerProcess(env, cwd=tmp_path) as worker:
+        worker.wait_started()
+        client = await connect(
+            temporal_target,
+            payloads=payload_settings_from_env({"KERNELFLOW_PAYLOADS_DIR": str(tmp_path / "store")}),
+        )
+        handle = await start_pipeline(client, failing, {}, task_queue=queue)
+        with pytest.raises(WorkflowFailureError):
+            await asyncio.wait_for(handle.result(), timeout=60)
+        # A workflow type the worker does not have: its workflow tasks fail, which the SDK core and
+        # the SDK's Python side both report (the core's report used to be coloured text).
+        await client.start_workflow("NoSuchWorkflow", id=f"missing-{queue}", task_queue=queue)
+        worker.wait_for(lambda r: r.get("logger") == "temporalio.core", within=60)
+        worker.wait_for(lambda r: "exception" in r and "NoSuchWorkflow" in json.dumps(r), within=60)
+        await client.get_workflow_handle(f"missing-{queue}").terminate()
+    assert worker.process is not None and worker.process.returncode == 0
+    not_json = []
+    for line in worker.lines:
+        try:
+            assert isinstance(json.loads(line), dict)
+        except (ValueError, AssertionError):
+            not_json.append(line)
+    assert not not_json, "lines that are not JSON objects:\n" + "\n".join(not_json[:20])
+    assert not any("\x1b[" in line for line in worker.lines), "colour codes in JSON logs"

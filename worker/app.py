@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 from temporalio.client import Client
+from temporalio.runtime import Runtime
 from temporalio.worker import Worker, WorkflowRunner
 
 from activities.llm import LlmActivities
@@ -36,6 +37,7 @@ from worker.pipelines import PipelineCatalog, load_catalog, pipelines_dir
 from worker.plugin import KernelflowPlugin, sandbox_runner
 from worker.search_attributes import ensure_search_attributes
 from worker.storage import build_data_converter
+from worker.telemetry import build_runtime
 
 __all__ = [
     "SIMULATED_PROVIDERS",
@@ -70,12 +72,18 @@ keys of the environment (any well-formed signature passes the simulator) and nee
 
 
 async def connect(
-    address: str, namespace: str = "default", *, payloads: PayloadSettings | None = None
+    address: str,
+    namespace: str = "default",
+    *,
+    payloads: PayloadSettings | None = None,
+    runtime: Runtime | None = None,
 ) -> Client:
     """A client with Kernelflow's converter. ``payloads`` defaults to the ``payloads:`` section of
     ``KERNELFLOW_CONFIG`` (what ``run_worker`` uses), so clients and workers store payloads alike."""
     settings = payloads if payloads is not None else payload_settings_from_env()
-    return await Client.connect(address, namespace=namespace, data_converter=build_data_converter(settings))
+    return await Client.connect(
+        address, namespace=namespace, data_converter=build_data_converter(settings), runtime=runtime
+    )
 
 
 def simulator_settings(simulator_url: str) -> dict[str, ProviderSettings]:
@@ -242,7 +250,8 @@ async def run_worker(
     prices = _prices(config)
     activities = LlmActivities(registry, prices=prices, breakers=default_breakers(config))
     payloads = payload_settings(config)
-    client = await connect(settings.temporal_address, settings.namespace, payloads=payloads)
+    runtime = build_runtime()
+    client = await connect(settings.temporal_address, settings.namespace, payloads=payloads, runtime=runtime)
     added = await ensure_search_attributes(client, settings.namespace)
     if added:
         _log.info("registered search attributes", names=added, namespace=settings.namespace)

@@ -20,7 +20,7 @@ from temporalio.exceptions import ApplicationError
 from kernel.errors import ConfigurationError, FailureType, KernelflowError
 from kernel.pipeline import PipelineSpec, load_pipeline
 from worker.config import WorkerSettings, load_config
-from worker.logs import configure_logging
+from worker.logs import configure_logging, log_fatal
 from workflows.pipeline import PipelineResult, PipelineStatus
 
 __all__ = ["main", "run"]
@@ -407,7 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except KernelflowError as exc:
-        print(f"kernelflow: {exc}", file=sys.stderr)
+        if not log_fatal(str(exc)):
+            print(f"kernelflow: {exc}", file=sys.stderr)
         return 2
     except WorkflowFailureError as exc:
         cause = exc.cause
@@ -423,7 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kernelflow: pipeline failed: {cause}", file=sys.stderr)
         return 3
     except (OSError, RuntimeError) as exc:
-        print(f"kernelflow: {exc}", file=sys.stderr)
+        if not log_fatal(str(exc)):
+            print(f"kernelflow: {exc}", file=sys.stderr)
         return 1
 
 
