@@ -151,15 +151,25 @@ def _coerce_inputs(spec: PipelineSpec, inputs: dict[str, Any]) -> dict[str, Any]
     return coerced
 
 
+async def _client(settings: WorkerSettings) -> Any:
+    """A client on the connection profile (flags, environment, TOML), storing payloads as the
+    worker does (``payloads`` of the config file, ``KERNELFLOW_PAYLOADS_*``)."""
+    from worker.config import payload_settings_from_env
+    from worker.connection import open_client, resolve_connection
+
+    payloads = payload_settings_from_env(config_file=settings.config_file)
+    return await open_client(resolve_connection(settings), payloads=payloads)
+
+
 async def _cmd_run(args: argparse.Namespace) -> int:
-    from worker.app import build_registry, connect
+    from worker.app import build_registry
     from worker.client import check_models, follow, start_pipeline, start_registered
 
     settings = WorkerSettings.from_env(**_overrides(args))
     given = _parse_inputs(args.input or [], args.input_json, args.input_file)
     if (args.pipeline is None) == (args.name is None):
         raise ConfigurationError("give a pipeline file, or --name of a pipeline registered on the worker")
-    client = await connect(settings.temporal_address, settings.namespace)
+    client = await _client(settings)
     if args.name is not None:
         handle = await start_registered(
             client, args.name, given, task_queue=settings.task_queue, version=args.version,
@@ -183,11 +193,10 @@ async def _cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _cmd_watch(args: argparse.Namespace) -> int:
-    from worker.app import connect
     from worker.watch import PipelineWatch, WatchError
 
     settings = WorkerSettings.from_env(**_overrides(args))
-    client = await connect(settings.temporal_address, settings.namespace)
+    client = await _client(settings)
     try:
         status = await PipelineWatch(client, args.workflow_id, as_json=args.json).run()
     except WatchError as exc:
@@ -322,6 +331,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "namespace": "namespace",
         "task_queue": "task_queue",
         "config": "config_file",
+        "profile": "profile",
+        "metrics_port": "metrics_port",
+        "shutdown_grace": "shutdown_grace_s",
     }
     return {
         target: getattr(args, src) for src, target in keys.items() if getattr(args, src, None) is not None
@@ -340,9 +352,20 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--namespace", help="Temporal namespace (env TEMPORAL_NAMESPACE, default default)")
         p.add_argument("--task-queue", help="task queue (env KERNELFLOW_TASK_QUEUE, default kernelflow)")
         p.add_argument("--config", help="YAML config file (env KERNELFLOW_CONFIG)")
+        p.add_argument(
+            "--profile", help="Temporal connection profile, as the temporal CLI's (env TEMPORAL_PROFILE)"
+        )
 
     worker = sub.add_parser("worker", help="run a worker against a Temporal server")
     temporal_options(worker)
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve /metrics, /healthz, /readyz here (env KERNELFLOW_METRICS_PORT)",
+    )
+    worker.add_argument(
+        "--shutdown-grace", type=float, help="seconds in-flight work may take after SIGTERM (default 20)"
+    )
 
     dev = sub.add_parser("dev", help="embedded Temporal dev server + simulator + worker, until Ctrl-C")
     dev.add_argument("--port", type=int, default=7233)
@@ -378,6 +401,7 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--json", action="store_true", help="one JSON event per line")
     watch.add_argument("--address", help="Temporal frontend (env TEMPORAL_ADDRESS, default localhost:7233)")
     watch.add_argument("--namespace", help="Temporal namespace (env TEMPORAL_NAMESPACE, default default)")
+    watch.add_argument("--profile", help="Temporal connection profile (env TEMPORAL_PROFILE)")
 
     demo = sub.add_parser("demo", help="run the example pipeline on embedded everything, then stop")
     demo.add_argument("--pipeline", default=str(DEMO_PIPELINE))

@@ -130,13 +130,32 @@ class WorkerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     temporal_address: str = "localhost:7233"
+    """Used when set explicitly (flag or ``TEMPORAL_ADDRESS``); otherwise the profile's (see
+    ``worker.connection``)."""
     namespace: str = "default"
+    profile: str | None = Field(default=None, description="Temporal connection profile (TOML), as the CLI's.")
     task_queue: str = "kernelflow"
     config_file: Path | None = None
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "info"
     max_concurrent_activities: int = Field(default=200, gt=0)
     max_concurrent_workflow_tasks: int = Field(default=100, gt=0)
+    max_cached_workflows: int = Field(default=1000, ge=0)
+    shutdown_grace_s: float = Field(
+        default=20.0, ge=0, description="After SIGTERM: how long in-flight activities may take to finish."
+    )
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="HTTP port for /metrics, /healthz and /readyz; off without."
+    )
+    metrics_host: str = Field(default="0.0.0.0", description="Address the metrics/health port binds to.")
+    metrics_labels: list[Literal["pipeline", "tenant"]] = Field(
+        default=["pipeline"],
+        description="Optional metric labels with user-chosen values (bounded by what you name).",
+    )
+    tracing: bool = Field(
+        default=False, description="OpenTelemetry traces, exported over OTLP (OTEL_* vars)."
+    )
+    trace_content: bool = Field(default=False, description="Record prompt and completion text on spans.")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
@@ -148,12 +167,29 @@ class WorkerSettings(BaseModel):
             "config_file": env.get("KERNELFLOW_CONFIG"),
             "log_format": env.get("KERNELFLOW_LOG_FORMAT"),
             "log_level": env.get("KERNELFLOW_LOG_LEVEL"),
+            "profile": env.get("TEMPORAL_PROFILE"),
+            "max_concurrent_activities": env.get("KERNELFLOW_MAX_CONCURRENT_ACTIVITIES"),
+            "max_concurrent_workflow_tasks": env.get("KERNELFLOW_MAX_CONCURRENT_WORKFLOW_TASKS"),
+            "max_cached_workflows": env.get("KERNELFLOW_MAX_CACHED_WORKFLOWS"),
+            "shutdown_grace_s": env.get("KERNELFLOW_SHUTDOWN_GRACE_S"),
+            "metrics_port": env.get("KERNELFLOW_METRICS_PORT"),
+            "metrics_host": env.get("KERNELFLOW_METRICS_HOST"),
+            "metrics_labels": _split(env.get("KERNELFLOW_METRICS_LABELS")),
+            "tracing": env.get("KERNELFLOW_TRACING"),
+            "trace_content": env.get("KERNELFLOW_TRACE_CONTENT"),
         }
         values.update(overrides)
         try:
             return cls.model_validate({k: v for k, v in values.items() if v is not None})
         except ValidationError as exc:
             raise ConfigurationError(format_validation_error(exc, prefix="settings")) from exc
+
+
+def _split(value: str | None) -> list[str] | None:
+    """A comma-separated list; ``none`` (or an empty value) for an empty list."""
+    if value is None:
+        return None
+    return [part.strip() for part in value.split(",") if part.strip() and part.strip() != "none"]
 
 
 def load_config(path: Path | None) -> KernelflowConfig:
