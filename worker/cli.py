@@ -208,7 +208,12 @@ async def _cmd_watch(args: argparse.Namespace) -> int:
 async def _cmd_worker(args: argparse.Namespace) -> int:
     from worker.app import run_worker
 
-    settings = WorkerSettings.from_env(**_overrides(args))
+    try:
+        settings = WorkerSettings.from_env(**_overrides(args))
+    except ConfigurationError:
+        fmt = os.environ.get("KERNELFLOW_LOG_FORMAT", "auto")
+        configure_logging(fmt if fmt in ("json", "console") else "auto")  # so the error is logged alike
+        raise
     configure_logging(settings.log_format, settings.log_level)
     await run_worker(settings)
     return 0

@@ -152,6 +152,9 @@ class WorkerSettings(BaseModel):
         default=["pipeline"],
         description="Optional metric labels with user-chosen values (bounded by what you name).",
     )
+    approvals_poll_s: float = Field(
+        default=15.0, gt=0, description="How often the approvals-waiting gauge is read from visibility."
+    )
     tracing: bool = Field(
         default=False, description="OpenTelemetry traces, exported over OTLP (OTEL_* vars)."
     )
@@ -175,6 +178,7 @@ class WorkerSettings(BaseModel):
             "metrics_port": env.get("KERNELFLOW_METRICS_PORT"),
             "metrics_host": env.get("KERNELFLOW_METRICS_HOST"),
             "metrics_labels": _split(env.get("KERNELFLOW_METRICS_LABELS")),
+            "approvals_poll_s": env.get("KERNELFLOW_APPROVALS_POLL_S"),
             "tracing": env.get("KERNELFLOW_TRACING"),
             "trace_content": env.get("KERNELFLOW_TRACE_CONTENT"),
         }

@@ -149,6 +149,20 @@ async def open_client(
         raise ConnectFailed(f"cannot connect to Temporal ({connection.describe()}): {_reason(exc)}") from exc
 
 
+_HINTS = (
+    (
+        "UnknownIssuer",
+        "the server's certificate is not signed by the CA this profile trusts (tls server_ca_cert)",
+    ),
+    ("NotValidForName", "the server's certificate does not name this address (tls server_name overrides it)"),
+    ("failed to parse private key", "the client key (tls client_key) is not a readable PEM private key"),
+    ("Connection refused", "nothing listens at this address"),
+    ("Unauthenticated", "the server refused the credentials (API key or client certificate)"),
+    ("invalid compression flag", "the server answered something other than gRPC (a proxy error page?)"),
+)
+
+
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return " ".join(text.split())
+    text = " ".join((str(exc).strip() or type(exc).__name__).split())
+    hints = [hint for marker, hint in _HINTS if marker in text]
+    return ("; ".join(hints) + " — " if hints else "") + text

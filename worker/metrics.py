@@ -6,8 +6,9 @@ interceptor through the workflow's replay-safe meter (a replayed history counts 
 approvals waiting is read from visibility; circuit-breaker state comes from the breakers' listener.
 
 Names follow OpenTelemetry's GenAI semantic conventions where they define one
-(``gen_ai.client.operation.duration``, ``gen_ai.client.token.usage``), with their attributes; in
-Prometheus dots become underscores and counters end in ``_total``. Every label is bounded: provider
+(``gen_ai.client.operation.duration``, ``gen_ai.client.token.usage``), with their attributes, in
+the form an OpenTelemetry Prometheus exporter gives them (dots become underscores: the SDK core
+exports names as they are given, and Prometheus refuses dots); counters end in ``_total``. Every label is bounded: provider
 and model names come from the configuration, outcomes from the error classes, statuses from a fixed
 set; the ``pipeline`` label (on by default) has one value per pipeline name you deploy and
 ``tenant`` (off by default) one per tenant: ``KERNELFLOW_METRICS_LABELS`` chooses them
@@ -51,50 +52,50 @@ PIPELINE_WORKFLOW = "PipelineWorkflow"
 
 METRICS: dict[str, tuple[str, str, str]] = {
     # name: (type, labels, meaning)
-    "gen_ai.client.operation.duration": (
+    "gen_ai_client_operation_duration": (
         "histogram (s)",
         "gen_ai_operation_name, gen_ai_provider_name, gen_ai_request_model, gen_ai_response_model, error_type",
         "duration of one model call (one attempt), failed ones included with error_type",
     ),
-    "gen_ai.client.token.usage": (
+    "gen_ai_client_token_usage": (
         "histogram ({token})",
         "gen_ai_operation_name, gen_ai_provider_name, gen_ai_request_model, gen_ai_response_model, "
         "gen_ai_token_type (input|output)",
         "input and output tokens per call",
     ),
-    "kernelflow.model.calls": (
+    "kernelflow_model_calls": (
         "counter",
         "provider, model, outcome (ok or the error class), pipeline",
         "model calls (attempts) by outcome",
     ),
-    "kernelflow.model.tokens": (
+    "kernelflow_model_tokens": (
         "counter",
         "provider, model, kind (prompt|completion|cached|reasoning)",
         "tokens by kind; cached and reasoning are parts of prompt and completion",
     ),
-    "kernelflow.model.cost": (
+    "kernelflow_model_cost": (
         "histogram (USD)",
         "provider, model",
         "cost per priced call; _sum is the money spent",
     ),
-    "kernelflow.model.time_to_first_token": (
+    "kernelflow_model_time_to_first_token": (
         "histogram (s)",
         "provider, model",
         "streamed calls: time until the first token",
     ),
-    "kernelflow.fallbacks": ("counter", "from_model, to_model, pipeline", "fallbacks taken by a step"),
-    "kernelflow.circuit_breaker.state": (
+    "kernelflow_fallbacks": ("counter", "from_model, to_model, pipeline", "fallbacks taken by a step"),
+    "kernelflow_circuit_breaker_state": (
         "gauge",
         "provider, model",
         "0 closed, 1 half-open, 2 open",
     ),
-    "kernelflow.pipelines.started": ("counter", "pipeline, tenant", "pipelines started"),
-    "kernelflow.pipelines.finished": (
+    "kernelflow_pipelines_started": ("counter", "pipeline, tenant", "pipelines started"),
+    "kernelflow_pipelines_finished": (
         "counter",
         "pipeline, tenant, status (completed|failed|cancelled|terminated-by-error)",
         "pipelines finished",
     ),
-    "kernelflow.approvals.waiting": (
+    "kernelflow_approvals_waiting": (
         "gauge",
         "namespace",
         "running pipelines waiting for an approval (from visibility: KernelflowAwaiting not empty)",
@@ -118,22 +119,22 @@ class KernelflowMetrics:
     def __init__(self, meter: MetricMeter, *, labels: Sequence[str] = ("pipeline",)) -> None:
         self.labels = frozenset(labels)
         self.duration = meter.create_histogram_float(
-            "gen_ai.client.operation.duration", "GenAI operation duration.", "s"
+            "gen_ai_client_operation_duration", "GenAI operation duration.", "s"
         )
         self.token_usage = meter.create_histogram(
-            "gen_ai.client.token.usage", "Number of input and output tokens used.", "{token}"
+            "gen_ai_client_token_usage", "Number of input and output tokens used.", "{token}"
         )
-        self.calls = meter.create_counter("kernelflow.model.calls", "Model calls (attempts) by outcome.")
-        self.tokens = meter.create_counter("kernelflow.model.tokens", "Tokens by kind.", "{token}")
-        self.cost = meter.create_histogram_float("kernelflow.model.cost", "Cost per priced call.", "USD")
+        self.calls = meter.create_counter("kernelflow_model_calls", "Model calls (attempts) by outcome.")
+        self.tokens = meter.create_counter("kernelflow_model_tokens", "Tokens by kind.", "{token}")
+        self.cost = meter.create_histogram_float("kernelflow_model_cost", "Cost per priced call.", "USD")
         self.ttft = meter.create_histogram_float(
-            "kernelflow.model.time_to_first_token", "Time to the first streamed token.", "s"
+            "kernelflow_model_time_to_first_token", "Time to the first streamed token.", "s"
         )
         self.breaker = meter.create_gauge(
-            "kernelflow.circuit_breaker.state", "0 closed, 1 half-open, 2 open."
+            "kernelflow_circuit_breaker_state", "0 closed, 1 half-open, 2 open."
         )
         self.approvals = meter.create_gauge(
-            "kernelflow.approvals.waiting", "Running pipelines waiting for an approval."
+            "kernelflow_approvals_waiting", "Running pipelines waiting for an approval."
         )
 
     # --- model calls (activity side) --------------------------------------------------------------
@@ -143,15 +144,15 @@ class KernelflowMetrics:
         model = str(result.model_ref).split("/", 1)[-1]
         requested = _split_model(str(call.model))[1]
         base = {
-            "gen_ai.operation.name": "chat",
-            "gen_ai.provider.name": provider,
-            "gen_ai.request.model": requested,
-            "gen_ai.response.model": str(getattr(result.response, "model", None) or model),
+            "gen_ai_operation_name": "chat",
+            "gen_ai_provider_name": provider,
+            "gen_ai_request_model": requested,
+            "gen_ai_response_model": str(getattr(result.response, "model", None) or model),
         }
         self.duration.record(seconds, base)
         usage = result.response.usage
-        self.token_usage.record(int(usage.prompt_tokens), {**base, "gen_ai.token.type": "input"})
-        self.token_usage.record(int(usage.completion_tokens), {**base, "gen_ai.token.type": "output"})
+        self.token_usage.record(int(usage.prompt_tokens), {**base, "gen_ai_token_type": "input"})
+        self.token_usage.record(int(usage.completion_tokens), {**base, "gen_ai_token_type": "output"})
         short = {"provider": provider, "model": model}
         self.calls.add(1, {**short, "outcome": "ok", **self._pipeline(call)})
         for kind, value in (
@@ -170,10 +171,10 @@ class KernelflowMetrics:
         self.duration.record(
             seconds,
             {
-                "gen_ai.operation.name": "chat",
-                "gen_ai.provider.name": provider,
-                "gen_ai.request.model": model,
-                "error.type": error,
+                "gen_ai_operation_name": "chat",
+                "gen_ai_provider_name": provider,
+                "gen_ai_request_model": model,
+                "error_type": error,
             },
         )
         self.calls.add(1, {"provider": provider, "model": model, "outcome": error, **self._pipeline(call)})
@@ -271,8 +272,8 @@ class _WorkflowMetrics(WorkflowInboundInterceptor):
         self.attributes = self._labels(request)
         meter = workflow.metric_meter()
         if info.continued_run_id is None:
-            meter.create_counter("kernelflow.pipelines.started").add(1, self.attributes)
-        finished = meter.create_counter("kernelflow.pipelines.finished")
+            meter.create_counter("kernelflow_pipelines_started").add(1, self.attributes)
+        finished = meter.create_counter("kernelflow_pipelines_finished")
         try:
             result = await super().execute_workflow(input)
         except ContinueAsNewError:
@@ -290,12 +291,11 @@ class _WorkflowMetrics(WorkflowInboundInterceptor):
         labels: dict[str, str] = {}
         if "pipeline" in self.enabled:
             spec = getattr(request, "pipeline", None)
-            name = getattr(spec, "name", None) or getattr(request, "pipeline_name", None)
-            if isinstance(request, Mapping):  # a raw request the workflow will refuse
-                name = name or request.get("pipeline_name")
-            labels["pipeline"] = str(name or "unknown")
+            name = spec.get("name") if isinstance(spec, Mapping) else getattr(spec, "name", None)
+            name = name or getattr(request, "pipeline_name", None)
+            labels["pipeline"] = str(name or "unknown")[:64]
         if "tenant" in self.enabled:
-            labels["tenant"] = str(getattr(request, "tenant", None) or "none")
+            labels["tenant"] = str(getattr(request, "tenant", None) or "none")[:64]
         return labels
 
 
@@ -320,7 +320,7 @@ class _FallbackCounter(WorkflowOutboundInterceptor):
             attributes = {"from_model": before, "to_model": model}
             if "pipeline" in self.owner.attributes:
                 attributes["pipeline"] = self.owner.attributes["pipeline"]
-            workflow.metric_meter().create_counter("kernelflow.fallbacks").add(1, attributes)
+            workflow.metric_meter().create_counter("kernelflow_fallbacks").add(1, attributes)
 
     def start_activity(self, input: StartActivityInput) -> workflow.ActivityHandle[Any]:
         self._seen(input.activity, input.args)

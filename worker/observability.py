@@ -27,9 +27,15 @@ __all__ = ["Observability"]
 
 class Observability:
     def __init__(
-        self, metrics: KernelflowMetrics, *, tracing: Any = None, watch_approvals: bool = True
+        self,
+        metrics: KernelflowMetrics,
+        *,
+        tracing: Any = None,
+        watch_approvals: bool = True,
+        approvals_every: float = 15.0,
     ) -> None:
         self.metrics = metrics
+        self.approvals_every = approvals_every
         self.tracing = tracing
         self.watch_approvals = watch_approvals
         self._tasks: list[asyncio.Task[None]] = []
@@ -45,6 +51,7 @@ class Observability:
             KernelflowMetrics(runtime.metric_meter, labels=settings.metrics_labels),
             tracing=tracing,
             watch_approvals=settings.metrics_port is not None,
+            approvals_every=settings.approvals_poll_s,
         )
 
     def interceptors(self) -> list[ClientInterceptor]:
@@ -58,7 +65,7 @@ class Observability:
 
     def start(self, client: Client) -> None:
         if self.watch_approvals:
-            self._tasks.append(asyncio.create_task(self.metrics.watch_approvals(client)))
+            self._tasks.append(asyncio.create_task(self.metrics.watch_approvals(client, every=self.approvals_every)))
 
     async def aclose(self) -> None:
         for task in self._tasks:
