@@ -211,8 +211,8 @@ async def _cmd_worker(args: argparse.Namespace) -> int:
     try:
         settings = WorkerSettings.from_env(**_overrides(args))
     except ConfigurationError:
-        fmt = os.environ.get("KERNELFLOW_LOG_FORMAT", "auto")
-        configure_logging(fmt if fmt in ("json", "console") else "auto")  # so the error is logged alike
+        fmt = os.environ.get("KERNELFLOW_LOG_FORMAT")
+        configure_logging("json" if fmt == "json" else "console" if fmt == "console" else "auto")
         raise
     configure_logging(settings.log_format, settings.log_level)
     await run_worker(settings)

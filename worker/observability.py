@@ -65,7 +65,9 @@ class Observability:
 
     def start(self, client: Client) -> None:
         if self.watch_approvals:
-            self._tasks.append(asyncio.create_task(self.metrics.watch_approvals(client, every=self.approvals_every)))
+            self._tasks.append(
+                asyncio.create_task(self.metrics.watch_approvals(client, every=self.approvals_every))
+            )
 
     async def aclose(self) -> None:
         for task in self._tasks:
