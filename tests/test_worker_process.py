@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import uuid
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from simulator.server import SimulatorServer
 from tests.worker_process import WorkerProcess
 from worker.app import connect
 from worker.client import start_pipeline
-from worker.config import payload_settings_from_env
+from worker.config import PayloadSettings, payload_settings_from_env
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -106,3 +107,51 @@ async def test_json_logs_of_a_failing_run_are_json_on_every_line(
             not_json.append(line)
     assert not not_json, "lines that are not JSON objects:\n" + "\n".join(not_json[:20])
     assert not any("\x1b[" in line for line in worker.lines), "colour codes in JSON logs"
+
+
+async def test_sigterm_drains_in_flight_model_calls_and_no_step_runs_twice(
+    temporal_target: str, sim: SimulatorServer, tmp_path: Path
+) -> None:
+    queue = f"drain-{uuid.uuid4().hex[:8]}"
+    env = worker_env(
+        temporal_target, sim, queue, KERNELFLOW_PAYLOADS_STORAGE="off", KERNELFLOW_SHUTDOWN_GRACE_S="30"
+    )
+    spec = PipelineSpec.model_validate(
+        {
+            "name": "drained",
+            "steps": [
+                {"id": "slow", "model": "openai/gpt-4o-mini", "prompt": "Take your time. [[sim: latency=3]]"},
+                {"id": "after", "model": "openai/gpt-4o-mini", "prompt": "Next."},
+            ],
+        }
+    )
+    client = await connect(temporal_target, payloads=PayloadSettings(storage="off"))
+    first = WorkerProcess(env, cwd=tmp_path).start()
+    first.wait_started()
+    handle = await start_pipeline(client, spec, {}, task_queue=queue)
+    deadline = asyncio.get_running_loop().time() + 30
+    while sim.stats()["requests"] < 1:  # the slow call is in flight
+        assert asyncio.get_running_loop().time() < deadline, "the model call never started"
+        await asyncio.sleep(0.05)
+    assert first.process is not None
+    first.process.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(first.process.wait, 60)
+    assert code == 0, "\n".join(first.lines[-20:])
+    events = [r.get("event") for r in first.records()]
+    assert "worker draining: polling stopped, in-flight work finishing" in events
+    finished = [r for r in first.records() if r.get("event") == "llm call finished"]
+    assert [r["step"] for r in finished] == ["slow"], "the in-flight call must finish during the drain"
+    assert not [r for r in first.records() if r.get("level") in ("error", "critical")]
+
+    with WorkerProcess(env, cwd=tmp_path) as second:
+        second.wait_started()
+        result = await asyncio.wait_for(handle.result(), timeout=60)
+    assert result.status == "completed"
+    assert sim.stats()["requests"] == 2, "the drained step must not be called again"
+    history = await handle.fetch_history()
+    attempts = [
+        e.activity_task_started_event_attributes.attempt
+        for e in history.events
+        if e.HasField("activity_task_started_event_attributes")
+    ]
+    assert attempts == [1, 1], attempts
