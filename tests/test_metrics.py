@@ -4,6 +4,7 @@ here, pipelines run (one taking a fallback, one failing), and Prometheus's query
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 import time
@@ -21,6 +22,7 @@ from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSear
 
 from kernel.pipeline import PipelineSpec
 from simulator.server import SimulatorServer
+from tests.test_deploy import alert_expressions, dashboard_expressions, metric_names
 from tests.worker_process import WorkerProcess
 from worker.app import connect
 from worker.client import start_pipeline
@@ -250,3 +252,26 @@ async def test_approvals_waiting_comes_from_visibility(stack: Stack) -> None:
     finally:
         await handle.terminate()
     await _eventually(stack, "max(kernelflow_approvals_waiting)", {"": 0}, within=60)
+
+
+async def test_dashboard_and_alerts_read_only_metrics_a_worker_exports(stack: Stack) -> None:
+    """Every metric the Grafana dashboard and the alert rules query is in a real worker's /metrics,
+    once it has run pipelines and a circuit breaker has opened."""
+    breaker = _spec(
+        "metrics-breaker",
+        [{"id": "down", "model": "openai/gpt-4o", "retry": {"max_attempts": 6, "initial_interval_s": 0.05,
+          "backoff": 1.0}, "prompt": "x [[sim: fault=500]]"}],
+    )  # fmt: skip
+    handle = await start_pipeline(stack.client, breaker, {}, task_queue=stack.queue)
+    with pytest.raises(WorkflowFailureError):
+        await asyncio.wait_for(handle.result(), timeout=60)
+    async with httpx.AsyncClient() as http:
+        exported = (await http.get(f"{stack.metrics_url}/metrics")).text
+    families = set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]", exported, re.MULTILINE))
+    wanted: set[str] = set()
+    for expression in dashboard_expressions() + alert_expressions():
+        wanted |= metric_names(expression)
+    assert wanted, "the dashboard queries no metric"
+    missing = sorted(wanted - families)
+    assert not missing, f"queried but not exported: {missing}"
+    assert "kernelflow_circuit_breaker_state" in wanted
