@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -98,3 +99,80 @@ def test_alert_rules_pass_promtool() -> None:
         pytest.skip("promtool (Debian's prometheus) is not installed (`make ops-tools`)")
     checked = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+# --- Kubernetes ----------------------------------------------------------------------------------------
+
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+KUBERNETES_VERSION = "1.30"
+KEDA_SCHEMA = KUBERNETES / "schemas" / "keda-scaledobject.schema.json"
+
+
+def kubernetes_documents() -> list[dict[str, Any]]:
+    found = []
+    for path in sorted(KUBERNETES.glob("*.yaml")):
+        found.extend(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
+    return found
+
+
+def _by_kind(kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in kubernetes_documents() if doc["kind"] == kind]
+
+
+def test_kubernetes_manifests_validate_against_the_schemas() -> None:
+    """Core kinds against the Kubernetes OpenAPI schemas shipped by kubernetes-validate (strict: an
+    unknown field is an error); the KEDA ScaledObject against its committed CRD schema."""
+    import jsonschema
+    import kubernetes_validate
+
+    documents = kubernetes_documents()
+    assert {doc["kind"] for doc in documents} >= {
+        "Deployment",
+        "ScaledObject",
+        "ConfigMap",
+        "PodDisruptionBudget",
+    }
+    keda = json.loads(KEDA_SCHEMA.read_text())
+    for doc in documents:
+        if doc["apiVersion"].startswith("keda.sh/"):
+            jsonschema.validate(doc, keda)
+        else:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_schemas_refuse_broken_manifests() -> None:
+    """The validation can fail: a misspelt field and a scaler without a task queue are refused."""
+    import jsonschema
+    import kubernetes_validate
+
+    [deployment] = _by_kind("Deployment")
+    broken = json.loads(json.dumps(deployment))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+    [scaled] = _by_kind("ScaledObject")
+    no_queue = json.loads(json.dumps(scaled))
+    del no_queue["spec"]["triggers"][0]["metadata"]["taskQueue"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(no_queue, json.loads(KEDA_SCHEMA.read_text()))
+
+
+def test_kubernetes_worker_probes_scaler_and_drain_agree_with_its_settings() -> None:
+    [deployment] = _by_kind("Deployment")
+    [scaled] = _by_kind("ScaledObject")
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert str(ports["http"]) == env["KERNELFLOW_METRICS_PORT"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["terminationGracePeriodSeconds"] > float(env["KERNELFLOW_SHUTDOWN_GRACE_S"])
+    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    trigger = scaled["spec"]["triggers"][0]
+    assert trigger["type"] == "temporal"
+    assert trigger["metadata"]["taskQueue"] == env["KERNELFLOW_TASK_QUEUE"]
+    [config] = _by_kind("ConfigMap")
+    profile = tomllib.loads(config["data"]["temporal.toml"])["profile"][env["TEMPORAL_PROFILE"]]
+    assert trigger["metadata"]["endpoint"] == profile["address"]
+    assert trigger["metadata"]["namespace"] == profile["namespace"]
