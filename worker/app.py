@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 import structlog
-from temporalio.client import Client
+from temporalio.client import Client, Interceptor
 from temporalio.runtime import Runtime
 from temporalio.worker import Worker, WorkflowRunner
 
@@ -78,12 +78,17 @@ async def connect(
     *,
     payloads: PayloadSettings | None = None,
     runtime: Runtime | None = None,
+    interceptors: Sequence[Interceptor] = (),
 ) -> Client:
     """A client with Kernelflow's converter. ``payloads`` defaults to the ``payloads:`` section of
     ``KERNELFLOW_CONFIG`` (what ``run_worker`` uses), so clients and workers store payloads alike."""
     settings = payloads if payloads is not None else payload_settings_from_env()
     return await Client.connect(
-        address, namespace=namespace, data_converter=build_data_converter(settings), runtime=runtime
+        address,
+        namespace=namespace,
+        data_converter=build_data_converter(settings),
+        runtime=runtime,
+        interceptors=interceptors,
     )
 
 

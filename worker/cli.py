@@ -247,6 +247,7 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
     from simulator.server import SimulatorServer
     from worker.app import build_registry, build_worker, connect, simulator_settings
     from worker.devserver import DevServer
+    from worker.observability import DevObservability
     from worker.pipelines import load_catalog, pipelines_dir
     from worker.search_attributes import ensure_search_attributes
 
@@ -258,15 +259,21 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
     try:
         overrides = simulator_settings(sim.start()) if sim is not None else None
         async with DevServer(state_dir=args.state_dir, port=args.port, ui_port=args.ui_port) as server:
-            client = await connect(server.target, settings.namespace)
+            ops = DevObservability(settings, metrics_port=args.metrics_port)
+            client = await connect(
+                server.target, settings.namespace, runtime=ops.runtime, interceptors=ops.interceptors()
+            )
             await ensure_search_attributes(client, settings.namespace)
             config = load_config(settings.config_file)
             registry = build_registry(config, provider_settings=overrides)
             catalog = load_catalog(pipelines_dir(config.pipelines_dir) or DEMO_PIPELINE.parent)
             worker = build_worker(
-                client, task_queue=settings.task_queue, registry=registry, pipelines=catalog
+                client,
+                task_queue=settings.task_queue,
+                llm_activities=ops.activities(registry, config),
+                pipelines=catalog,
             )
-            async with worker:
+            async with worker, ops.serving(client):
                 print(f"Temporal   {server.target}  (namespace {settings.namespace}, data {server.db_path})")
                 print(f"Web UI     {server.ui_url}")
                 if sim is not None:
@@ -279,6 +286,7 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
                     )
                 print(f"Worker     task queue {settings.task_queue}, providers: {', '.join(registry.names)}")
                 print(f"Pipelines  registered by name: {', '.join(catalog.names) or 'none'}")
+                print(f"Metrics    {ops.url}/metrics  (health: /healthz, /readyz)")
                 print("Ctrl-C stops everything.", flush=True)
                 await stop.wait()
             await registry.aclose()
@@ -376,6 +384,7 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=7233)
     dev.add_argument("--ui-port", type=int, default=8233)
     dev.add_argument("--sim-port", type=int, default=8400)
+    dev.add_argument("--metrics-port", type=int, default=9464, help="/metrics, /healthz, /readyz")
     dev.add_argument("--state-dir", default=".state")
     dev.add_argument(
         "--no-simulator", action="store_true", help="call the real clouds (keys from the environment)"

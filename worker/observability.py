@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from temporalio.client import Client
 from temporalio.client import Interceptor as ClientInterceptor
 from temporalio.runtime import Runtime
 
-from worker.config import WorkerSettings
+from activities.llm import LlmActivities
+from kernel.registry import Registry
+from worker.config import KernelflowConfig, WorkerSettings
 from worker.metrics import KernelflowMetrics, MetricsInterceptor
 
-__all__ = ["Observability"]
+__all__ = ["DevObservability", "Observability"]
 
 
 class Observability:
@@ -76,3 +79,55 @@ class Observability:
         if self.tracing is not None:
             with contextlib.suppress(Exception):
                 self.tracing.shutdown()
+
+
+class DevObservability:
+    """``kernelflow dev``'s metrics and health port (on a free port when ``metrics_port`` is taken)."""
+
+    def __init__(self, settings: WorkerSettings, *, metrics_port: int) -> None:
+        from worker.devserver import free_port
+        from worker.telemetry import build_runtime
+
+        self.port = free_port(metrics_port)
+        self.sdk_metrics = f"127.0.0.1:{free_port()}"
+        self.runtime = build_runtime(metrics_bind=self.sdk_metrics)
+        self.task_queue = settings.task_queue
+        self.observability = Observability.from_settings(
+            settings.model_copy(update={"metrics_port": self.port}), self.runtime
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def interceptors(self) -> list[ClientInterceptor]:
+        return self.observability.interceptors()
+
+    def activities(self, registry: Registry, config: KernelflowConfig) -> LlmActivities:
+        from worker.app import _prices, default_breakers
+
+        metrics = self.observability.metrics
+        activities = LlmActivities(
+            registry,
+            prices=_prices(config),
+            breakers=default_breakers(config, observer=metrics.breaker_changed),
+        )
+        activities.observer = metrics
+        return activities
+
+    @contextlib.asynccontextmanager
+    async def serving(self, client: Client) -> AsyncIterator[None]:
+        from worker.health import HealthServer, Readiness
+
+        health = HealthServer(
+            host="127.0.0.1",
+            port=self.port,
+            sdk_metrics_url=f"http://{self.sdk_metrics}/metrics",
+            readiness=Readiness(),
+            client=client,
+            task_queue=self.task_queue,
+        )
+        await health.start()
+        self.observability.start(client)
+        try:
+            yield
+        finally:
+            await self.observability.aclose()
+            await health.stop()
