@@ -367,6 +367,7 @@ def test_the_worker_command_reports_a_broken_profile_and_exits(nginx: Nginx, tmp
 # --- last: the idle worker ---------------------------------------------------------------------------------
 
 
+@pytest.mark.idle
 @pytest.mark.timeout(IDLE_SECONDS + 120)
 async def test_a_worker_idles_behind_nginx_for_three_minutes_without_an_error(
     nginx: Nginx, idle_worker: tuple[WorkerProcess, str, float]
