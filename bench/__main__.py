@@ -13,8 +13,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from bench._common import Mode, Result, machine_info, not_measured
 from worker.logs import configure_logging
 
@@ -50,8 +48,7 @@ FIGURES: dict[str, tuple[str, Callable[[Mode], Awaitable[list[Result]]], list[tu
 def _quiet_worker_logs() -> None:
     """Log as a production worker does (JSON lines at info), but into /dev/null so the progress stays
     readable; the cost of rendering each line is still paid."""
-    configure_logging("json", "info")
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=open(os.devnull, "w")))  # noqa: SIM115
+    configure_logging("json", "info", stream=open(os.devnull, "w"))  # noqa: SIM115
 
 
 def _fmt(value: float | None) -> str:

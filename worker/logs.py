@@ -15,7 +15,7 @@ import sys
 import threading
 import types
 from collections.abc import MutableMapping
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import structlog
 
@@ -55,7 +55,10 @@ def _trace_context(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mut
     return event_dict
 
 
-def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: str = "info") -> None:
+def configure_logging(
+    fmt: Literal["auto", "json", "console"] = "auto", level: str = "info", *, stream: TextIO | None = None
+) -> None:
+    """Render every line to ``stream`` (stderr by default)."""
     global _configured_json
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
@@ -92,7 +95,7 @@ def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: s
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):
