@@ -4,6 +4,7 @@ here, pipelines run (one taking a fallback, one failing), and Prometheus's query
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 import subprocess
@@ -18,7 +19,8 @@ import pytest
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
 from temporalio.client import Client, WorkflowFailureError
-from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+from temporalio.common import SearchAttributeKey
+from temporalio.service import RPCError
 
 from kernel.pipeline import PipelineSpec
 from simulator.server import SimulatorServer
@@ -238,19 +240,21 @@ async def test_prometheus_scrapes_model_pipeline_and_sdk_metrics(stack: Stack) -
 
 
 async def test_approvals_waiting_comes_from_visibility(stack: Stack) -> None:
-    """A running pipeline whose KernelflowAwaiting lists a step is counted; the count drops when it ends."""
-    workflow_id = f"awaiting-{uuid.uuid4().hex[:8]}"
-    handle = await stack.client.start_workflow(
-        "PipelineWorkflow",
-        {"pipeline_name": "marked-by-hand"},
-        id=workflow_id,
-        task_queue=f"nobody-polls-{workflow_id}",  # stays running, untouched, with the attribute set
-        search_attributes=TypedSearchAttributes([SearchAttributePair(AWAITING, ["review"])]),
-    )
+    """A pipeline waiting at an approval step is counted (KernelflowAwaiting is not empty); once
+    approved, it is not."""
+    gate = _spec(
+        "metrics-approval",
+        [{"id": "review", "type": "approval", "timeout_s": 600, "default": "reject"},
+         {"id": "done", "type": "transform", "expression": "1"}],
+    )  # fmt: skip
+    handle = await start_pipeline(stack.client, gate, {}, task_queue=stack.queue)
     try:
         await _eventually(stack, "max(kernelflow_approvals_waiting)", {"": 1}, within=60)
+        await handle.execute_update("approve", {"step_id": "review", "by": "ops", "comment": "ok"})
+        assert (await asyncio.wait_for(handle.result(), timeout=30)).status == "completed"
     finally:
-        await handle.terminate()
+        with contextlib.suppress(RPCError):
+            await handle.terminate()
     await _eventually(stack, "max(kernelflow_approvals_waiting)", {"": 0}, within=60)
 
 

@@ -294,14 +294,17 @@ class _WorkflowMetrics(WorkflowInboundInterceptor):
         return result
 
     def _labels(self, request: Any) -> dict[str, str]:
+        """From the request as the workflow receives it: a model or the raw JSON object."""
+
+        def field(owner: Any, name: str) -> Any:
+            return owner.get(name) if isinstance(owner, Mapping) else getattr(owner, name, None)
+
         labels: dict[str, str] = {}
         if "pipeline" in self.enabled:
-            spec = getattr(request, "pipeline", None)
-            name = spec.get("name") if isinstance(spec, Mapping) else getattr(spec, "name", None)
-            name = name or getattr(request, "pipeline_name", None)
+            name = field(field(request, "pipeline"), "name") or field(request, "pipeline_name")
             labels["pipeline"] = str(name or "unknown")[:64]
         if "tenant" in self.enabled:
-            labels["tenant"] = str(getattr(request, "tenant", None) or "none")[:64]
+            labels["tenant"] = str(field(request, "tenant") or "none")[:64]
         return labels
 
 
