@@ -176,3 +176,24 @@ def test_kubernetes_worker_probes_scaler_and_drain_agree_with_its_settings() -> 
     profile = tomllib.loads(config["data"]["temporal.toml"])["profile"][env["TEMPORAL_PROFILE"]]
     assert trigger["metadata"]["endpoint"] == profile["address"]
     assert trigger["metadata"]["namespace"] == profile["namespace"]
+
+
+def test_operations_guide_documents_every_metric_and_setting() -> None:
+    from worker.config import WorkerSettings
+    from worker.metrics import METRICS
+
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    for name in METRICS:
+        assert f"`{name.replace('.', '_')}" in guide, f"docs/operations.md does not document {name}"
+    for variable in re.findall(
+        r'env\.get\("(KERNELFLOW_[A-Z_]+)"\)', (ROOT / "worker" / "config.py").read_text()
+    ):
+        if variable in (
+            "KERNELFLOW_CONFIG",
+            "KERNELFLOW_TASK_QUEUE",
+            "KERNELFLOW_PAYLOADS_STORAGE",
+            "KERNELFLOW_PAYLOADS_DIR",
+        ):
+            continue  # documented in the README with the rest of the configuration
+        assert variable in guide, f"docs/operations.md does not document {variable}"
+    assert WorkerSettings.model_fields["shutdown_grace_s"].default == 20.0
