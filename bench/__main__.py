@@ -42,6 +42,19 @@ FIGURES: dict[str, tuple[str, Callable[[Mode], Awaitable[list[Result]]], list[tu
     ),
     "4": ("history growth", _figure("history_growth"), [("4. history growth", "MB")]),
     "5": ("worker memory", _figure("worker_memory"), [("5. worker memory per waiting pipeline", "KiB")]),
+    "6": (
+        "observability overhead",
+        _figure("observability_overhead"),
+        [
+            ("6. observability on/off, per model call", "us/call"),
+            ("6. observability on/off, durable latency p50", "ms"),
+        ],
+    ),
+    "7": (
+        "worker processes",
+        _figure("worker_scaling"),
+        [("7. throughput, 1 worker process", "workflows/s")],
+    ),
 }
 
 
