@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ from cryptography.x509.oid import NameOID
 
 from kernel.pipeline import PipelineSpec
 from simulator.server import SimulatorServer
-from tests.worker_process import WorkerProcess
+from tests.worker_process import WorkerProcess, kernelflow_binary
 from worker.client import start_pipeline
 from worker.config import PayloadSettings
 from worker.connection import ConnectFailed, open_client, resolve_connection
@@ -327,6 +328,35 @@ async def test_a_pipeline_with_a_1_5_mb_input_runs_through_tls(
         assert result.status == "completed"
         described = await handle.describe()
         assert described.status is not None and described.status.name == "COMPLETED"
+        # `kernelflow run` takes the same profile (as the `temporal` CLI does).
+        pipeline = tmp_path / "hello.yaml"
+        pipeline.write_text(
+            "name: hello\nsteps:\n  - {id: greet, model: openai/gpt-4o-mini, prompt: Hello}\n"
+            "outputs: {greeting: '{{ steps.greet.output }}'}\n"
+        )
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [
+                kernelflow_binary(),
+                "run",
+                str(pipeline),
+                "--profile",
+                profile,
+                "--task-queue",
+                queue,
+                "--json",
+            ],
+            env={
+                **os.environ,
+                "TEMPORAL_CONFIG_FILE": str(nginx.profiles),
+                "KERNELFLOW_PAYLOADS_STORAGE": "off",
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["status"] == "completed"
 
 
 # --- broken set-ups fail fast and say why -----------------------------------------------------------------

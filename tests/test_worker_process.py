@@ -4,11 +4,13 @@ environment, against the real dev server and simulator."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 from temporalio.client import WorkflowFailureError
 
@@ -18,6 +20,7 @@ from tests.worker_process import WorkerProcess
 from worker.app import connect
 from worker.client import start_pipeline
 from worker.config import PayloadSettings, payload_settings_from_env
+from worker.devserver import free_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -113,9 +116,12 @@ async def test_sigterm_drains_in_flight_model_calls_and_no_step_runs_twice(
     temporal_target: str, sim: SimulatorServer, tmp_path: Path
 ) -> None:
     queue = f"drain-{uuid.uuid4().hex[:8]}"
+    http_port = free_port()
     env = worker_env(
-        temporal_target, sim, queue, KERNELFLOW_PAYLOADS_STORAGE="off", KERNELFLOW_SHUTDOWN_GRACE_S="30"
-    )
+        temporal_target, sim, queue, KERNELFLOW_PAYLOADS_STORAGE="off", KERNELFLOW_SHUTDOWN_GRACE_S="30",
+        KERNELFLOW_METRICS_PORT=str(http_port), KERNELFLOW_METRICS_HOST="127.0.0.1",
+    )  # fmt: skip
+    readyz = f"http://127.0.0.1:{http_port}/readyz"
     spec = PipelineSpec.model_validate(
         {
             "name": "drained",
@@ -128,13 +134,26 @@ async def test_sigterm_drains_in_flight_model_calls_and_no_step_runs_twice(
     client = await connect(temporal_target, payloads=PayloadSettings(storage="off"))
     first = WorkerProcess(env, cwd=tmp_path).start()
     first.wait_started()
-    handle = await start_pipeline(client, spec, {}, task_queue=queue)
     deadline = asyncio.get_running_loop().time() + 30
-    while sim.stats()["requests"] < 1:  # the slow call is in flight
-        assert asyncio.get_running_loop().time() < deadline, "the model call never started"
-        await asyncio.sleep(0.05)
-    assert first.process is not None
-    first.process.send_signal(signal.SIGTERM)
+    async with httpx.AsyncClient() as http:
+        while (await http.get(readyz)).status_code != 200:  # polling, so ready
+            assert asyncio.get_running_loop().time() < deadline, "the worker never became ready"
+            await asyncio.sleep(0.1)
+        handle = await start_pipeline(client, spec, {}, task_queue=queue)
+        while sim.stats()["requests"] < 1:  # the slow call is in flight
+            assert asyncio.get_running_loop().time() < deadline, "the model call never started"
+            await asyncio.sleep(0.05)
+        assert first.process is not None
+        first.process.send_signal(signal.SIGTERM)
+        draining = None
+        while first.process.poll() is None:  # not ready from the moment the drain starts
+            with contextlib.suppress(httpx.HTTPError):
+                answer = await http.get(readyz)
+                if answer.status_code == 503:
+                    draining = answer.json()
+                    break
+            await asyncio.sleep(0.05)
+    assert draining is not None and draining["reason"].startswith("draining"), draining
     code = await asyncio.to_thread(first.process.wait, 60)
     assert code == 0, "\n".join(first.lines[-20:])
     events = [r.get("event") for r in first.records()]

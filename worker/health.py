@@ -150,7 +150,9 @@ class HealthServer:
                     self.readiness.reason = f"not polling task queue {self.task_queue!r} yet"
             except Exception as exc:  # any failure to reach Temporal makes the worker not ready
                 self.readiness.reason = f"Temporal unreachable: {' '.join(str(exc).split())}"
-            await asyncio.sleep(self.probe_every)
+            # Quick until first seen polling (a starting worker becomes ready at once), then every probe_every.
+            seen = self.readiness.last_seen_polling is not None
+            await asyncio.sleep(self.probe_every if seen else min(self.probe_every, 0.25))
 
     async def stop(self) -> None:
         if self._server is not None:
