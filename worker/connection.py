@@ -103,7 +103,7 @@ def resolve_connection(
     sources: list[str] = []
     if loaded.tls is not None:
         for source in (loaded.tls.server_root_ca_cert, loaded.tls.client_cert, loaded.tls.client_private_key):
-            if isinstance(source, Path | str) and not isinstance(source, bytes):
+            if isinstance(source, Path):  # a str or bytes source is the PEM itself: never shown
                 sources.append(str(source))
     return TemporalConnection(
         profile=name,
