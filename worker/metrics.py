@@ -118,6 +118,7 @@ class KernelflowMetrics:
 
     def __init__(self, meter: MetricMeter, *, labels: Sequence[str] = ("pipeline",)) -> None:
         self.labels = frozenset(labels)
+        self._cache: dict[tuple[int, tuple[tuple[str, str], ...]], Any] = {}
         self.duration = meter.create_histogram_float(
             "gen_ai_client_operation_duration", "GenAI operation duration.", "s"
         )
@@ -137,6 +138,16 @@ class KernelflowMetrics:
             "kernelflow_approvals_waiting", "Running pipelines waiting for an approval."
         )
 
+    def _bound(self, instrument: Any, attributes: Mapping[str, str]) -> Any:
+        """``instrument`` with ``attributes`` bound once per label set (a record through a bound
+        instrument costs a third of one that passes its attributes). Label sets are bounded, so is
+        this cache."""
+        key = (id(instrument), tuple(sorted(attributes.items())))
+        bound = self._cache.get(key)
+        if bound is None:
+            bound = self._cache[key] = instrument.with_additional_attributes(attributes)
+        return bound
+
     # --- model calls (activity side) --------------------------------------------------------------
 
     def call_finished(self, call: Any, result: Any, seconds: float) -> None:
@@ -149,12 +160,14 @@ class KernelflowMetrics:
             "gen_ai_request_model": requested,
             "gen_ai_response_model": str(getattr(result.response, "model", None) or model),
         }
-        self.duration.record(seconds, base)
+        self._bound(self.duration, base).record(seconds)
         usage = result.response.usage
-        self.token_usage.record(int(usage.prompt_tokens), {**base, "gen_ai_token_type": "input"})
-        self.token_usage.record(int(usage.completion_tokens), {**base, "gen_ai_token_type": "output"})
+        self._bound(self.token_usage, {**base, "gen_ai_token_type": "input"}).record(int(usage.prompt_tokens))
+        self._bound(self.token_usage, {**base, "gen_ai_token_type": "output"}).record(
+            int(usage.completion_tokens)
+        )
         short = {"provider": provider, "model": model}
-        self.calls.add(1, {**short, "outcome": "ok", **self._pipeline(call)})
+        self._bound(self.calls, {**short, "outcome": "ok", **self._pipeline(call)}).add(1)
         for kind, value in (
             ("prompt", usage.prompt_tokens),
             ("completion", usage.completion_tokens),
@@ -162,26 +175,25 @@ class KernelflowMetrics:
             ("reasoning", getattr(usage, "reasoning_tokens", 0) or 0),
         ):
             if value:
-                self.tokens.add(int(value), {**short, "kind": kind})
+                self._bound(self.tokens, {**short, "kind": kind}).add(int(value))
         if result.cost_usd is not None:
-            self.cost.record(float(result.cost_usd), short)
+            self._bound(self.cost, short).record(float(result.cost_usd))
 
     def call_failed(self, call: Any, error: str, seconds: float) -> None:
         provider, model = _split_model(str(call.model))
-        self.duration.record(
-            seconds,
-            {
-                "gen_ai_operation_name": "chat",
-                "gen_ai_provider_name": provider,
-                "gen_ai_request_model": model,
-                "error_type": error,
-            },
-        )
-        self.calls.add(1, {"provider": provider, "model": model, "outcome": error, **self._pipeline(call)})
+        attributes = {
+            "gen_ai_operation_name": "chat",
+            "gen_ai_provider_name": provider,
+            "gen_ai_request_model": model,
+            "error_type": error,
+        }
+        self._bound(self.duration, attributes).record(seconds)
+        outcome = {"provider": provider, "model": model, "outcome": error, **self._pipeline(call)}
+        self._bound(self.calls, outcome).add(1)
 
     def first_token(self, provider: str, model: str, seconds: float) -> None:
         """Called by the streaming reader when the first token arrives."""
-        self.ttft.record(seconds, {"provider": provider, "model": _split_model(model)[1]})
+        self._bound(self.ttft, {"provider": provider, "model": _split_model(model)[1]}).record(seconds)
 
     def _pipeline(self, call: Any) -> dict[str, str]:
         name = getattr(call, "pipeline", None)
