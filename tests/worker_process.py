@@ -34,6 +34,8 @@ class WorkerProcess:
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self.process: subprocess.Popen[str] | None = None
+        self.eof = False
+        """Whether every line the process wrote has been read."""
 
     def start(self) -> WorkerProcess:
         self.process = subprocess.Popen(
@@ -54,6 +56,7 @@ class WorkerProcess:
                 self.lines.append(line.rstrip("\n"))
                 self._cond.notify_all()
         with self._cond:
+            self.eof = True
             self._cond.notify_all()
 
     def records(self) -> list[dict[str, Any]]:
@@ -77,7 +80,7 @@ class WorkerProcess:
                 for record in self.records():
                     if predicate(record):
                         return record
-                exited = self.process is not None and self.process.poll() is not None
+                exited = self.eof  # the process closed stderr: every line is in, none will come
                 left = deadline - time.monotonic()
                 if left <= 0 or exited:
                     raise AssertionError(
