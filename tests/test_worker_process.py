@@ -174,3 +174,43 @@ async def test_sigterm_drains_in_flight_model_calls_and_no_step_runs_twice(
         if e.HasField("activity_task_started_event_attributes")
     ]
     assert attempts == [1, 1], attempts
+
+
+async def test_a_hanging_provider_cannot_take_the_other_providers_slots(
+    temporal_target: str, sim: SimulatorServer, tmp_path: Path
+) -> None:
+    """With a task queue per provider, one activity slot each: anthropic hangs on its slot while an
+    openai pipeline still runs at once, its call scheduled on the openai queue."""
+    queue = f"prov-{uuid.uuid4().hex[:8]}"
+    env = worker_env(
+        temporal_target, sim, queue, KERNELFLOW_PAYLOADS_STORAGE="off", KERNELFLOW_PROVIDER_QUEUES="openai,anthropic",
+        KERNELFLOW_MAX_CONCURRENT_ACTIVITIES="1", KERNELFLOW_SHUTDOWN_GRACE_S="1",
+        ANTHROPIC_BASE_URL=sim.url.rstrip("/"), ANTHROPIC_API_KEY="sim-key",
+    )  # fmt: skip
+    hangs = PipelineSpec.model_validate(
+        {"name": "hangs", "steps": [{"id": "slow", "model": "anthropic/claude-sonnet-4-5", "timeout_s": 120,
+                                      "prompt": "Wait. [[sim: latency=90]]"}]}
+    )  # fmt: skip
+    quick = PipelineSpec.model_validate(
+        {"name": "quick", "steps": [{"id": "fast", "model": "openai/gpt-4o-mini", "prompt": "Now."}]}
+    )
+    client = await connect(temporal_target, payloads=PayloadSettings(storage="off"))
+    with WorkerProcess(env, cwd=tmp_path) as worker:
+        started = worker.wait_started()
+        assert started["provider_queues"] == [f"{queue}.openai", f"{queue}.anthropic"], started
+        stuck = await start_pipeline(client, hangs, {}, task_queue=queue)
+        try:
+            deadline = asyncio.get_running_loop().time() + 30
+            while sim.stats()["requests"] < 1:  # the anthropic call holds its queue's only slot
+                assert asyncio.get_running_loop().time() < deadline, "the anthropic call never started"
+                await asyncio.sleep(0.05)
+            handle = await start_pipeline(client, quick, {}, task_queue=queue)
+            assert (await asyncio.wait_for(handle.result(), timeout=30)).status == "completed"
+            queues = {
+                e.activity_task_scheduled_event_attributes.task_queue.name
+                for e in (await handle.fetch_history()).events
+                if e.HasField("activity_task_scheduled_event_attributes")
+            }
+            assert queues == {f"{queue}.openai"}, queues
+        finally:
+            await stuck.terminate()

@@ -280,9 +280,12 @@ async def run_worker(
     breakers = default_breakers(config, observer=observability.metrics.breaker_changed)
     activities = LlmActivities(registry, prices=prices, breakers=breakers)
     activities.observer = observability.metrics
-    client = await open_client(
-        connection, payloads=payloads, runtime=runtime, interceptors=observability.interceptors()
-    )
+    interceptors = observability.interceptors()
+    if settings.provider_queues:
+        from worker.provider_queues import ProviderQueues
+
+        interceptors.append(ProviderQueues(settings.provider_queues))
+    client = await open_client(connection, payloads=payloads, runtime=runtime, interceptors=interceptors)
     added = await ensure_search_attributes(client, connection.namespace)
     if added:
         _log.info("registered search attributes", names=added, namespace=connection.namespace)
@@ -297,6 +300,7 @@ async def run_worker(
         pipelines=load_catalog(pipelines_dir(config.pipelines_dir)),
         tool_allow=[*config.tool_allow, *parse_allow_list(os.environ.get("KERNELFLOW_TOOL_ALLOWLIST"))],
     )
+    workers = [worker, *_provider_workers(client, settings, activities)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -335,9 +339,12 @@ async def run_worker(
             else "off (--metrics-port to serve /metrics, /healthz, /readyz)"
         ),
         tracing="OTLP (OTEL_* variables)" if settings.tracing else "off",
+        provider_queues=[w.task_queue for w in workers[1:]],
     )
     try:
-        async with worker:
+        async with contextlib.AsyncExitStack() as running:
+            for each in workers:
+                await running.enter_async_context(each)
             await stop.wait()
             readiness.draining = True
             _log.info(
@@ -354,3 +361,19 @@ async def run_worker(
         await reloader.aclose()
         await activities.registry.aclose()
         _log.info("worker stopped")
+
+
+def _provider_workers(client: Client, settings: WorkerSettings, activities: LlmActivities) -> list[Worker]:
+    """One activity-only worker per provider queue (``worker.provider_queues``), each with its own slots."""
+    from worker.provider_queues import provider_queue
+
+    return [
+        Worker(
+            client,
+            task_queue=provider_queue(settings.task_queue, provider),
+            activities=[activities.chat],
+            max_concurrent_activities=settings.max_concurrent_activities,
+            graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace_s),
+        )
+        for provider in settings.provider_queues
+    ]

@@ -152,6 +152,10 @@ class WorkerSettings(BaseModel):
         default=["pipeline"],
         description="Optional metric labels with user-chosen values (bounded by what you name).",
     )
+    provider_queues: list[str] = Field(
+        default_factory=list,
+        description="Providers whose model calls get a task queue (and activity slots) of their own.",
+    )
     approvals_poll_s: float = Field(
         default=15.0, gt=0, description="How often the approvals-waiting gauge is read from visibility."
     )
@@ -179,6 +183,7 @@ class WorkerSettings(BaseModel):
             "metrics_host": env.get("KERNELFLOW_METRICS_HOST"),
             "metrics_labels": _split(env.get("KERNELFLOW_METRICS_LABELS")),
             "approvals_poll_s": env.get("KERNELFLOW_APPROVALS_POLL_S"),
+            "provider_queues": _split(env.get("KERNELFLOW_PROVIDER_QUEUES")),
             "tracing": env.get("KERNELFLOW_TRACING"),
             "trace_content": env.get("KERNELFLOW_TRACE_CONTENT"),
         }
