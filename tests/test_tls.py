@@ -410,7 +410,11 @@ async def test_a_worker_idles_behind_nginx_for_three_minutes_without_an_error(
         await asyncio.sleep(left)  # the idle time is what is tested
     problems = [r for r in worker.records() if r.get("level") in ("warning", "error", "critical")]
     assert not problems, problems
-    assert worker.process is not None and worker.process.poll() is None
+    assert worker.process is not None
+    code = worker.process.poll()
+    assert code is None, f"the idle worker ended (exit {code}; -9 is a SIGKILL from outside):\n" + "\n".join(
+        worker.lines[-20:]
+    )
     client = await _client(nginx, "mtls")
     handle = await start_pipeline(client, SPEC, {"text": "still there?"}, task_queue=queue)
     result = await asyncio.wait_for(handle.result(), timeout=30)
