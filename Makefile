@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint types pytest bench dev clean browser
+.PHONY: setup demo test lint types pytest bench dev clean browser ops-tools
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
@@ -32,7 +32,15 @@ browser:
 	  (timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq chromium >/dev/null) ; } || \
 	  echo "chromium not installed: the Web UI test will be skipped"
 
-pytest: $(STAMP) browser
+# The TLS and metrics tests run Debian's nginx (gRPC TLS terminator) and prometheus (scraping a
+# worker). Installed when possible (root with apt); without them those tests are skipped and say why.
+ops-tools:
+	@{ command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; } && command -v prometheus >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq nginx prometheus >/dev/null) ; } || \
+	  echo "nginx/prometheus not installed: the TLS and Prometheus tests will be skipped"
+
+pytest: $(STAMP) browser ops-tools
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
 
 test: lint types pytest

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from pydantic import BaseModel, Field
@@ -25,13 +25,17 @@ from kernel.provider import collect_stream
 from kernel.registry import Registry
 from kernel.routing import BreakerBoard, Permit
 
-__all__ = ["LLM_CHAT", "LlmActivities", "LlmCallInput", "LlmCallResult"]
+__all__ = ["LLM_CHAT", "CallObserver", "LlmActivities", "LlmCallInput", "LlmCallResult"]
 
 LLM_CHAT = "llm_chat"
 """The activity's name: public API, never renamed."""
 
 _T = TypeVar("_T")
 _log = structlog.get_logger("kernelflow.activity")
+
+
+class CallObserver(Protocol):
+    def first_token(self, provider: str, model: str, seconds: float) -> None: ...
 
 
 class LlmCallInput(BaseModel):
@@ -74,6 +78,8 @@ class LlmActivities:
             live = LiveProviders(registry, prices=prices, breakers=breakers)
         self.live = live
         self.heartbeat_every = heartbeat_every
+        self.observer: CallObserver | None = None
+        """Told the time to the first streamed token of each call (the worker's metrics)."""
 
     @property
     def registry(self) -> Registry:
@@ -153,6 +159,7 @@ class LlmActivities:
 
     async def _stream(self, events: Any, provider: str, call: LlmCallInput) -> ChatResponse:
         received = 0
+        started = time.perf_counter()
         tokens = TokenPublisher.for_current_activity(
             step_id=call.step_id, model=call.model, batch_interval=self.stream_batch_interval
         )
@@ -164,6 +171,8 @@ class LlmActivities:
                 tokens.feed(event)
                 if isinstance(event, TextDelta | ToolCallDelta):
                     received += 1
+                    if received == 1 and self.observer is not None:
+                        self.observer.first_token(provider, call.model, time.perf_counter() - started)
                     if not activity.info().is_local:
                         activity.heartbeat({"chunks": received})
                 yield event

@@ -13,8 +13,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from bench._common import Mode, Result, machine_info, not_measured
 from worker.logs import configure_logging
 
@@ -45,14 +43,26 @@ FIGURES: dict[str, tuple[str, Callable[[Mode], Awaitable[list[Result]]], list[tu
     "4": ("history growth", _figure("history_growth"), [("4. history growth", "MB")]),
     "5": ("worker memory", _figure("worker_memory"), [("5. worker memory per waiting pipeline", "KiB")]),
     "6": ("encryption", _figure("encryption"), [("6. encryption: durable latency p50", "ms")]),
+    "7": (
+        "observability overhead",
+        _figure("observability_overhead"),
+        [
+            ("7. observability on/off, per model call", "us/call"),
+            ("7. observability on/off, durable latency p50", "ms"),
+        ],
+    ),
+    "8": (
+        "worker processes",
+        _figure("worker_scaling"),
+        [("8. throughput, 1 worker process", "workflows/s")],
+    ),
 }
 
 
 def _quiet_worker_logs() -> None:
     """Log as a production worker does (JSON lines at info), but into /dev/null so the progress stays
     readable; the cost of rendering each line is still paid."""
-    configure_logging("json", "info")
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=open(os.devnull, "w")))  # noqa: SIM115
+    configure_logging("json", "info", stream=open(os.devnull, "w"))  # noqa: SIM115
 
 
 def _fmt(value: float | None) -> str:

@@ -13,7 +13,8 @@ from datetime import timedelta
 from typing import Any
 
 import structlog
-from temporalio.client import Client
+from temporalio.client import Client, Interceptor
+from temporalio.runtime import Runtime
 from temporalio.worker import Worker, WorkflowRunner
 
 from activities.llm import LlmActivities
@@ -27,15 +28,19 @@ from worker.config import (
     KernelflowConfig,
     PayloadSettings,
     WorkerSettings,
+    describe_payload_store,
     load_config,
+    payload_settings,
     payload_settings_from_env,
 )
 from worker.devkeys import check_encryption, log_encryption_state
+from worker.devserver import free_port
 from worker.pipelines import PipelineCatalog, load_catalog, pipelines_dir
 from worker.plugin import KernelflowPlugin, sandbox_runner
 from worker.redaction import redact_error_logs
 from worker.search_attributes import ensure_search_attributes
 from worker.storage import build_data_converter
+from worker.telemetry import build_runtime
 
 __all__ = [
     "SIMULATED_PROVIDERS",
@@ -70,12 +75,23 @@ keys of the environment (any well-formed signature passes the simulator) and nee
 
 
 async def connect(
-    address: str, namespace: str = "default", *, payloads: PayloadSettings | None = None
+    address: str,
+    namespace: str = "default",
+    *,
+    payloads: PayloadSettings | None = None,
+    runtime: Runtime | None = None,
+    interceptors: Sequence[Interceptor] = (),
 ) -> Client:
     """A client with Kernelflow's converter. ``payloads`` defaults to the ``payloads:`` section of
     ``KERNELFLOW_CONFIG`` (what ``run_worker`` uses), so clients and workers store payloads alike."""
     settings = payloads if payloads is not None else payload_settings_from_env()
-    return await Client.connect(address, namespace=namespace, data_converter=build_data_converter(settings))
+    return await Client.connect(
+        address,
+        namespace=namespace,
+        data_converter=build_data_converter(settings),
+        runtime=runtime,
+        interceptors=interceptors,
+    )
 
 
 def simulator_settings(simulator_url: str) -> dict[str, ProviderSettings]:
@@ -132,6 +148,7 @@ def build_worker(
     max_cached_workflows: int = 1000,
     pipelines: PipelineCatalog | None = None,
     tool_allow: Sequence[str] = (),
+    graceful_shutdown_s: float = 20.0,
 ) -> Worker:
     """A worker on ``task_queue`` with ``KernelflowPlugin``. It converts payloads with ``client``'s
     converter, or with one built from ``payloads`` when given (which must match the clients')."""
@@ -156,15 +173,27 @@ def build_worker(
         plugins=[plugin],
         max_concurrent_activities=max_concurrent_activities,
         max_concurrent_workflow_tasks=max_concurrent_workflow_tasks,
-        graceful_shutdown_timeout=timedelta(seconds=20),
+        graceful_shutdown_timeout=timedelta(seconds=graceful_shutdown_s),
         max_cached_workflows=max_cached_workflows,
     )
 
 
-def default_breakers(config: KernelflowConfig | None = None) -> BreakerBoard:
-    """The worker's circuit breakers, with the config's thresholds, logging every transition."""
+def default_breakers(
+    config: KernelflowConfig | None = None,
+    *,
+    observer: Callable[[BreakerStatus, BreakerState], None] | None = None,
+) -> BreakerBoard:
+    """The worker's circuit breakers, with the config's thresholds, logging every transition (and
+    telling ``observer``, the breaker-state metric)."""
     settings = config.routing.breaker if config is not None else None
-    return BreakerBoard(settings, listener=_log_breaker)
+    if observer is None:
+        return BreakerBoard(settings, listener=_log_breaker)
+
+    def both(status: BreakerStatus, left: BreakerState) -> None:
+        _log_breaker(status, left)
+        observer(status, left)
+
+    return BreakerBoard(settings, listener=both)
 
 
 def _log_breaker(status: BreakerStatus, left: BreakerState) -> None:
@@ -236,29 +265,48 @@ class ConfigReloader:
 async def run_worker(
     settings: WorkerSettings, *, provider_settings: Mapping[str, ProviderSettings] | None = None
 ) -> None:
-    """Run until SIGTERM or SIGINT, then finish in-flight activities (up to the graceful timeout)."""
+    """Run until SIGTERM or SIGINT, then drain: stop polling, let in-flight activities finish within
+    ``settings.shutdown_grace_s`` (then cancel them), and exit."""
+    from worker.connection import open_client, resolve_connection
+    from worker.health import HealthServer, Readiness
+    from worker.observability import Observability
+
     config = load_config(settings.config_file)
+    connection = resolve_connection(settings)
+    payloads = payload_settings(config)
+    sdk_metrics = f"127.0.0.1:{free_port()}" if settings.metrics_port is not None else None
+    runtime = build_runtime(metrics_bind=sdk_metrics)
+    observability = Observability.from_settings(settings, runtime)
     registry = build_registry(config, provider_settings=provider_settings)
     prices = _prices(config)
-    activities = LlmActivities(registry, prices=prices, breakers=default_breakers(config))
-    payloads = payload_settings_from_env(base=config.payloads)
+    breakers = default_breakers(config, observer=observability.metrics.breaker_changed)
+    activities = LlmActivities(registry, prices=prices, breakers=breakers)
+    activities.observer = observability.metrics
     if payloads.encryption.enabled and payloads.encryption.redact_logs:
         redact_error_logs()
     await check_encryption(payloads)
     log_encryption_state(payloads)
-    client = await connect(settings.temporal_address, settings.namespace, payloads=payloads)
-    added = await ensure_search_attributes(client, settings.namespace)
+    interceptors = observability.interceptors()
+    if settings.provider_queues:
+        from worker.provider_queues import ProviderQueues
+
+        interceptors.append(ProviderQueues(settings.provider_queues))
+    client = await open_client(connection, payloads=payloads, runtime=runtime, interceptors=interceptors)
+    added = await ensure_search_attributes(client, connection.namespace)
     if added:
-        _log.info("registered search attributes", names=added, namespace=settings.namespace)
+        _log.info("registered search attributes", names=added, namespace=connection.namespace)
     worker = build_worker(
         client,
         task_queue=settings.task_queue,
         llm_activities=activities,
         max_concurrent_activities=settings.max_concurrent_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
+        max_cached_workflows=settings.max_cached_workflows,
+        graceful_shutdown_s=settings.shutdown_grace_s,
         pipelines=load_catalog(pipelines_dir(config.pipelines_dir)),
         tool_allow=[*config.tool_allow, *parse_allow_list(os.environ.get("KERNELFLOW_TOOL_ALLOWLIST"))],
     )
+    workers = [worker, *_provider_workers(client, settings, activities)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -271,21 +319,67 @@ async def run_worker(
         watching = asyncio.create_task(watcher.run())
         with contextlib.suppress(NotImplementedError, AttributeError):
             loop.add_signal_handler(signal.SIGHUP, watcher.request_reload)
+    readiness = Readiness()
+    health: HealthServer | None = None
+    if settings.metrics_port is not None:
+        health = HealthServer(
+            host=settings.metrics_host,
+            port=settings.metrics_port,
+            sdk_metrics_url=f"http://{sdk_metrics}/metrics",
+            readiness=readiness,
+            client=client,
+            task_queue=settings.task_queue,
+        )
+        await health.start()
+    observability.start(client)
     _log.info(
         "worker started",
-        temporal=settings.temporal_address,
-        namespace=settings.namespace,
+        temporal=connection.describe(),
+        namespace=connection.namespace,
         task_queue=settings.task_queue,
         providers=registry.names,
+        payload_store=describe_payload_store(payloads),
+        http=(
+            f"http://{settings.metrics_host}:{health.bound_port} (/metrics /healthz /readyz)"
+            if health is not None
+            else "off (--metrics-port to serve /metrics, /healthz, /readyz)"
+        ),
+        tracing="OTLP (OTEL_* variables)" if settings.tracing else "off",
+        provider_queues=[w.task_queue for w in workers[1:]],
     )
     try:
-        async with worker:
+        async with contextlib.AsyncExitStack() as running:
+            for each in workers:
+                await running.enter_async_context(each)
             await stop.wait()
-            _log.info("worker stopping: finishing in-flight work")
+            readiness.draining = True
+            _log.info(
+                "worker draining: polling stopped, in-flight work finishing",
+                grace_s=settings.shutdown_grace_s,
+            )
     finally:
         if watching is not None:
             watching.cancel()
             await asyncio.gather(watching, return_exceptions=True)
+        await observability.aclose()
+        if health is not None:
+            await health.stop()
         await reloader.aclose()
         await activities.registry.aclose()
         _log.info("worker stopped")
+
+
+def _provider_workers(client: Client, settings: WorkerSettings, activities: LlmActivities) -> list[Worker]:
+    """One activity-only worker per provider queue (``worker.provider_queues``), each with its own slots."""
+    from worker.provider_queues import provider_queue
+
+    return [
+        Worker(
+            client,
+            task_queue=provider_queue(settings.task_queue, provider),
+            activities=[activities.chat],
+            max_concurrent_activities=settings.max_concurrent_activities,
+            graceful_shutdown_timeout=timedelta(seconds=settings.shutdown_grace_s),
+        )
+        for provider in settings.provider_queues
+    ]

@@ -20,7 +20,7 @@ from temporalio.exceptions import ApplicationError
 from kernel.errors import ConfigurationError, FailureType, KernelflowError
 from kernel.pipeline import PipelineSpec, load_pipeline
 from worker.config import WorkerSettings, load_config
-from worker.logs import configure_logging
+from worker.logs import configure_logging, log_fatal
 from workflows.pipeline import PipelineResult, PipelineStatus
 
 __all__ = ["main", "run"]
@@ -151,15 +151,27 @@ def _coerce_inputs(spec: PipelineSpec, inputs: dict[str, Any]) -> dict[str, Any]
     return coerced
 
 
+async def _client(settings: WorkerSettings) -> Any:
+    """A client on the connection profile (flags, environment, TOML), storing and encrypting payloads
+    as the worker does (``payloads`` of the config file, the environment; ``kernelflow dev``'s key when
+    run beside it)."""
+    from worker.config import payload_settings_from_env
+    from worker.connection import open_client, resolve_connection
+    from worker.devkeys import discover_dev_keys
+
+    payloads = discover_dev_keys(payload_settings_from_env(config_file=settings.config_file))
+    return await open_client(resolve_connection(settings), payloads=payloads)
+
+
 async def _cmd_run(args: argparse.Namespace) -> int:
-    from worker.app import build_registry, connect
+    from worker.app import build_registry
     from worker.client import check_models, follow, start_pipeline, start_registered
 
     settings = WorkerSettings.from_env(**_overrides(args))
     given = _parse_inputs(args.input or [], args.input_json, args.input_file)
     if (args.pipeline is None) == (args.name is None):
         raise ConfigurationError("give a pipeline file, or --name of a pipeline registered on the worker")
-    client = await connect(settings.temporal_address, settings.namespace, payloads=_client_payloads())
+    client = await _client(settings)
     if args.name is not None:
         handle = await start_registered(
             client, args.name, given, task_queue=settings.task_queue, version=args.version,
@@ -182,20 +194,11 @@ async def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if result.status == "completed" else 3
 
 
-def _client_payloads() -> Any:
-    """The payload settings of the environment; ``kernelflow dev``'s key when run beside it."""
-    from worker.config import payload_settings_from_env
-    from worker.devkeys import discover_dev_keys
-
-    return discover_dev_keys(payload_settings_from_env())
-
-
 async def _cmd_watch(args: argparse.Namespace) -> int:
-    from worker.app import connect
     from worker.watch import PipelineWatch, WatchError
 
     settings = WorkerSettings.from_env(**_overrides(args))
-    client = await connect(settings.temporal_address, settings.namespace, payloads=_client_payloads())
+    client = await _client(settings)
     try:
         status = await PipelineWatch(client, args.workflow_id, as_json=args.json).run()
     except WatchError as exc:
@@ -207,7 +210,12 @@ async def _cmd_watch(args: argparse.Namespace) -> int:
 async def _cmd_worker(args: argparse.Namespace) -> int:
     from worker.app import run_worker
 
-    settings = WorkerSettings.from_env(**_overrides(args))
+    try:
+        settings = WorkerSettings.from_env(**_overrides(args))
+    except ConfigurationError:
+        fmt = os.environ.get("KERNELFLOW_LOG_FORMAT")
+        configure_logging("json" if fmt == "json" else "console" if fmt == "console" else "auto")
+        raise
     configure_logging(settings.log_format, settings.log_level)
     await run_worker(settings)
     return 0
@@ -241,6 +249,7 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
     from simulator.server import SimulatorServer
     from worker.app import build_registry, build_worker, connect, simulator_settings
     from worker.devserver import DevServer
+    from worker.observability import DevObservability
     from worker.pipelines import load_catalog, pipelines_dir
     from worker.search_attributes import ensure_search_attributes
 
@@ -259,15 +268,25 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
             state_dir=args.state_dir, port=args.port, ui_port=args.ui_port,
             ui_codec_endpoint=codec.url if codec is not None else None,
         ) as server:  # fmt: skip
-            client = await connect(server.target, settings.namespace, payloads=payloads)
+            ops = DevObservability(settings, metrics_port=args.metrics_port)
+            client = await connect(
+                server.target,
+                settings.namespace,
+                payloads=payloads,
+                runtime=ops.runtime,
+                interceptors=ops.interceptors(),
+            )
             await ensure_search_attributes(client, settings.namespace)
             config = load_config(settings.config_file)
             registry = build_registry(config, provider_settings=overrides)
             catalog = load_catalog(pipelines_dir(config.pipelines_dir) or DEMO_PIPELINE.parent)
             worker = build_worker(
-                client, task_queue=settings.task_queue, registry=registry, pipelines=catalog
+                client,
+                task_queue=settings.task_queue,
+                llm_activities=ops.activities(registry, config),
+                pipelines=catalog,
             )
-            async with worker:
+            async with worker, ops.serving(client):
                 print(f"Temporal   {server.target}  (namespace {settings.namespace}, data {server.db_path})")
                 print(f"Web UI     {server.ui_url}")
                 _print_encryption(payloads, codec, args.state_dir)
@@ -281,6 +300,7 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
                     )
                 print(f"Worker     task queue {settings.task_queue}, providers: {', '.join(registry.names)}")
                 print(f"Pipelines  registered by name: {', '.join(catalog.names) or 'none'}")
+                print(f"Metrics    {ops.url}/metrics  (health: /healthz, /readyz)")
                 print("Ctrl-C stops everything.", flush=True)
                 await stop.wait()
             await registry.aclose()
@@ -401,6 +421,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "namespace": "namespace",
         "task_queue": "task_queue",
         "config": "config_file",
+        "profile": "profile",
+        "metrics_port": "metrics_port",
+        "shutdown_grace": "shutdown_grace_s",
     }
     return {
         target: getattr(args, src) for src, target in keys.items() if getattr(args, src, None) is not None
@@ -419,14 +442,26 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--namespace", help="Temporal namespace (env TEMPORAL_NAMESPACE, default default)")
         p.add_argument("--task-queue", help="task queue (env KERNELFLOW_TASK_QUEUE, default kernelflow)")
         p.add_argument("--config", help="YAML config file (env KERNELFLOW_CONFIG)")
+        p.add_argument(
+            "--profile", help="Temporal connection profile, as the temporal CLI's (env TEMPORAL_PROFILE)"
+        )
 
     worker = sub.add_parser("worker", help="run a worker against a Temporal server")
     temporal_options(worker)
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve /metrics, /healthz, /readyz here (env KERNELFLOW_METRICS_PORT)",
+    )
+    worker.add_argument(
+        "--shutdown-grace", type=float, help="seconds in-flight work may take after SIGTERM (default 20)"
+    )
 
     dev = sub.add_parser("dev", help="embedded Temporal dev server + simulator + worker, until Ctrl-C")
     dev.add_argument("--port", type=int, default=7233)
     dev.add_argument("--ui-port", type=int, default=8233)
     dev.add_argument("--sim-port", type=int, default=8400)
+    dev.add_argument("--metrics-port", type=int, default=9464, help="/metrics, /healthz, /readyz")
     dev.add_argument("--state-dir", default=".state")
     dev.add_argument(
         "--no-simulator", action="store_true", help="call the real clouds (keys from the environment)"
@@ -467,6 +502,7 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--json", action="store_true", help="one JSON event per line")
     watch.add_argument("--address", help="Temporal frontend (env TEMPORAL_ADDRESS, default localhost:7233)")
     watch.add_argument("--namespace", help="Temporal namespace (env TEMPORAL_NAMESPACE, default default)")
+    watch.add_argument("--profile", help="Temporal connection profile (env TEMPORAL_PROFILE)")
 
     demo = sub.add_parser("demo", help="run the example pipeline on embedded everything, then stop")
     demo.add_argument("--pipeline", default=str(DEMO_PIPELINE))
@@ -517,7 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except KernelflowError as exc:
-        print(f"kernelflow: {exc}", file=sys.stderr)
+        if not log_fatal(str(exc)):
+            print(f"kernelflow: {exc}", file=sys.stderr)
         return 2
     except WorkflowFailureError as exc:
         cause = exc.cause
@@ -533,7 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kernelflow: pipeline failed: {cause}", file=sys.stderr)
         return 3
     except (OSError, RuntimeError) as exc:
-        print(f"kernelflow: {exc}", file=sys.stderr)
+        if not log_fatal(str(exc)):
+            print(f"kernelflow: {exc}", file=sys.stderr)
         return 1
 
 

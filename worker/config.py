@@ -62,7 +62,9 @@ __all__ = [
     "RoutingConfig",
     "WorkerSettings",
     "config_changes",
+    "describe_payload_store",
     "load_config",
+    "payload_settings",
     "payload_settings_from_env",
 ]
 
@@ -176,13 +178,39 @@ class WorkerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     temporal_address: str = "localhost:7233"
+    """Used when set explicitly (flag or ``TEMPORAL_ADDRESS``); otherwise the profile's (see
+    ``worker.connection``)."""
     namespace: str = "default"
+    profile: str | None = Field(default=None, description="Temporal connection profile (TOML), as the CLI's.")
     task_queue: str = "kernelflow"
     config_file: Path | None = None
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "info"
     max_concurrent_activities: int = Field(default=200, gt=0)
     max_concurrent_workflow_tasks: int = Field(default=100, gt=0)
+    max_cached_workflows: int = Field(default=1000, ge=0)
+    shutdown_grace_s: float = Field(
+        default=20.0, ge=0, description="After SIGTERM: how long in-flight activities may take to finish."
+    )
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="HTTP port for /metrics, /healthz and /readyz; off without."
+    )
+    metrics_host: str = Field(default="0.0.0.0", description="Address the metrics/health port binds to.")
+    metrics_labels: list[Literal["pipeline", "tenant"]] = Field(
+        default=["pipeline"],
+        description="Optional metric labels with user-chosen values (bounded by what you name).",
+    )
+    provider_queues: list[str] = Field(
+        default_factory=list,
+        description="Providers whose model calls get a task queue (and activity slots) of their own.",
+    )
+    approvals_poll_s: float = Field(
+        default=15.0, gt=0, description="How often the approvals-waiting gauge is read from visibility."
+    )
+    tracing: bool = Field(
+        default=False, description="OpenTelemetry traces, exported over OTLP (OTEL_* vars)."
+    )
+    trace_content: bool = Field(default=False, description="Record prompt and completion text on spans.")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
@@ -194,12 +222,31 @@ class WorkerSettings(BaseModel):
             "config_file": env.get("KERNELFLOW_CONFIG"),
             "log_format": env.get("KERNELFLOW_LOG_FORMAT"),
             "log_level": env.get("KERNELFLOW_LOG_LEVEL"),
+            "profile": env.get("TEMPORAL_PROFILE"),
+            "max_concurrent_activities": env.get("KERNELFLOW_MAX_CONCURRENT_ACTIVITIES"),
+            "max_concurrent_workflow_tasks": env.get("KERNELFLOW_MAX_CONCURRENT_WORKFLOW_TASKS"),
+            "max_cached_workflows": env.get("KERNELFLOW_MAX_CACHED_WORKFLOWS"),
+            "shutdown_grace_s": env.get("KERNELFLOW_SHUTDOWN_GRACE_S"),
+            "metrics_port": env.get("KERNELFLOW_METRICS_PORT"),
+            "metrics_host": env.get("KERNELFLOW_METRICS_HOST"),
+            "metrics_labels": _split(env.get("KERNELFLOW_METRICS_LABELS")),
+            "approvals_poll_s": env.get("KERNELFLOW_APPROVALS_POLL_S"),
+            "provider_queues": _split(env.get("KERNELFLOW_PROVIDER_QUEUES")),
+            "tracing": env.get("KERNELFLOW_TRACING"),
+            "trace_content": env.get("KERNELFLOW_TRACE_CONTENT"),
         }
         values.update(overrides)
         try:
             return cls.model_validate({k: v for k, v in values.items() if v is not None})
         except ValidationError as exc:
             raise ConfigurationError(format_validation_error(exc, prefix="settings")) from exc
+
+
+def _split(value: str | None) -> list[str] | None:
+    """A comma-separated list; ``none`` (or an empty value) for an empty list."""
+    if value is None:
+        return None
+    return [part.strip() for part in value.split(",") if part.strip() and part.strip() != "none"]
 
 
 def load_config(path: Path | None) -> KernelflowConfig:
@@ -226,14 +273,43 @@ def load_config(path: Path | None) -> KernelflowConfig:
     return config
 
 
+def payload_settings(config: KernelflowConfig, environ: Mapping[str, str] | None = None) -> PayloadSettings:
+    """``config.payloads`` with the environment's overrides: the one path by which clients and workers
+    choose their payload store and encryption (see ``payloads_with_env``)."""
+    return payloads_with_env(config.payloads, os.environ if environ is None else environ)
+
+
 def payload_settings_from_env(
-    environ: Mapping[str, str] | None = None, *, base: PayloadSettings | None = None
+    environ: Mapping[str, str] | None = None,
+    *,
+    config_file: Path | None = None,
+    base: PayloadSettings | None = None,
 ) -> PayloadSettings:
-    """The ``payloads:`` section of ``KERNELFLOW_CONFIG`` (or ``base``; defaults without either), with
-    the ``KERNELFLOW_PAYLOADS_*``, ``KERNELFLOW_ENCRYPTION*`` and ``KERNELFLOW_COMPRESSION`` overrides."""
+    """The payload settings of ``base``, else of ``config_file`` (default: ``KERNELFLOW_CONFIG``;
+    defaults without one), with the environment overrides applied."""
     env = os.environ if environ is None else environ
-    config_file = env.get("KERNELFLOW_CONFIG")
-    payloads = base if base is not None else load_config(Path(config_file) if config_file else None).payloads
+    if base is not None:
+        return payloads_with_env(base, env)
+    if config_file is None and env.get("KERNELFLOW_CONFIG"):
+        config_file = Path(env["KERNELFLOW_CONFIG"])
+    return payload_settings(load_config(config_file), env)
+
+
+def describe_payload_store(settings: PayloadSettings) -> str:
+    """Where this process keeps large payloads, in words for its start-up message."""
+    if settings.storage == "off":
+        return f"off (payloads inline; over {settings.limit_bytes} bytes refused)"
+    where = (
+        f"directory {settings.dir.resolve()}"
+        if settings.storage == "filesystem"
+        else f"driver {settings.driver}"
+    )
+    return f"{where} (payloads of {settings.threshold_bytes} bytes or more)"
+
+
+def payloads_with_env(payloads: PayloadSettings, env: Mapping[str, str]) -> PayloadSettings:
+    """``payloads`` with the ``KERNELFLOW_PAYLOADS_*``, ``KERNELFLOW_ENCRYPTION*`` and
+    ``KERNELFLOW_COMPRESSION`` overrides."""
     overrides: dict[str, Any] = {}
     if env.get("KERNELFLOW_PAYLOADS_STORAGE"):
         overrides["storage"] = env["KERNELFLOW_PAYLOADS_STORAGE"]

@@ -70,6 +70,7 @@ PASSTHROUGH_MODULES: dict[str, str] = {
     "workflows.pipeline": "PipelineWorkflow itself: re-importing its module into every run's sandbox cost "
     "most of a waiting pipeline's memory and of a workflow task's latency; its determinism rests on the "
     "kernel's purity and the replayed histories, like the passed-through engine it drives",
+    "opentelemetry": "tracing context carried through workflows by the SDK's tracing interceptor",
 }
 """Modules shared with the host instead of re-imported into every workflow's sandbox, and why each
 is safe to share. The workflow class module itself (``workflows.pipeline``) stays sandboxed."""
