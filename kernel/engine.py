@@ -29,11 +29,14 @@ from kernel.steps.context import (
     CallResult,
     ChildCall,
     ChildResult,
+    ContinueAsNewRequested,
     Effects,
     EmbedCall,
     EmbedResult,
     EngineView,
     LifecycleEvent,
+    McpCall,
+    McpList,
     ModelCall,
     RunInfo,
     Scope,
@@ -52,12 +55,15 @@ __all__ = [
     "CallResult",
     "ChildCall",
     "ChildResult",
+    "ContinueAsNewRequested",
     "Effects",
     "EmbedCall",
     "EmbedResult",
     "Engine",
     "EngineView",
     "LifecycleEvent",
+    "McpCall",
+    "McpList",
     "ModelCall",
     "RunInfo",
     "Scope",
@@ -108,6 +114,8 @@ class Engine:
         run = StepRun(self, step, scope, state)
         try:
             output, extras = await step_kind(step.type).handler(step, run)
+        except ContinueAsNewRequested:
+            raise
         except StepFailure as exc:
             state.status = "failed"
             state.error = exc.message

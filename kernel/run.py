@@ -21,6 +21,8 @@ __all__ = [
     "MAX_PENDING_EVENTS",
     "MAX_REFUSED",
     "MAX_SEEN_EVENT_IDS",
+    "AgentLoopState",
+    "AgentToolCallState",
     "ApprovalState",
     "ModelFailure",
     "PipelineStatus",
@@ -74,6 +76,33 @@ class ApprovalState(BaseModel):
     timed_out: bool = False
     decided_at: datetime | None = None
     deadline: datetime | None = Field(default=None, description="When the default decision applies.")
+    tool: str | None = Field(default=None, description="For an agent's tool call: the tool to be called.")
+    arguments: Any = Field(default=None, description="For an agent's tool call: its arguments.")
+    approvers: list[str] | None = Field(default=None, description="Who may decide a tool call's approval.")
+
+
+class AgentToolCallState(BaseModel):
+    """One tool call the model asked for, and what became of it."""
+
+    id: str
+    tool: str
+    arguments: Any = None
+    status: Literal["pending", "waiting", "running", "done", "error", "rejected"] = "pending"
+    result: str | None = Field(default=None, description="What the model is told (a result or an error).")
+    approval_id: str | None = None
+
+
+class AgentLoopState(BaseModel):
+    """The half-finished loop of an ``agent`` step: carried whole when the run continues as new, so
+    the loop goes on from its last turn, and no finished tool call is made again."""
+
+    turn: int = 0
+    messages: list[dict[str, Any]] = Field(default_factory=list)
+    tools: list[dict[str, Any]] = Field(default_factory=list, description="The catalogue fixed at start.")
+    calls: list[AgentToolCallState] = Field(default_factory=list, description="The last turn's tool calls.")
+    started_at: datetime | None = None
+    tool_calls: int = 0
+    repairs: int = 0
 
 
 class StepState(BaseModel):
@@ -130,6 +159,7 @@ class RunState(BaseModel):
     search_models: list[str] | None = None
     lifecycle_sequence: int = 0
     defaults_version: int | None = None
+    agents: dict[str, AgentLoopState] = Field(default_factory=dict, description="Loops of agent steps.")
 
     def refuse(self, handler: str, error: str, at: datetime) -> None:
         refused = self.status.refused

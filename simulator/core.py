@@ -99,6 +99,7 @@ class Directive:
     reply: str | None = None
     tag: str | None = None
     cached: int | None = None
+    script: str | None = None
     source: str = ""
 
     @property
@@ -123,6 +124,8 @@ class Directive:
                 raise DirectiveError(
                     f"simulator directive {name}={raw!r} is not a valid {kind.__name__}"
                 ) from exc
+        if "script" in values:
+            _script_turns(values["script"])
         fault = values.get("fault")
         if fault is not None and fault not in FAULT_KINDS:
             allowed = ", ".join(sorted(FAULT_KINDS))
@@ -155,6 +158,7 @@ _FIELD_TYPES: dict[str, Any] = {
     "reply": str,
     "tag": str,
     "cached": int,
+    "script": str,
 }
 
 
@@ -249,6 +253,7 @@ class Admission:
     reply: str | None = None
     cached: int = 0
     tags: tuple[str, ...] = ()
+    script: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,6 +414,7 @@ def _merge(
         reply=_first(d.reply for d in active if d not in (spent_replies or set())),
         cached=_first(d.cached for d in active) or 0,
         tags=tuple(dict.fromkeys(d.tag for d in active if d.tag is not None)),
+        script=_first(d.script for d in active),
     )
 
 
@@ -453,8 +459,53 @@ def echo_text(request: SimRequest) -> str:
     return f"Simulated reply from {request.model}: {cleaned}"
 
 
+def _script_turns(raw: str) -> list[dict[str, Any]]:
+    """A script of turns: a JSON list whose items are `{"text": ...}` or `{"calls": [{"name": ...,
+    "arguments": {...}}, ...]}`; the answer to a request is the item at its number of assistant
+    messages (so each turn of a tool loop gets the next item), and past the end the usual echo."""
+    try:
+        turns = json.loads(raw)
+    except ValueError as exc:
+        raise DirectiveError(f"simulator script is not JSON: {exc}") from None
+    if not isinstance(turns, list) or not all(
+        isinstance(t, dict) and (isinstance(t.get("text"), str) or isinstance(t.get("calls"), list)) for t in turns
+    ):
+        raise DirectiveError('simulator script must be a JSON list of {"text": ...} or {"calls": [...]} items')
+    for turn in turns:
+        for call in turn.get("calls") or []:
+            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+                raise DirectiveError(f"simulator script call {call!r} needs a 'name' (and 'arguments')")
+    return list(turns)
+
+
+def _scripted(request: SimRequest, admission: Admission) -> Completion | None:
+    if admission.script is None:
+        return None
+    turns = _script_turns(admission.script)
+    number = sum(1 for m in request.messages if m.role == "assistant")
+    if number >= len(turns):
+        return None
+    turn = turns[number]
+    if "calls" in turn:
+        calls = tuple(
+            ToolCall(
+                "call_" + hashlib.blake2b(f"{request.digest}:{i}".encode(), digest_size=12).hexdigest(),
+                str(call["name"]),
+                json.dumps(call.get("arguments", {}), separators=(",", ":")),
+            )
+            for i, call in enumerate(turn["calls"])
+        )
+        text = "".join(c.arguments for c in calls)
+        return Completion(text=None, tool_calls=calls, finish_reason="tool_calls", usage=_usage(request, admission, text))
+    text = str(turn["text"])
+    return Completion(text=text, tool_calls=(), finish_reason="stop", usage=_usage(request, admission, text))
+
+
 def generate(request: SimRequest, admission: Admission) -> Completion:
-    """The deterministic answer to `request`."""
+    """The deterministic answer to `request`: a scripted turn when a `script` directive gives one."""
+    scripted = _scripted(request, admission)
+    if scripted is not None:
+        return scripted
     tool = _tool_to_call(request)
     if tool is not None:
         arguments = json.dumps(schema_instance(tool.parameters), separators=(",", ":"))

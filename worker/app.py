@@ -149,6 +149,7 @@ def build_worker(
     pipelines: PipelineCatalog | None = None,
     tool_allow: Sequence[str] = (),
     graceful_shutdown_s: float = 20.0,
+    mcp_servers: Mapping[str, Any] | None = None,
 ) -> Worker:
     """A worker on ``task_queue`` with ``KernelflowPlugin``. It converts payloads with ``client``'s
     converter, or with one built from ``payloads`` when given (which must match the clients')."""
@@ -163,7 +164,11 @@ def build_worker(
         config["data_converter"] = build_data_converter(payloads)
         client = Client(**config)
     plugin = KernelflowPlugin(
-        chat=llm_activities, pipelines=pipelines, tool_allow=tool_allow, extra_activities=extra_activities
+        chat=llm_activities,
+        pipelines=pipelines,
+        tool_allow=tool_allow,
+        mcp_servers=mcp_servers,
+        extra_activities=extra_activities,
     )
     return Worker(
         client,

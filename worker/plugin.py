@@ -20,7 +20,7 @@ plugin then only sets the data converter, and adds ``PipelineWorkflow`` for repl
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from temporalio.contrib.pydantic import PydanticPayloadConverter
@@ -32,6 +32,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from activities.embed import EmbedActivities
 from activities.live import LiveProviders
 from activities.llm import LlmActivities
+from activities.mcp import McpActivities, McpServerConfig
 from activities.tool import ToolActivities
 from kernel.errors import KernelflowError
 from kernel.pricing import PriceTable
@@ -74,6 +75,10 @@ PASSTHROUGH_MODULES: dict[str, str] = {
 }
 """Modules shared with the host instead of re-imported into every workflow's sandbox, and why each
 is safe to share. The workflow class module itself (``workflows.pipeline``) stays sandboxed."""
+
+
+def _mcp_activities(mcp: McpActivities) -> list[Callable[..., Any]]:
+    return [mcp.list_tools, mcp.call_tool]
 
 
 def sandbox_runner(existing: WorkflowRunner | None = None) -> WorkflowRunner:
@@ -146,6 +151,7 @@ class KernelflowPlugin(SimplePlugin):
         payloads: PayloadSettings | None = None,
         pipelines: PipelineCatalog | None = None,
         tool_allow: Sequence[str] = (),
+        mcp_servers: Mapping[str, McpServerConfig] | None = None,
         chat: LlmActivities | None = None,
         extra_activities: Sequence[Callable[..., Any]] = (),
     ) -> None:
@@ -162,6 +168,7 @@ class KernelflowPlugin(SimplePlugin):
                 chat.chat,
                 EmbedActivities(live=providers).embed,
                 ToolActivities(tool_allow).call,
+                *_mcp_activities(McpActivities(mcp_servers)),
                 (pipelines or PipelineCatalog()).load,
                 *extra_activities,
             ]

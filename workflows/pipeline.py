@@ -23,7 +23,7 @@ from temporalio.contrib.workflow_streams import WorkflowStream
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from kernel.engine import Engine, RunInfo
+    from kernel.engine import ContinueAsNewRequested, Engine, RunInfo
     from kernel.errors import FailureType, PipelineError
     from kernel.pipeline import PipelineSpec, format_validation_error, parse_pipeline
     from kernel.routing import check_routes
@@ -132,7 +132,11 @@ class PipelineWorkflow:
             self._state = RunState(status=PipelineStatus(pipeline=str(name or "unnamed")))
         if self._state.defaults_version is None:  # a carried-over run without one started before versions
             self._state.defaults_version = 2 if self._v2 and carry is None else 1
-        self._effects = TemporalEffects(search_attributes=self._request.search_attributes, v2=self._v2)
+        self._effects = TemporalEffects(
+            search_attributes=self._request.search_attributes,
+            v2=self._v2,
+            continue_as_new_after=self._request.continue_as_new_after,
+        )
         self._token_stream_for_watchers = WorkflowStream(prior_state=carry.token_stream if carry else None)
         self._engine: Engine | None = None
         self._spec_error: str | None = None
@@ -351,14 +355,21 @@ class PipelineWorkflow:
         self._check_decision(self._update_input(DecisionRequest, request, "reject", required=True))
 
     def _check_decision(self, request: DecisionRequest) -> None:
-        if self._engine is not None:
+        dynamic = self._state.decisions.get(request.step_id)
+        if dynamic is not None and dynamic.tool is not None:  # a tool call of an agent step
+            if dynamic.approvers is not None and request.by not in dynamic.approvers:
+                raise refuse(
+                    f"{request.by!r} may not decide approval {request.step_id!r}; approvers: {dynamic.approvers}",
+                    FailureType.NOT_AN_APPROVER,
+                )
+        elif self._engine is not None:
             spec = self._engine.spec
             step = _find(spec, request.step_id)
             if step is None or not step.single_instance:
                 known = sorted(self._state.decisions) or "none"
                 raise refuse(
-                    f"pipeline {spec.name!r} has no approval step {request.step_id!r}; "
-                    f"its approval steps: {known}",
+                    f"pipeline {spec.name!r} has no approval step or tool call waiting {request.step_id!r}; "
+                    f"its approvals: {known}",
                     FailureType.UNKNOWN_APPROVAL,
                 )
             approvers = getattr(step, "approvers", None)
@@ -503,7 +514,12 @@ class PipelineWorkflow:
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(self._carry_over(index))
             self._state.position = index
-            await engine.run_step(steps[index], top)
+            try:
+                await engine.run_step(steps[index], top)
+            except ContinueAsNewRequested:  # a step (an agent's loop) asks to go on in a new run
+                self._token_stream_for_watchers.detach_pollers()
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                workflow.continue_as_new(self._carry_over(index))
             if self._v2:
                 engine.refresh_models()
 

@@ -3,6 +3,8 @@ the built-in ones. A plugin adds a kind with ``register_step_kind`` (see ``kerne
 
 from __future__ import annotations
 
+from kernel.steps.agent import KIND as AGENT
+from kernel.steps.agent import AgentStep
 from kernel.steps.base import (
     BudgetSpec,
     RetrySpec,
@@ -33,6 +35,7 @@ from kernel.steps.waiting import APPROVAL, SLEEP, WAIT_EVENT, ApprovalStep, Slee
 
 __all__ = [
     "BUILTIN_KINDS",
+    "AgentStep",
     "ApprovalStep",
     "BudgetSpec",
     "EmbedStep",
@@ -58,7 +61,7 @@ __all__ = [
     "walk_steps",
 ]
 
-BUILTIN_KINDS = (LLM, PARALLEL, MAP, SWITCH, TRANSFORM, APPROVAL, WAIT_EVENT, SLEEP, TOOL, EMBED, PIPELINE)
+BUILTIN_KINDS = (LLM, PARALLEL, MAP, SWITCH, TRANSFORM, APPROVAL, WAIT_EVENT, SLEEP, TOOL, EMBED, PIPELINE, AGENT)
 
 for _kind in BUILTIN_KINDS:
     register_step_kind(_kind)

@@ -21,11 +21,14 @@ __all__ = [
     "CallResult",
     "ChildCall",
     "ChildResult",
+    "ContinueAsNewRequested",
     "Effects",
     "EmbedCall",
     "EmbedResult",
     "EngineView",
     "LifecycleEvent",
+    "McpCall",
+    "McpList",
     "ModelCall",
     "RunInfo",
     "Scope",
@@ -170,6 +173,32 @@ class ChildResult(Protocol):
     def cost_unknown_models(self) -> list[str]: ...
 
 
+@dataclass
+class McpList:
+    server: str
+    step_id: str
+    retry: RetrySpec
+    summary: str
+
+
+@dataclass
+class McpCall:
+    server: str
+    tool: str
+    arguments: dict[str, Any]
+    step_id: str
+    timeout_s: float
+    retry: RetrySpec
+    summary: str
+    heartbeat_timeout_s: float | None = None
+
+
+class ContinueAsNewRequested(BaseException):
+    """Raised by a step between units of work when the run should continue as new there; the step
+    keeps its progress in ``RunState`` and picks it up in the next run. A ``BaseException`` so no
+    step's error handling swallows it."""
+
+
 class Effects(Protocol):
     """Everything the interpreter does to the world. Each method either returns or raises
     ``StepFailure`` (a failure the step reports) or ``asyncio.CancelledError``."""
@@ -185,6 +214,18 @@ class Effects(Protocol):
     async def embed(self, call: EmbedCall) -> EmbedResult: ...
     async def tool(self, call: ToolCall) -> ToolResult: ...
     async def child(self, call: ChildCall) -> ChildResult: ...
+    async def mcp_tools(self, call: McpList) -> list[dict[str, Any]]:
+        """The tools of an MCP server configured on the worker: ``name``, ``description``, ``input_schema``."""
+        ...
+
+    async def mcp_call(self, call: McpCall) -> tuple[str, bool]:
+        """Call an MCP tool: its text and whether the server reported a tool error."""
+        ...
+
+    def continue_as_new_suggested(self) -> bool:
+        """Whether the history is long enough that the run should continue as new."""
+        ...
+
     def search(self, updates: Mapping[SearchField, str | list[str]]) -> None:
         """Set search attributes, all in one update."""
         ...

@@ -16,6 +16,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflow
 
 with workflow.unsafe.imports_passed_through():
     from activities.embed import LLM_EMBED, EmbedCallInput, EmbedCallResult
+    from activities.mcp import MCP_CALL_TOOL, MCP_LIST_TOOLS, McpCallInput, McpCallResult, McpListInput, McpToolInfo
     from activities.tool import HTTP_TOOL, ToolCallInput, ToolCallResult
     from kernel.engine import (
         CallResult,
@@ -24,6 +25,8 @@ with workflow.unsafe.imports_passed_through():
         EmbedCall,
         EmbedResult,
         LifecycleEvent,
+        McpCall,
+        McpList,
         ModelCall,
         SearchField,
         ToolCall,
@@ -51,9 +54,10 @@ class TemporalEffects:
     switch; ``v2`` says whether this run records the search attributes added with the engine's
     second shape (runs that started before replay without them)."""
 
-    def __init__(self, *, search_attributes: bool, v2: bool) -> None:
+    def __init__(self, *, search_attributes: bool, v2: bool, continue_as_new_after: int | None = None) -> None:
         self.search_attributes = search_attributes
         self.v2 = v2
+        self.continue_as_new_after = continue_as_new_after
         self.lifecycle_events: list[LifecycleEvent] = []
 
     def now(self) -> datetime:
@@ -167,6 +171,46 @@ class TemporalEffects:
             ) from None
         return result
 
+    async def mcp_tools(self, call: McpList) -> list[dict[str, Any]]:
+        try:
+            tools: list[McpToolInfo] = await workflow.execute_activity(
+                MCP_LIST_TOOLS,
+                McpListInput(server=call.server, step_id=call.step_id),
+                result_type=list[McpToolInfo],
+                start_to_close_timeout=timedelta(seconds=60),
+                heartbeat_timeout=timedelta(seconds=20),
+                retry_policy=retry_policy(call.retry),
+                summary=call.summary,
+            )
+        except ActivityError as exc:
+            raise StepFailure(
+                f"step {call.step_id!r}: listing the tools of MCP server {call.server!r} failed: "
+                f"{failure_cause(exc)}",
+                _cause_type(exc),
+            ) from None
+        return [tool.model_dump() for tool in tools]
+
+    async def mcp_call(self, call: McpCall) -> tuple[str, bool]:
+        heartbeat = call.heartbeat_timeout_s
+        try:
+            result: McpCallResult = await workflow.execute_activity(
+                MCP_CALL_TOOL,
+                McpCallInput(server=call.server, tool=call.tool, arguments=call.arguments, step_id=call.step_id),
+                result_type=McpCallResult,
+                start_to_close_timeout=timedelta(seconds=call.timeout_s),
+                heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None,
+                retry_policy=retry_policy(call.retry),
+                summary=call.summary,
+            )
+        except ActivityError as exc:
+            raise StepFailure(failure_cause(exc), _cause_type(exc)) from None
+        return result.text, result.is_error
+
+    def continue_as_new_suggested(self) -> bool:
+        info = workflow.info()
+        limit = self.continue_as_new_after or 10_000
+        return info.is_continue_as_new_suggested() or info.get_current_history_length() >= limit
+
     def search(self, updates: Mapping[SearchField, str | list[str]]) -> None:
         if not self.search_attributes:
             return
@@ -184,6 +228,11 @@ class TemporalEffects:
     def lifecycle(self, event: LifecycleEvent) -> None:
         self.lifecycle_events.append(event)
         del self.lifecycle_events[:-100]
+
+
+def _cause_type(exc: ActivityError) -> str:
+    cause = exc.cause
+    return cause.type if isinstance(cause, ApplicationError) and cause.type else FailureType.STEP_FAILED
 
 
 def failure_cause(exc: BaseException) -> str:

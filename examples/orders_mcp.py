@@ -1,0 +1,89 @@
+"""An order-desk MCP server, built with the ``mcp`` SDK's server API (``MCPServer``), for the agent
+example (``examples/refund-agent.yaml``) and the agent tests.
+
+Run it over streamable HTTP or stdio::
+
+    python -m examples.orders_mcp --http 8765        # http://127.0.0.1:8765/mcp
+    python -m examples.orders_mcp                    # stdio (a worker starts it per call)
+
+Every tool call is appended as one JSON line to the file named by ``ORDERS_MCP_LOG`` (when set), so a
+test can count calls across processes. ``hold`` answers only once the file named by its ``gate``
+argument exists: a call that stays in flight while a test kills a worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+
+__all__ = ["ORDERS", "server"]
+
+ORDERS: dict[str, dict[str, Any]] = {
+    "A100": {"order_id": "A100", "customer": "Ada", "item": "kettle", "total": 42.0, "status": "delivered"},
+    "B200": {"order_id": "B200", "customer": "Brian", "item": "lamp", "total": 18.5, "status": "lost in transit"},
+}
+
+server = MCPServer("orders", log_level="WARNING")
+
+
+def _log(tool: str, arguments: dict[str, Any]) -> None:
+    path = os.environ.get("ORDERS_MCP_LOG")
+    if path:
+        with Path(path).open("a", encoding="utf-8") as log:
+            log.write(json.dumps({"tool": tool, "arguments": arguments}) + "\n")
+
+
+@server.tool()
+def lookup_order(order_id: str) -> dict[str, Any]:
+    """Look an order up by its id: customer, item, total and delivery status."""
+    _log("lookup_order", {"order_id": order_id})
+    order = ORDERS.get(order_id)
+    if order is None:
+        raise ToolError(f"no order {order_id!r}")
+    return order
+
+
+@server.tool()
+def shipping_status(order_id: str) -> str:
+    """Where the parcel of an order is."""
+    _log("shipping_status", {"order_id": order_id})
+    order = ORDERS.get(order_id)
+    return f"order {order_id}: {order['status'] if order else 'unknown'}"
+
+
+@server.tool()
+def issue_refund(order_id: str, amount: float, reason: str) -> str:
+    """Refund an amount of an order to the customer."""
+    _log("issue_refund", {"order_id": order_id, "amount": amount, "reason": reason})
+    return f"refunded {amount:.2f} on order {order_id}"
+
+
+@server.tool()
+async def hold(gate: str) -> str:
+    """Answer once the file ``gate`` exists."""
+    _log("hold:start", {"gate": gate})
+    while not Path(gate).exists():
+        await asyncio.sleep(0.05)
+    _log("hold", {"gate": gate})
+    return "released"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--http", type=int, metavar="PORT", help="serve streamable HTTP on 127.0.0.1:PORT")
+    args = parser.parse_args()
+    if args.http:
+        server.run("streamable-http", host="127.0.0.1", port=args.http)
+    else:
+        server.run("stdio")
+
+
+if __name__ == "__main__":
+    main()
