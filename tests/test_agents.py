@@ -1,0 +1,190 @@
+"""The ``agent`` step on real parts: a real MCP server (the ``mcp`` SDK's server API, over streamable HTTP
+and stdio, in its own process), the simulator answering from scripts of turns, the Temporal dev server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import ApplicationError
+
+from activities.mcp import McpServerConfig
+from kernel.pipeline import parse_pipeline
+from kernel.registry import Registry
+from worker.app import build_worker
+from worker.client import approve, reject, start_pipeline
+from worker.devserver import free_port
+from workflows.pipeline import PipelineStatus
+
+MODEL = "openai/gpt-4o-mini"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def script(*turns: dict[str, Any]) -> str:
+    """A simulator directive answering turn n of the loop with ``turns[n]``."""
+    return f"[[sim: script='{json.dumps(list(turns))}']]"
+
+
+def calls(*pairs: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    return {"calls": [{"name": name, "arguments": arguments} for name, arguments in pairs]}
+
+
+class McpServer:
+    """The example order-desk MCP server in a process of its own, logging each call to a file."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.log = tmp / f"mcp-{uuid.uuid4().hex[:6]}.jsonl"
+        self.log.touch()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "examples.orders_mcp", "--http", str(self.port)],
+            cwd=ROOT,
+            env={"ORDERS_MCP_LOG": str(self.log), "PATH": "/usr/bin:/bin"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("the MCP server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def calls(self, tool: str | None = None) -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in self.log.read_text().splitlines() if line]
+        return [c for c in lines if tool is None or c["tool"] == tool]
+
+    def servers(self) -> dict[str, McpServerConfig]:
+        stdio = McpServerConfig(
+            command=sys.executable,
+            args=["-m", "examples.orders_mcp"],
+            cwd=str(ROOT),
+            env={"ORDERS_MCP_LOG": str(self.log)},
+        )
+        return {"orders": McpServerConfig(url=self.url, timeout_s=10), "orders-stdio": stdio}
+
+
+@pytest.fixture
+def mcp_server(tmp_path: Path) -> Iterator[McpServer]:
+    server = McpServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def queue(client: Client, registry: Registry, mcp_server: McpServer) -> AsyncIterator[str]:
+    name = f"agent-{uuid.uuid4().hex[:10]}"
+    async with build_worker(client, task_queue=name, registry=registry, mcp_servers=mcp_server.servers()):
+        yield name
+
+
+def agent_spec(prompt: str, tools: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    step = {"id": "desk", "type": "agent", "model": MODEL, "instructions": "You help customers.", "prompt": prompt}
+    step["tools"] = tools
+    step.update(extra)
+    outputs = {"answer": "{{ steps.desk.output }}", "messages": "{{ steps.desk.messages | tojson }}"}
+    return {"name": "agent-test", "steps": [step], "outputs": outputs}
+
+
+async def start(client: Client, spec: dict[str, Any], queue: str) -> WorkflowHandle[Any, Any]:
+    return await start_pipeline(client, parse_pipeline(spec), {}, task_queue=queue)
+
+
+async def until(handle: WorkflowHandle[Any, Any], check: Any, timeout: float = 30.0) -> PipelineStatus:
+    deadline = time.monotonic() + timeout
+    while True:
+        status: PipelineStatus = await handle.query("status", result_type=PipelineStatus)
+        if check(status):
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met; status: {status.model_dump_json()[:2000]}")
+        await asyncio.sleep(0.1)
+
+
+def tool_answers(result: Any) -> list[str]:
+    return [m["content"] for m in json.loads(result.outputs["messages"]) if m["role"] == "tool"]
+
+
+async def test_three_turns_with_parallel_calls_over_http_and_stdio(
+    client: Client, queue: str, mcp_server: McpServer
+) -> None:
+    turns = script(
+        calls(("lookup_order", {"order_id": "A100"}), ("shipping_status", {"order_id": "B200"})),
+        calls(("lookup_order", {"order_id": "B200"}), ("status", {"order_id": "B200"}), ("lookup_order", {"id": 7})),
+        {"text": "Both orders checked."},
+    )
+    spec = agent_spec(
+        f"Check my orders {turns}",
+        [
+            {"type": "mcp", "server": "orders", "tools": ["lookup_order"]},
+            {"type": "mcp", "server": "orders-stdio", "tools": ["shipping_status"]},
+        ],
+    )
+    handle = await start(client, spec, queue)
+    result = await handle.result()
+    assert result.outputs["answer"] == "Both orders checked."
+    desk = next(s for s in result.steps if s.id == "desk")
+    assert desk.status == "completed" and desk.usage.total_tokens > 0
+    history = [e async for e in handle.fetch_history_events()]
+    scheduled = [e.activity_task_scheduled_event_attributes.activity_type.name for e in history if e.HasField("activity_task_scheduled_event_attributes")]
+    assert scheduled.count("llm_chat") == 3
+    assert scheduled.count("mcp_list_tools") == 2
+    assert scheduled.count("mcp_call_tool") == 3
+    # the unknown tool and the invalid arguments never reached the server: the model was told why
+    assert [c["arguments"]["order_id"] for c in mcp_server.calls("lookup_order")] == ["A100", "B200"]
+    assert len(mcp_server.calls("shipping_status")) == 1  # over stdio, logged by the process it started
+    answers = tool_answers(result)
+    assert len(answers) == 5
+    assert "A100" in answers[0] and "lost in transit" in answers[1] and "B200" in answers[2]
+    assert "there is no tool 'status'" in answers[3] and "lookup_order, shipping_status" in answers[3]
+    assert "invalid arguments" in answers[4] and "order_id" in answers[4]
+
+
+async def test_parallel_calls_run_at_once_and_answers_keep_call_order(
+    client: Client, queue: str, mcp_server: McpServer
+) -> None:
+    gate = mcp_server.log.parent / f"gate-{uuid.uuid4().hex[:6]}"
+    turns = script(
+        calls(("hold", {"gate": str(gate)}), ("lookup_order", {"order_id": "A100"}), ("shipping_status", {"order_id": "B200"})),
+        {"text": "done"},
+    )
+    spec = agent_spec(f"go {turns}", [{"type": "mcp", "server": "orders"}])
+    handle = await start(client, spec, queue)
+    # the two quick calls finish while `hold` is still in flight: the calls of a turn run at once
+    deadline = time.monotonic() + 30
+    while len(mcp_server.calls("lookup_order")) + len(mcp_server.calls("shipping_status")) < 2:
+        assert time.monotonic() < deadline, mcp_server.calls()
+        await asyncio.sleep(0.05)
+    assert mcp_server.calls("hold") == []
+    status = await until(handle, lambda s: "tool in flight: hold" in (s.steps[0].detail or ""))
+    assert "turn 1/10" in (status.steps[0].detail or "")
+    gate.touch()
+    result = await handle.result()
+    assert result.outputs["answer"] == "done"
+    answers = tool_answers(result)
+    assert answers[0] == "released" and "A100" in answers[1] and "lost in transit" in answers[2]
