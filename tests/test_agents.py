@@ -188,3 +188,139 @@ async def test_parallel_calls_run_at_once_and_answers_keep_call_order(
     assert result.outputs["answer"] == "done"
     answers = tool_answers(result)
     assert answers[0] == "released" and "A100" in answers[1] and "lost in transit" in answers[2]
+
+
+async def test_an_approved_call_runs_and_a_rejected_one_is_told_to_the_model(
+    client: Client, queue: str, mcp_server: McpServer
+) -> None:
+    turns = script(
+        calls(("lookup_order", {"order_id": "B200"})),
+        calls(
+            ("issue_refund", {"order_id": "B200", "amount": 18.5, "reason": "lost"}),
+            ("issue_refund", {"order_id": "A100", "amount": 42.0, "reason": "asked"}),
+        ),
+        {"text": "Refunded B200; the refund of A100 was declined."},
+    )
+    spec = agent_spec(
+        f"Refund please {turns}",
+        [{"type": "mcp", "server": "orders", "requires_approval": ["issue_refund"]}],
+        approvers=["ops@example.com"],
+    )
+    handle = await start(client, spec, queue)
+    status = await until(handle, lambda s: sum(a.status == "waiting" for a in s.approvals) == 2)
+    waiting = {a.step_id: a for a in status.approvals if a.status == "waiting"}
+    assert set(waiting) == {"desk.2.0", "desk.2.1"}
+    assert waiting["desk.2.0"].tool == "issue_refund" and waiting["desk.2.0"].arguments["amount"] == 18.5
+    assert "waiting for approval: issue_refund, issue_refund" in (status.steps[0].detail or "")
+    assert mcp_server.calls("issue_refund") == []
+    # someone else may not decide; an unknown id is refused and names what waits
+    from temporalio.client import WorkflowUpdateFailedError
+
+    with pytest.raises(WorkflowUpdateFailedError) as refused:
+        await approve(client, handle.id, "desk.2.0", by="intruder")
+    assert isinstance(refused.value.cause, ApplicationError) and refused.value.cause.type == "NotAnApprover"
+    with pytest.raises(WorkflowUpdateFailedError) as unknown:
+        await approve(client, handle.id, "desk.9.9", by="ops@example.com")
+    assert "desk.2.0" in str(unknown.value.cause)
+    await approve(client, handle.id, "desk.2.0", by="ops@example.com")
+    await reject(client, handle.id, "desk.2.1", by="ops@example.com", comment="not eligible")
+    result = await handle.result()
+    assert result.outputs["answer"].startswith("Refunded B200")
+    assert [c["arguments"]["order_id"] for c in mcp_server.calls("issue_refund")] == ["B200"]
+    answers = tool_answers(result)
+    assert answers[1] == "refunded 18.50 on order B200"
+    assert "not approved: rejected by ops@example.com" in answers[2] and "not eligible" in answers[2]
+
+
+async def test_a_policy_over_name_and_arguments_gates_only_large_refunds(
+    client: Client, queue: str, mcp_server: McpServer
+) -> None:
+    turns = script(
+        calls(("issue_refund", {"order_id": "A100", "amount": 5, "reason": "small"})),
+        calls(("issue_refund", {"order_id": "A100", "amount": 500, "reason": "large"})),
+        {"text": "ok"},
+    )
+    spec = agent_spec(
+        f"go {turns}",
+        [{"type": "mcp", "server": "orders"}],
+        approval_when="tool == 'issue_refund' and arguments.amount > 100",
+    )
+    handle = await start(client, spec, queue)
+    await until(handle, lambda s: any(a.status == "waiting" for a in s.approvals))
+    assert [c["arguments"]["amount"] for c in mcp_server.calls("issue_refund")] == [5]
+    await reject(client, handle.id, "desk.2.0", by="ops")
+    result = await handle.result()
+    assert result.outputs["answer"] == "ok"
+    assert len(mcp_server.calls("issue_refund")) == 1
+
+
+async def test_a_server_gone_mid_run_is_an_error_given_to_the_model(
+    client: Client, queue: str, mcp_server: McpServer
+) -> None:
+    gate = mcp_server.log.parent / "never"
+    turns = script(
+        calls(("lookup_order", {"order_id": "A100"})),
+        calls(("hold", {"gate": str(gate)})),
+        calls(("lookup_order", {"order_id": "B200"})),
+        {"text": "The order desk is down."},
+    )
+    retry = {"max_attempts": 2, "initial_interval_s": 0.2}
+    spec = agent_spec(f"go {turns}", [{"type": "mcp", "server": "orders"}], tool_retry=retry, timeout_s=10)
+    handle = await start(client, spec, queue)
+    deadline = time.monotonic() + 30
+    while not mcp_server.calls("hold:start"):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    mcp_server.stop()  # the server goes away with the call in flight
+    result = await handle.result()
+    assert result.outputs["answer"] == "The order desk is down."
+    answers = tool_answers(result)
+    assert "A100" in answers[0]
+    assert "MCP server 'orders' failed" in answers[1]
+    assert "MCP server 'orders' failed" in answers[2]
+
+
+async def test_a_server_gone_fails_the_step_when_so_configured(
+    client: Client, queue: str, mcp_server: McpServer
+) -> None:
+    turns = script(calls(("lookup_order", {"order_id": "A100"})), calls(("lookup_order", {"order_id": "B200"})), {"text": "x"})
+    retry = {"max_attempts": 2, "initial_interval_s": 0.2}
+    spec = agent_spec(
+        f"go {turns}", [{"type": "mcp", "server": "orders"}], tool_retry=retry, on_tool_error="fail", timeout_s=10
+    )
+    handle = await start(client, spec, queue)
+    await until(handle, lambda s: "turn 1" in (s.steps[0].detail or ""))
+    while len(mcp_server.calls("lookup_order")) < 1:
+        await asyncio.sleep(0.05)
+    mcp_server.stop()
+    with pytest.raises(WorkflowFailureError) as failure:
+        await handle.result()
+    cause = failure.value.cause
+    assert isinstance(cause, ApplicationError)
+    assert "tool 'lookup_order' failed" in cause.message and "MCP server 'orders' failed" in cause.message
+
+
+async def test_unknown_server_and_unknown_tool_fail_at_start(client: Client, queue: str) -> None:
+    for tools, expected in (
+        ([{"type": "mcp", "server": "nowhere"}], "MCP server 'nowhere' is not configured on this worker; configured: orders, orders-stdio"),
+        ([{"type": "mcp", "server": "orders", "tools": ["drop_tables"]}], "has no tool 'drop_tables'; its tools: hold, issue_refund"),
+    ):
+        handle = await start(client, agent_spec("hi", tools), queue)
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+        assert expected in str(failure.value.cause)
+
+
+async def test_limits_stop_or_fail_the_loop(client: Client, queue: str) -> None:
+    endless = script(*[calls(("lookup_order", {"order_id": "A100"}))] * 5)
+    tools = [{"type": "mcp", "server": "orders", "tools": ["lookup_order"]}]
+    handle = await start(client, agent_spec(f"go {endless}", tools, max_turns=2), queue)
+    with pytest.raises(WorkflowFailureError) as failure:
+        await handle.result()
+    assert isinstance(failure.value.cause, ApplicationError)
+    assert failure.value.cause.type == "BudgetExceeded" and "max_turns 2 reached" in failure.value.cause.message
+    handle = await start(client, agent_spec(f"go {endless}", tools, max_tokens=1, on_limit="stop"), queue)
+    result = await handle.result()
+    desk = next(s for s in result.steps if s.id == "desk")
+    assert desk.status == "completed" and desk.usage.total_tokens > 1
+    assert len(tool_answers(result)) == 1  # one turn, its call answered, then the limit
