@@ -324,3 +324,62 @@ async def test_limits_stop_or_fail_the_loop(client: Client, queue: str) -> None:
     desk = next(s for s in result.steps if s.id == "desk")
     assert desk.status == "completed" and desk.usage.total_tokens > 1
     assert len(tool_answers(result)) == 1  # one turn, its call answered, then the limit
+
+
+async def test_a_worker_killed_with_a_call_in_flight_repeats_no_finished_call(
+    client: Client, sim: Any, mcp_server: McpServer, temporal_target: str, tmp_path: Path
+) -> None:
+    """The finished call of the turn (``lookup_order``) and the finished model turn are in the history
+    and are not made again; the call in flight when the worker died (``hold``) is made again by the next
+    worker: a tool call is at-least-once, so tools with side effects should be idempotent."""
+    import os
+    import shutil
+
+    queue = f"agent-kill-{uuid.uuid4().hex[:8]}"
+    gate = tmp_path / "gate"
+    turns = script(
+        calls(("lookup_order", {"order_id": "A100"}), ("hold", {"gate": str(gate)})),
+        {"text": "survived"},
+    )
+    servers = {"orders": {"url": mcp_server.url}}
+    env = {
+        **os.environ,
+        "TEMPORAL_ADDRESS": temporal_target,
+        "KERNELFLOW_TASK_QUEUE": queue,
+        "OPENAI_BASE_URL": f"{sim.url}/v1",
+        "OPENAI_API_KEY": "sim-key",
+        "KERNELFLOW_MCP_SERVERS": json.dumps(servers),
+    }
+    binary = shutil.which("kernelflow")
+    assert binary is not None
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def worker() -> subprocess.Popen[bytes]:
+        log = (tmp_path / f"worker-{len(processes)}.log").open("wb")
+        process = subprocess.Popen([binary, "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        processes.append(process)
+        return process
+
+    try:
+        first = worker()
+        spec = agent_spec(f"go [[sim: tag=agent]] {turns}", [{"type": "mcp", "server": "orders"}])
+        handle = await start(client, spec, queue)
+        deadline = time.monotonic() + 60
+        while not (mcp_server.calls("hold:start") and mcp_server.calls("lookup_order")):
+            assert time.monotonic() < deadline, mcp_server.calls()
+            await asyncio.sleep(0.05)
+        await until(handle, lambda s: s.steps[0].detail is not None and "in flight: hold" in s.steps[0].detail)
+        first.kill()
+        first.wait()
+        gate.touch()
+        worker()
+        result = await asyncio.wait_for(handle.result(), timeout=90)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=20)
+    assert result.outputs["answer"] == "survived"
+    assert len(mcp_server.calls("lookup_order")) == 1  # finished before the kill: not repeated
+    assert len(mcp_server.calls("hold:start")) == 2  # in flight at the kill: made again (at-least-once)
+    assert sim.stats()["by_tag"]["agent"] == 2  # each model turn once
