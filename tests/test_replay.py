@@ -32,6 +32,7 @@ def test_histories_are_present() -> None:
         "approval-gate",
         "fan-out",
         "driven",
+        "refund-agent",
     } <= names
 
 
@@ -82,3 +83,17 @@ def test_older_recordings_replay_as_runs_without_the_marker(name: str) -> None:
 def test_the_approval_recordings_show_the_awaited_approval_in_visibility() -> None:
     assert "KernelflowAwaiting" in _search_attributes("approval-gate")
     assert "KernelflowAwaiting" in _search_attributes("driven")
+
+
+def test_the_agent_recording_replays_with_no_mcp_server_at_all() -> None:
+    """The replayer runs no activity and reaches no server: the tool listing and every tool call of
+    the recorded loop come from the history (the generic replay test above replays it so)."""
+    history = WorkflowHistory.from_json("refund-agent", _TEXT["refund-agent"])
+    names = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
+    assert names.count("mcp_list_tools") == 1 and names.count("mcp_call_tool") == 3
+    assert names.count("llm_chat") == 3
+    assert any(e.HasField("workflow_execution_update_accepted_event_attributes") for e in history.events)

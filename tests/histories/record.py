@@ -15,6 +15,7 @@ data (runs without the ``kernelflow-engine-2`` marker, so without its search att
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import sys
 import uuid
@@ -30,6 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 
+from activities.mcp import McpServerConfig  # noqa: E402
 from kernel.pipeline import load_pipeline  # noqa: E402
 from simulator.server import SimulatorServer  # noqa: E402
 from worker.app import build_registry, build_worker, connect, simulator_settings  # noqa: E402
@@ -78,6 +80,21 @@ async def _wait_for(handle: WorkflowHandle[Any, Any], check: Callable[[PipelineS
     raise TimeoutError("the pipeline never reached the awaited state")
 
 
+async def _approve_refund(client: Client, handle: WorkflowHandle[Any, Any]) -> None:
+    await _wait_for(handle, lambda s: any(a.step_id == "desk.2.0" and a.status == "waiting" for a in s.approvals))
+    await approve(client, handle.id, "desk.2.0", by="refunds@example.com", comment="recorded")
+
+
+_REFUND_SCRIPT = json.dumps(
+    [
+        {"calls": [{"name": "lookup_order", "arguments": {"order_id": "B200"}},
+                   {"name": "shipping_status", "arguments": {"order_id": "B200"}}]},
+        {"calls": [{"name": "issue_refund", "arguments": {"order_id": "B200", "amount": 18.5, "reason": "lost"}}]},
+        {"text": json.dumps({"order_id": "B200", "refunded": 18.5, "note": "Sorry, your lamp was lost; refunded."})},
+    ]
+)
+
+
 @dataclass
 class Recording:
     name: str
@@ -85,6 +102,7 @@ class Recording:
     inputs: dict[str, Any]
     drive: Drive = _nothing
     faults: list[dict[str, Any]] = field(default_factory=list)
+    mcp: bool = False
 
 
 TICKET = "I was charged twice for my March invoice. Please refund the second charge."
@@ -108,6 +126,13 @@ RECORDINGS: list[Recording] = [
         {"text": "The release went well.", "sections": ["intro", "results", "outlook"]},
     ),
     Recording(
+        "refund-agent",
+        "examples/refund-agent.yaml",
+        {"request": f"My order B200 never arrived. [[sim: script='{_REFUND_SCRIPT}']]"},
+        drive=_approve_refund,
+        mcp=True,
+    ),
+    Recording(
         "driven",
         "tests/histories/driven.yaml",
         {"order": "A-1001"},
@@ -122,7 +147,10 @@ async def record(recording: Recording, client: Client, sim: SimulatorServer, out
     registry = build_registry(provider_settings=simulator_settings(sim.url))
     queue = f"record-{uuid.uuid4().hex[:8]}"
     spec = load_pipeline(REPO / recording.pipeline)
-    async with build_worker(client, task_queue=queue, registry=registry):
+    servers: dict[str, McpServerConfig] = {}
+    if recording.mcp:  # the order desk's MCP server over stdio, started by the worker per call
+        servers["orders"] = McpServerConfig(command=sys.executable, args=["-m", "examples.orders_mcp"], cwd=str(REPO))
+    async with build_worker(client, task_queue=queue, registry=registry, mcp_servers=servers):
         handle = await start_pipeline(
             client, spec, recording.inputs, task_queue=queue, workflow_id=f"{recording.name}-recorded"
         )
