@@ -383,3 +383,30 @@ async def test_a_worker_killed_with_a_call_in_flight_repeats_no_finished_call(
     assert len(mcp_server.calls("lookup_order")) == 1  # finished before the kill: not repeated
     assert len(mcp_server.calls("hold:start")) == 2  # in flight at the kill: made again (at-least-once)
     assert sim.stats()["by_tag"]["agent"] == 2  # each model turn once
+
+
+async def test_a_long_loop_continues_as_new_between_turns_and_goes_on(
+    client: Client, queue: str, mcp_server: McpServer
+) -> None:
+    from workflows.contract import PIPELINE_WORKFLOW, PipelineRequest, PipelineResult
+
+    turns = script(*[calls(("lookup_order", {"order_id": f"A{i}"})) for i in range(4)], {"text": "all looked up"})
+    spec = parse_pipeline(agent_spec(f"go {turns}", [{"type": "mcp", "server": "orders", "tools": ["lookup_order"]}]))
+    handle = await client.start_workflow(
+        PIPELINE_WORKFLOW,
+        PipelineRequest(
+            pipeline=spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+            continue_as_new_after=15,  # a few events: the loop continues as new between its turns
+        ),
+        id=f"agent-long-{uuid.uuid4().hex[:8]}",
+        task_queue=queue,
+        result_type=PipelineResult,
+    )
+    result = await handle.result()
+    assert result.outputs["answer"] == "all looked up"
+    # every call made once, in order, across runs
+    assert [c["arguments"]["order_id"] for c in mcp_server.calls("lookup_order")] == ["A0", "A1", "A2", "A3"]
+    status = await handle.query("status", result_type=PipelineStatus)
+    assert status.run > 2
+    assert len(tool_answers(result)) == 4
+    assert "no order 'A3'" in tool_answers(result)[3]
