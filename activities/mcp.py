@@ -57,7 +57,9 @@ class McpServerConfig(BaseModel):
     @model_validator(mode="after")
     def _one_transport(self) -> McpServerConfig:
         if (self.url is None) == (self.command is None):
-            raise ValueError("an MCP server needs exactly one of 'url' (streamable HTTP) or 'command' (stdio)")
+            raise ValueError(
+                "an MCP server needs exactly one of 'url' (streamable HTTP) or 'command' (stdio)"
+            )
         return self
 
 

@@ -27,7 +27,13 @@ __all__ = ["ORDERS", "server"]
 
 ORDERS: dict[str, dict[str, Any]] = {
     "A100": {"order_id": "A100", "customer": "Ada", "item": "kettle", "total": 42.0, "status": "delivered"},
-    "B200": {"order_id": "B200", "customer": "Brian", "item": "lamp", "total": 18.5, "status": "lost in transit"},
+    "B200": {
+        "order_id": "B200",
+        "customer": "Brian",
+        "item": "lamp",
+        "total": 18.5,
+        "status": "lost in transit",
+    },
 }
 
 server = MCPServer("orders", log_level="WARNING")
@@ -69,7 +75,7 @@ def issue_refund(order_id: str, amount: float, reason: str) -> str:
 async def hold(gate: str) -> str:
     """Answer once the file ``gate`` exists."""
     _log("hold:start", {"gate": gate})
-    while not Path(gate).exists():
+    while not Path(gate).exists():  # noqa: ASYNC110, ASYNC240 - another process creates the gate file
         await asyncio.sleep(0.05)
     _log("hold", {"gate": gate})
     return "released"

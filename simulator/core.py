@@ -468,9 +468,12 @@ def _script_turns(raw: str) -> list[dict[str, Any]]:
     except ValueError as exc:
         raise DirectiveError(f"simulator script is not JSON: {exc}") from None
     if not isinstance(turns, list) or not all(
-        isinstance(t, dict) and (isinstance(t.get("text"), str) or isinstance(t.get("calls"), list)) for t in turns
+        isinstance(t, dict) and (isinstance(t.get("text"), str) or isinstance(t.get("calls"), list))
+        for t in turns
     ):
-        raise DirectiveError('simulator script must be a JSON list of {"text": ...} or {"calls": [...]} items')
+        raise DirectiveError(
+            'simulator script must be a JSON list of {"text": ...} or {"calls": [...]} items'
+        )
     for turn in turns:
         for call in turn.get("calls") or []:
             if not isinstance(call, dict) or not isinstance(call.get("name"), str):
@@ -496,7 +499,9 @@ def _scripted(request: SimRequest, admission: Admission) -> Completion | None:
             for i, call in enumerate(turn["calls"])
         )
         text = "".join(c.arguments for c in calls)
-        return Completion(text=None, tool_calls=calls, finish_reason="tool_calls", usage=_usage(request, admission, text))
+        return Completion(
+            text=None, tool_calls=calls, finish_reason="tool_calls", usage=_usage(request, admission, text)
+        )
     text = str(turn["text"])
     return Completion(text=text, tool_calls=(), finish_reason="stop", usage=_usage(request, admission, text))
 

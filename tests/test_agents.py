@@ -104,7 +104,13 @@ async def queue(client: Client, registry: Registry, mcp_server: McpServer) -> As
 
 
 def agent_spec(prompt: str, tools: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    step = {"id": "desk", "type": "agent", "model": MODEL, "instructions": "You help customers.", "prompt": prompt}
+    step = {
+        "id": "desk",
+        "type": "agent",
+        "model": MODEL,
+        "instructions": "You help customers.",
+        "prompt": prompt,
+    }
     step["tools"] = tools
     step.update(extra)
     outputs = {"answer": "{{ steps.desk.output }}", "messages": "{{ steps.desk.messages | tojson }}"}
@@ -115,8 +121,8 @@ async def start(client: Client, spec: dict[str, Any], queue: str) -> WorkflowHan
     return await start_pipeline(client, parse_pipeline(spec), {}, task_queue=queue)
 
 
-async def until(handle: WorkflowHandle[Any, Any], check: Any, timeout: float = 30.0) -> PipelineStatus:
-    deadline = time.monotonic() + timeout
+async def until(handle: WorkflowHandle[Any, Any], check: Any, within: float = 30.0) -> PipelineStatus:
+    deadline = time.monotonic() + within
     while True:
         status: PipelineStatus = await handle.query("status", result_type=PipelineStatus)
         if check(status):
@@ -135,7 +141,11 @@ async def test_three_turns_with_parallel_calls_over_http_and_stdio(
 ) -> None:
     turns = script(
         calls(("lookup_order", {"order_id": "A100"}), ("shipping_status", {"order_id": "B200"})),
-        calls(("lookup_order", {"order_id": "B200"}), ("status", {"order_id": "B200"}), ("lookup_order", {"id": 7})),
+        calls(
+            ("lookup_order", {"order_id": "B200"}),
+            ("status", {"order_id": "B200"}),
+            ("lookup_order", {"id": 7}),
+        ),
         {"text": "Both orders checked."},
     )
     spec = agent_spec(
@@ -151,7 +161,11 @@ async def test_three_turns_with_parallel_calls_over_http_and_stdio(
     desk = next(s for s in result.steps if s.id == "desk")
     assert desk.status == "completed" and desk.usage.total_tokens > 0
     history = [e async for e in handle.fetch_history_events()]
-    scheduled = [e.activity_task_scheduled_event_attributes.activity_type.name for e in history if e.HasField("activity_task_scheduled_event_attributes")]
+    scheduled = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
     assert scheduled.count("llm_chat") == 3
     assert scheduled.count("mcp_list_tools") == 2
     assert scheduled.count("mcp_call_tool") == 3
@@ -170,7 +184,11 @@ async def test_parallel_calls_run_at_once_and_answers_keep_call_order(
 ) -> None:
     gate = mcp_server.log.parent / f"gate-{uuid.uuid4().hex[:6]}"
     turns = script(
-        calls(("hold", {"gate": str(gate)}), ("lookup_order", {"order_id": "A100"}), ("shipping_status", {"order_id": "B200"})),
+        calls(
+            ("hold", {"gate": str(gate)}),
+            ("lookup_order", {"order_id": "A100"}),
+            ("shipping_status", {"order_id": "B200"}),
+        ),
         {"text": "done"},
     )
     spec = agent_spec(f"go {turns}", [{"type": "mcp", "server": "orders"}])
@@ -283,14 +301,24 @@ async def test_a_server_gone_mid_run_is_an_error_given_to_the_model(
 async def test_a_server_gone_fails_the_step_when_so_configured(
     client: Client, queue: str, mcp_server: McpServer
 ) -> None:
-    turns = script(calls(("lookup_order", {"order_id": "A100"})), calls(("lookup_order", {"order_id": "B200"})), {"text": "x"})
+    turns = script(
+        calls(("lookup_order", {"order_id": "A100"})),
+        calls(("lookup_order", {"order_id": "B200"})),
+        {"text": "x"},
+    )
     retry = {"max_attempts": 2, "initial_interval_s": 0.2}
     spec = agent_spec(
-        f"go {turns}", [{"type": "mcp", "server": "orders"}], tool_retry=retry, on_tool_error="fail", timeout_s=10
+        f"go {turns}",
+        [{"type": "mcp", "server": "orders"}],
+        tool_retry=retry,
+        on_tool_error="fail",
+        timeout_s=10,
     )
     handle = await start(client, spec, queue)
     await until(handle, lambda s: "turn 1" in (s.steps[0].detail or ""))
-    while len(mcp_server.calls("lookup_order")) < 1:
+    while True:
+        if mcp_server.calls("lookup_order"):
+            break
         await asyncio.sleep(0.05)
     mcp_server.stop()
     with pytest.raises(WorkflowFailureError) as failure:
@@ -302,8 +330,14 @@ async def test_a_server_gone_fails_the_step_when_so_configured(
 
 async def test_unknown_server_and_unknown_tool_fail_at_start(client: Client, queue: str) -> None:
     for tools, expected in (
-        ([{"type": "mcp", "server": "nowhere"}], "MCP server 'nowhere' is not configured on this worker; configured: orders, orders-stdio"),
-        ([{"type": "mcp", "server": "orders", "tools": ["drop_tables"]}], "has no tool 'drop_tables'; its tools: hold, issue_refund"),
+        (
+            [{"type": "mcp", "server": "nowhere"}],
+            "MCP server 'nowhere' is not configured on this worker; configured: orders, orders-stdio",
+        ),
+        (
+            [{"type": "mcp", "server": "orders", "tools": ["drop_tables"]}],
+            "has no tool 'drop_tables'; its tools: hold, issue_refund",
+        ),
     ):
         handle = await start(client, agent_spec("hi", tools), queue)
         with pytest.raises(WorkflowFailureError) as failure:
@@ -318,7 +352,9 @@ async def test_limits_stop_or_fail_the_loop(client: Client, queue: str) -> None:
     with pytest.raises(WorkflowFailureError) as failure:
         await handle.result()
     assert isinstance(failure.value.cause, ApplicationError)
-    assert failure.value.cause.type == "BudgetExceeded" and "max_turns 2 reached" in failure.value.cause.message
+    assert (
+        failure.value.cause.type == "BudgetExceeded" and "max_turns 2 reached" in failure.value.cause.message
+    )
     handle = await start(client, agent_spec(f"go {endless}", tools, max_tokens=1, on_limit="stop"), queue)
     result = await handle.result()
     desk = next(s for s in result.steps if s.id == "desk")
@@ -368,7 +404,9 @@ async def test_a_worker_killed_with_a_call_in_flight_repeats_no_finished_call(
         while not (mcp_server.calls("hold:start") and mcp_server.calls("lookup_order")):
             assert time.monotonic() < deadline, mcp_server.calls()
             await asyncio.sleep(0.05)
-        await until(handle, lambda s: s.steps[0].detail is not None and "in flight: hold" in s.steps[0].detail)
+        await until(
+            handle, lambda s: s.steps[0].detail is not None and "in flight: hold" in s.steps[0].detail
+        )
         first.kill()
         first.wait()
         gate.touch()
@@ -390,8 +428,12 @@ async def test_a_long_loop_continues_as_new_between_turns_and_goes_on(
 ) -> None:
     from workflows.contract import PIPELINE_WORKFLOW, PipelineRequest, PipelineResult
 
-    turns = script(*[calls(("lookup_order", {"order_id": f"A{i}"})) for i in range(4)], {"text": "all looked up"})
-    spec = parse_pipeline(agent_spec(f"go {turns}", [{"type": "mcp", "server": "orders", "tools": ["lookup_order"]}]))
+    turns = script(
+        *[calls(("lookup_order", {"order_id": f"A{i}"})) for i in range(4)], {"text": "all looked up"}
+    )
+    spec = parse_pipeline(
+        agent_spec(f"go {turns}", [{"type": "mcp", "server": "orders", "tools": ["lookup_order"]}])
+    )
     handle = await client.start_workflow(
         PIPELINE_WORKFLOW,
         PipelineRequest(

@@ -61,7 +61,20 @@ __all__ = [
     "walk_steps",
 ]
 
-BUILTIN_KINDS = (LLM, PARALLEL, MAP, SWITCH, TRANSFORM, APPROVAL, WAIT_EVENT, SLEEP, TOOL, EMBED, PIPELINE, AGENT)
+BUILTIN_KINDS = (
+    LLM,
+    PARALLEL,
+    MAP,
+    SWITCH,
+    TRANSFORM,
+    APPROVAL,
+    WAIT_EVENT,
+    SLEEP,
+    TOOL,
+    EMBED,
+    PIPELINE,
+    AGENT,
+)
 
 for _kind in BUILTIN_KINDS:
     register_step_kind(_kind)

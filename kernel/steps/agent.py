@@ -148,7 +148,11 @@ class AgentStep(StepSpec):
         return self
 
     def templates(self) -> list[tuple[str, Any]]:
-        pairs = [("instructions", self.instructions), ("prompt", self.prompt), ("conversation", self.conversation)]
+        pairs = [
+            ("instructions", self.instructions),
+            ("prompt", self.prompt),
+            ("conversation", self.conversation),
+        ]
         return [(name, value) for name, value in pairs if value is not None]
 
     def models(self) -> list[str]:
@@ -158,7 +162,9 @@ class AgentStep(StepSpec):
 # --- the loop --------------------------------------------------------------------------------------
 
 
-def _catalogue_entry(name: str, description: str | None, parameters: dict[str, Any], **source: Any) -> dict[str, Any]:
+def _catalogue_entry(
+    name: str, description: str | None, parameters: dict[str, Any], **source: Any
+) -> dict[str, Any]:
     return {"name": name, "description": description, "parameters": parameters, **source}
 
 
@@ -168,10 +174,16 @@ async def _catalogue(step: AgentStep, run: StepRun) -> list[dict[str, Any]]:
 
     tools: list[dict[str, Any]] = []
     for index, spec in enumerate(step.tools):
-        if isinstance(spec, HttpTool):
-            tools.append(_catalogue_entry(spec.name, spec.description, spec.parameters, source=index, approval=spec.requires_approval))
-        elif isinstance(spec, PipelineTool):
-            tools.append(_catalogue_entry(spec.name, spec.description, spec.parameters, source=index, approval=spec.requires_approval))
+        if isinstance(spec, HttpTool | PipelineTool):
+            tools.append(
+                _catalogue_entry(
+                    spec.name,
+                    spec.description,
+                    spec.parameters,
+                    source=index,
+                    approval=spec.requires_approval,
+                )
+            )
         else:
             listed = await run.effects.mcp_tools(
                 McpList(
@@ -239,12 +251,18 @@ def _opening(step: AgentStep, run: StepRun) -> list[dict[str, Any]]:
 
 def _request(step: AgentStep, loop: AgentLoopState, run: StepRun) -> ChatRequest:
     tools = [
-        {"type": "function", "function": {"name": t["name"], "description": t["description"], "parameters": t["parameters"]}}
+        {
+            "type": "function",
+            "function": {"name": t["name"], "description": t["description"], "parameters": t["parameters"]},
+        }
         for t in loop.tools
     ]
     response_format = None
     if step.output_schema is not None:
-        response_format = {"type": "json_schema", "json_schema": {"name": step.id, "schema": step.output_schema}}
+        response_format = {
+            "type": "json_schema",
+            "json_schema": {"name": step.id, "schema": step.output_schema},
+        }
     try:
         return ChatRequest.model_validate(
             {
@@ -257,7 +275,9 @@ def _request(step: AgentStep, loop: AgentLoopState, run: StepRun) -> ChatRequest
             }
         )
     except ValueError as exc:
-        raise run.fail(f"step {step.id!r} builds an invalid request: {exc}", FailureType.PIPELINE_ERROR) from None
+        raise run.fail(
+            f"step {step.id!r} builds an invalid request: {exc}", FailureType.PIPELINE_ERROR
+        ) from None
 
 
 def _limit(step: AgentStep, loop: AgentLoopState, run: StepRun) -> str | None:
@@ -313,11 +333,24 @@ async def run(step: AgentStep, run: StepRun) -> tuple[Any, dict[str, Any]]:
         text = message.get("content")
         stop = next((c for c in calls if c["function"]["name"] in step.stop_tools), None)
         if stop is not None:
-            return _finish(step, loop, run, _arguments(stop["function"]["arguments"]), f"stop tool {stop['function']['name']}")
+            return _finish(
+                step,
+                loop,
+                run,
+                _arguments(stop["function"]["arguments"]),
+                f"stop tool {stop['function']['name']}",
+            )
         if step.stop_when is not None:
             from kernel.engine import Scope
 
-            scope = Scope({**run.scope.context, "turn": loop.turn, "text": text, "calls": [c["function"]["name"] for c in calls]})
+            scope = Scope(
+                {
+                    **run.scope.context,
+                    "turn": loop.turn,
+                    "text": text,
+                    "calls": [c["function"]["name"] for c in calls],
+                }
+            )
             if run.evaluate(step.stop_when, "stop_when", scope):
                 return _finish(step, loop, run, text, "stop_when")
         if not calls:
@@ -329,7 +362,9 @@ async def run(step: AgentStep, run: StepRun) -> tuple[Any, dict[str, Any]]:
             if loop.repairs >= step.max_repairs:
                 raise run.fail(f"agent {step.id!r}: the final answer {problem}", FailureType.INVALID_OUTPUT)
             loop.repairs += 1
-            loop.messages.append({"role": "user", "content": f"Your answer was not valid: {problem}\nAnswer again."})
+            loop.messages.append(
+                {"role": "user", "content": f"Your answer was not valid: {problem}\nAnswer again."}
+            )
             continue
         loop.calls = [
             AgentToolCallState(
@@ -425,7 +460,9 @@ def _finish(
 async def _answer_calls(step: AgentStep, loop: AgentLoopState, run: StepRun) -> None:
     """Run the last turn's calls not yet answered, at once; then give every answer to the model."""
     pending = [(i, c) for i, c in enumerate(loop.calls) if c.status in ("pending", "running", "waiting")]
-    outcomes = await asyncio.gather(*(_one_call(step, loop, run, i, c) for i, c in pending), return_exceptions=True)
+    outcomes = await asyncio.gather(
+        *(_one_call(step, loop, run, i, c) for i, c in pending), return_exceptions=True
+    )
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
             raise outcome
@@ -435,14 +472,18 @@ async def _answer_calls(step: AgentStep, loop: AgentLoopState, run: StepRun) -> 
     _show(step, loop, run)
 
 
-async def _one_call(step: AgentStep, loop: AgentLoopState, run: StepRun, index: int, call: AgentToolCallState) -> None:
+async def _one_call(
+    step: AgentStep, loop: AgentLoopState, run: StepRun, index: int, call: AgentToolCallState
+) -> None:
     tool = next((t for t in loop.tools if t["name"] == call.tool), None)
     if tool is None:
         names = ", ".join(t["name"] for t in loop.tools) or "none"
         return _error(step, call, f"there is no tool {call.tool!r}; the tools are: {names}", fatal=False)
     arguments = _arguments(call.arguments)
     if not isinstance(arguments, dict):
-        return _error(step, call, f"the arguments are not a JSON object: {call.arguments!r:.200}", fatal=False)
+        return _error(
+            step, call, f"the arguments are not a JSON object: {call.arguments!r:.200}", fatal=False
+        )
     problems = schema_errors(arguments, tool["parameters"])
     if problems:
         return _error(step, call, "invalid arguments: " + "; ".join(problems), fatal=False)
@@ -469,7 +510,9 @@ def _error(step: AgentStep, call: AgentToolCallState, message: str, *, fatal: bo
     call.result = json.dumps({"error": message})
 
 
-async def _needs_approval(step: AgentStep, run: StepRun, tool: dict[str, Any], arguments: dict[str, Any]) -> bool:
+async def _needs_approval(
+    step: AgentStep, run: StepRun, tool: dict[str, Any], arguments: dict[str, Any]
+) -> bool:
     if tool.get("approval"):
         return True
     if step.approval_when is None:
@@ -481,7 +524,12 @@ async def _needs_approval(step: AgentStep, run: StepRun, tool: dict[str, Any], a
 
 
 async def _approve(
-    step: AgentStep, loop: AgentLoopState, run: StepRun, index: int, call: AgentToolCallState, arguments: dict[str, Any]
+    step: AgentStep,
+    loop: AgentLoopState,
+    run: StepRun,
+    index: int,
+    call: AgentToolCallState,
+    arguments: dict[str, Any],
 ) -> bool:
     """Wait for a decision on this call; a rejection is the call's answer. True when approved."""
     engine = run.engine
@@ -491,7 +539,9 @@ async def _approve(
     if decision.status not in ("approved", "rejected"):
         decision.tool, decision.arguments, decision.approvers = call.tool, arguments, step.approvers
         said = _last_text(loop)
-        decision.message = f"agent {step.id!r} turn {loop.turn} calls {call.tool}" + (f" — it said: {said[:500]}" if said else "")
+        decision.message = f"agent {step.id!r} turn {loop.turn} calls {call.tool}" + (
+            f" — it said: {said[:500]}" if said else ""
+        )
         decision.status = "waiting"
         if step.approval_timeout_s:
             decision.deadline = engine.effects.now() + timedelta(seconds=step.approval_timeout_s)
@@ -512,7 +562,9 @@ async def _approve(
             decision.decided_at = engine.effects.now()
         engine.awaiting_changed()
         engine.lifecycle(
-            "approval.decided", step.id, {"approval_id": approval_id, "decision": decision.status, "by": decision.by}
+            "approval.decided",
+            step.id,
+            {"approval_id": approval_id, "decision": decision.status, "by": decision.by},
         )
     if decision.status == "rejected":
         why = "timed out" if decision.timed_out else f"rejected by {decision.by or 'someone'}"
@@ -523,7 +575,12 @@ async def _approve(
 
 
 async def _execute(
-    step: AgentStep, loop: AgentLoopState, run: StepRun, index: int, tool: dict[str, Any], arguments: dict[str, Any]
+    step: AgentStep,
+    loop: AgentLoopState,
+    run: StepRun,
+    index: int,
+    tool: dict[str, Any],
+    arguments: dict[str, Any],
 ) -> str:
     from kernel.engine import ChildCall, McpCall, Scope, ToolCall
 
@@ -565,7 +622,9 @@ async def _execute(
         run.account(child.usage, child.cost_usd, None)
         return json.dumps(child.outputs)
     if not isinstance(spec, HttpTool):
-        raise StepFailure(f"step {step.id!r}: tool source {tool['source']} is unknown", FailureType.PIPELINE_ERROR)
+        raise StepFailure(
+            f"step {step.id!r}: tool source {tool['source']} is unknown", FailureType.PIPELINE_ERROR
+        )
     scope = Scope({**run.scope.context, "arguments": arguments})
     url = run.render(spec.url, "tools.url", scope)
     get = spec.method == "GET"
@@ -574,7 +633,9 @@ async def _execute(
             url=url,
             method=spec.method,
             headers=dict(spec.headers),
-            query={k: v if isinstance(v, str) else json.dumps(v) for k, v in arguments.items()} if get else {},
+            query={k: v if isinstance(v, str) else json.dumps(v) for k, v in arguments.items()}
+            if get
+            else {},
             body=None if get else arguments,
             timeout_s=step.timeout_s,
             heartbeat_timeout_s=step.heartbeat_timeout_s,

@@ -81,16 +81,30 @@ async def _wait_for(handle: WorkflowHandle[Any, Any], check: Callable[[PipelineS
 
 
 async def _approve_refund(client: Client, handle: WorkflowHandle[Any, Any]) -> None:
-    await _wait_for(handle, lambda s: any(a.step_id == "desk.2.0" and a.status == "waiting" for a in s.approvals))
+    await _wait_for(
+        handle, lambda s: any(a.step_id == "desk.2.0" and a.status == "waiting" for a in s.approvals)
+    )
     await approve(client, handle.id, "desk.2.0", by="refunds@example.com", comment="recorded")
 
 
 _REFUND_SCRIPT = json.dumps(
     [
-        {"calls": [{"name": "lookup_order", "arguments": {"order_id": "B200"}},
-                   {"name": "shipping_status", "arguments": {"order_id": "B200"}}]},
-        {"calls": [{"name": "issue_refund", "arguments": {"order_id": "B200", "amount": 18.5, "reason": "lost"}}]},
-        {"text": json.dumps({"order_id": "B200", "refunded": 18.5, "note": "Sorry, your lamp was lost; refunded."})},
+        {
+            "calls": [
+                {"name": "lookup_order", "arguments": {"order_id": "B200"}},
+                {"name": "shipping_status", "arguments": {"order_id": "B200"}},
+            ]
+        },
+        {
+            "calls": [
+                {"name": "issue_refund", "arguments": {"order_id": "B200", "amount": 18.5, "reason": "lost"}}
+            ]
+        },
+        {
+            "text": json.dumps(
+                {"order_id": "B200", "refunded": 18.5, "note": "Sorry, your lamp was lost; refunded."}
+            )
+        },
     ]
 )
 
@@ -149,7 +163,9 @@ async def record(recording: Recording, client: Client, sim: SimulatorServer, out
     spec = load_pipeline(REPO / recording.pipeline)
     servers: dict[str, McpServerConfig] = {}
     if recording.mcp:  # the order desk's MCP server over stdio, started by the worker per call
-        servers["orders"] = McpServerConfig(command=sys.executable, args=["-m", "examples.orders_mcp"], cwd=str(REPO))
+        servers["orders"] = McpServerConfig(
+            command=sys.executable, args=["-m", "examples.orders_mcp"], cwd=str(REPO)
+        )
     async with build_worker(client, task_queue=queue, registry=registry, mcp_servers=servers):
         handle = await start_pipeline(
             client, spec, recording.inputs, task_queue=queue, workflow_id=f"{recording.name}-recorded"

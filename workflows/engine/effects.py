@@ -16,7 +16,14 @@ from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflow
 
 with workflow.unsafe.imports_passed_through():
     from activities.embed import LLM_EMBED, EmbedCallInput, EmbedCallResult
-    from activities.mcp import MCP_CALL_TOOL, MCP_LIST_TOOLS, McpCallInput, McpCallResult, McpListInput, McpToolInfo
+    from activities.mcp import (
+        MCP_CALL_TOOL,
+        MCP_LIST_TOOLS,
+        McpCallInput,
+        McpCallResult,
+        McpListInput,
+        McpToolInfo,
+    )
     from activities.tool import HTTP_TOOL, ToolCallInput, ToolCallResult
     from kernel.engine import (
         CallResult,
@@ -54,7 +61,9 @@ class TemporalEffects:
     switch; ``v2`` says whether this run records the search attributes added with the engine's
     second shape (runs that started before replay without them)."""
 
-    def __init__(self, *, search_attributes: bool, v2: bool, continue_as_new_after: int | None = None) -> None:
+    def __init__(
+        self, *, search_attributes: bool, v2: bool, continue_as_new_after: int | None = None
+    ) -> None:
         self.search_attributes = search_attributes
         self.v2 = v2
         self.continue_as_new_after = continue_as_new_after
@@ -195,7 +204,9 @@ class TemporalEffects:
         try:
             result: McpCallResult = await workflow.execute_activity(
                 MCP_CALL_TOOL,
-                McpCallInput(server=call.server, tool=call.tool, arguments=call.arguments, step_id=call.step_id),
+                McpCallInput(
+                    server=call.server, tool=call.tool, arguments=call.arguments, step_id=call.step_id
+                ),
                 result_type=McpCallResult,
                 start_to_close_timeout=timedelta(seconds=call.timeout_s),
                 heartbeat_timeout=timedelta(seconds=heartbeat) if heartbeat else None,
