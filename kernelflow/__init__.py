@@ -9,7 +9,7 @@ need, so the internal layout can change without breaking them.
   (``StepSpec``, ``StepKind``, ``register_step_kind``).
 - Temporal: ``KernelflowPlugin`` (add Kernelflow to any client or worker), ``PipelineWorkflow`` and
   its payloads, and the client helpers (``start_pipeline``, ``approve``, ``reroute`` … ``list_pipelines``).
-- Code-defined workflows: ``chat`` and ``Conversation`` (call them from workflow code).
+- Code-defined workflows: ``chat``, ``Conversation`` and ``agent`` (call them from workflow code).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ from worker.client import (
     status,
 )
 from worker.plugin import KernelflowPlugin
-from workflows.api import ChatResult, Conversation, chat
+from workflows.api import AgentResult, ChatResult, Conversation, agent, chat
 from workflows.contract import (
     ApprovalState,
     ControlAnswer,
@@ -115,6 +115,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KERNEL_API_VERSION",
+    "AgentResult",
     "ApprovalState",
     "AssistantMessage",
     "AuthenticationFailed",
@@ -189,6 +190,7 @@ __all__ = [
     "Usage",
     "UserMessage",
     "__version__",
+    "agent",
     "approve",
     "cancel",
     "chat",

@@ -452,3 +452,25 @@ async def test_a_long_loop_continues_as_new_between_turns_and_goes_on(
     assert status.run > 2
     assert len(tool_answers(result)) == 4
     assert "no order 'A3'" in tool_answers(result)[3]
+
+
+async def test_kernelflow_agent_runs_the_loop_in_a_code_defined_workflow(
+    client: Client, registry: Registry, mcp_server: McpServer
+) -> None:
+    from tests.agent_workflows import OrderDesk
+
+    name = f"agent-code-{uuid.uuid4().hex[:8]}"
+    turns = script(calls(("lookup_order", {"order_id": "A100"})), {"text": "A100 was delivered."})
+    worker = build_worker(
+        client,
+        task_queue=name,
+        registry=registry,
+        mcp_servers=mcp_server.servers(),
+        extra_workflows=[OrderDesk],
+    )
+    async with worker:
+        result = await client.execute_workflow(
+            OrderDesk.run, f"Where is A100? {turns}", id=name, task_queue=name
+        )
+    assert result == {"output": "A100 was delivered.", "turns": 2, "tool_calls": 1}
+    assert len(mcp_server.calls("lookup_order")) == 1

@@ -85,7 +85,7 @@ def test_a_converter_that_cannot_carry_pydantic_models_is_refused_clearly() -> N
 
 
 EXPECTED_FACADE = {
-    "KERNEL_API_VERSION", "ApprovalState", "AssistantMessage", "AuthenticationFailed", "Capabilities",
+    "KERNEL_API_VERSION", "AgentResult", "ApprovalState", "AssistantMessage", "AuthenticationFailed", "Capabilities",
     "ChatRequest", "ChatResponse", "ChatResult", "Choice", "CircuitOpen", "ConfigurationError",
     "ConnectionFailed", "ContentFiltered", "ContextLengthExceeded", "ControlAnswer", "Conversation",
     "EmbedRequest", "EmbedResponse", "FailureType", "FinishReason", "HttpProvider", "ImagePart",
@@ -98,7 +98,7 @@ EXPECTED_FACADE = {
     "StreamError", "StreamEvent", "StreamInterrupted", "StreamStart", "SystemMessage", "TextDelta",
     "TextPart", "Tool", "ToolCall", "ToolCallDelta", "ToolMessage", "UnknownProvider",
     "UnsupportedCapability", "Update", "UpstreamError", "UpstreamTimeout", "Usage", "UserMessage",
-    "__version__", "approve", "cancel", "chat", "collect_stream", "decide_with_start", "deliver_event",
+    "__version__", "agent", "approve", "cancel", "chat", "collect_stream", "decide_with_start", "deliver_event",
     "error_from_status", "follow", "iter_ndjson", "iter_sse", "list_pipelines", "load_pipeline",
     "message_text", "outputs", "parse_pipeline", "pause", "register_step_kind", "reject", "reroute",
     "resume", "send_event", "start_pipeline", "start_registered", "status",

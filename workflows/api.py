@@ -16,7 +16,7 @@ Inside a ``@workflow.defn`` class registered on a Kernelflow worker
 Each model gets Temporal's retries per ``retry``; when one fails for good the next is tried; the
 activities carry the same summaries, failure records and cost accounting as pipeline steps (this
 goes through ``workflows.calls.call_model``, like ``PipelineWorkflow``). ``Conversation`` keeps a
-growing message list for multi-turn loops. Everything here is deterministic: it only schedules
+growing message list for multi-turn loops; ``agent`` runs the ``agent`` step's tool loop. Everything here is deterministic: it only schedules
 activities, so it is safe in workflow code and nowhere else.
 
 Long conversations: every call sends the whole conversation as the activity input. Enable payload
@@ -48,10 +48,16 @@ with workflow.unsafe.imports_passed_through():
         UserMessage,
         message_text,
     )
-    from kernel.pipeline import RetrySpec
+    from kernel.engine import Engine, RunInfo
+    from kernel.errors import PipelineError
+    from kernel.pipeline import RetrySpec, parse_pipeline
+    from kernel.run import PipelineStatus, RunState
+    from kernel.steps.base import StepFailure
     from workflows.calls import AllModelsFailed, CallOptions, ModelFailure, call_model
+    from workflows.engine.effects import TemporalEffects
 
 __all__ = [
+    "AgentResult",
     "AllModelsFailed",
     "CallOptions",
     "ChatRequest",
@@ -61,6 +67,7 @@ __all__ = [
     "ModelFailure",
     "RetrySpec",
     "Usage",
+    "agent",
     "chat",
 ]
 
@@ -203,3 +210,93 @@ def _message(message: Message | Mapping[str, Any]) -> Message:
         return _MESSAGE.validate_python(dict(message))
     except ValidationError as exc:
         raise _invalid("conversation", "message", exc) from None
+
+
+class AgentResult(BaseModel):
+    """What an agent loop ended with."""
+
+    output: Any = Field(description="The final answer (JSON of output_schema when given).")
+    messages: list[dict[str, Any]] = Field(description="The whole conversation, tool calls and results.")
+    turns: int
+    tool_calls: int
+    stopped: str | None = Field(description="Why the loop stopped early (a limit or a stop condition).")
+    model: str | None
+    usage: Usage
+    cost_usd: float | None
+
+
+async def agent(
+    *,
+    model: str,
+    tools: Sequence[Mapping[str, Any]] = (),
+    prompt: str | None = None,
+    instructions: str | None = None,
+    conversation: Sequence[Message | Mapping[str, Any]] | None = None,
+    label: str = "agent",
+    **options: Any,
+) -> AgentResult:
+    """The ``agent`` step's loop from workflow code: ``model`` calls ``tools`` (the step's tool specs:
+    ``{"type": "mcp", "server": ...}``, ``{"type": "http", ...}``, ``{"type": "pipeline", ...}``)
+    until it answers. ``options`` are the step's other fields (``fallbacks``, ``max_turns``,
+    ``max_cost_usd``, ``output_schema``, ``stop_tools``, ``tool_retry``, ...). Each model turn and
+    each tool call is an activity of your workflow. ``prompt``, ``instructions`` and ``conversation``
+    are taken as they are (no templates).
+
+    Tool calls that need approval are refused here: approvals are decided through
+    ``PipelineWorkflow``'s updates, so run such an agent as a pipeline step (or a child pipeline).
+    Raises a non-retryable ``ApplicationError`` whose ``type`` is a ``FailureType`` when the loop fails.
+    """
+    gated = options.get("approval_when") is not None or any(t.get("requires_approval") for t in tools)
+    if gated:
+        raise ApplicationError(
+            f"{label}: tools that need approval are for agent steps of a pipeline (approve/reject updates);"
+            " drop requires_approval/approval_when here or run the agent as a pipeline",
+            type="InvalidRequest",
+            non_retryable=True,
+        )
+    step: dict[str, Any] = {"id": "agent", "type": "agent", "model": model, "tools": list(tools), **options}
+    inputs: dict[str, Any] = {}
+    if prompt is not None:
+        step["prompt"], inputs["prompt"] = "{{ inputs.prompt }}", prompt
+    if instructions is not None:
+        step["instructions"], inputs["instructions"] = "{{ inputs.instructions }}", instructions
+    if conversation is not None:
+        inputs["conversation"] = [
+            _message(m).model_dump(mode="json", exclude_none=True) for m in conversation
+        ]
+        step["conversation"] = "{{ inputs.conversation }}"
+    declared = {name: {"type": "array" if name == "conversation" else "string"} for name in inputs}
+    try:
+        spec = parse_pipeline({"name": "agent", "inputs": declared, "steps": [step]})
+    except PipelineError as exc:
+        raise ApplicationError(f"{label}: {exc}", type="InvalidRequest", non_retryable=True) from None
+    state = RunState(status=PipelineStatus(pipeline=label), inputs=inputs)
+    engine = Engine(
+        spec,
+        state,
+        _InWorkflowEffects(search_attributes=False, v2=True),
+        RunInfo(workflow_id=workflow.info().workflow_id, pipeline=label),
+    )
+    try:
+        output = await engine.run_step(spec.steps[0], engine.top_scope())
+    except StepFailure as exc:
+        raise ApplicationError(f"{label}: {exc.message}", type=exc.type, non_retryable=True) from None
+    extras = state.context_steps["agent"]
+    step_state = engine.step_state(spec.steps[0], engine.top_scope())
+    return AgentResult(
+        output=output,
+        messages=extras["messages"],
+        turns=extras["turns"],
+        tool_calls=extras["tool_calls"],
+        stopped=extras["stopped"],
+        model=extras["model"],
+        usage=step_state.usage,
+        cost_usd=step_state.cost_usd,
+    )
+
+
+class _InWorkflowEffects(TemporalEffects):
+    """The pipeline's effects inside a user's workflow: the loop never continues that workflow as new."""
+
+    def continue_as_new_suggested(self) -> bool:
+        return False
