@@ -8,9 +8,11 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -474,3 +476,101 @@ async def test_kernelflow_agent_runs_the_loop_in_a_code_defined_workflow(
         )
     assert result == {"output": "A100 was delivered.", "turns": 2, "tool_calls": 1}
     assert len(mcp_server.calls("lookup_order")) == 1
+
+
+class _Crm(BaseHTTPRequestHandler):
+    received: list[tuple[str, str, bytes]] = []
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else b""
+        type(self).received.append((self.command, self.path, body))
+        payload = json.dumps({"customer": "Ada", "tier": "gold", "path": self.path}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: Any) -> None:
+        return None
+
+
+async def test_http_and_sub_pipeline_tools_with_schemas(client: Client, registry: Registry) -> None:
+    from worker.pipelines import PipelineCatalog
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Crm)
+    _Crm.received = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    politeness = parse_pipeline(
+        {
+            "name": "politeness",
+            "inputs": {"text": {"type": "string"}},
+            "steps": [{"id": "score", "type": "transform", "expression": "inputs.text | length"}],
+            "outputs": {"length": "{{ steps.score.output }}"},
+        }
+    )
+    turns = script(
+        calls(
+            ("customer", {"customer_id": "c-1"}),
+            ("measure", {"text": "hello"}),
+            ("customer", {"customer_id": 5}),
+            ("forbidden", {}),
+        ),
+        {"text": "done"},
+    )
+    number = {
+        "type": "object",
+        "properties": {"customer_id": {"type": "string"}},
+        "required": ["customer_id"],
+    }
+    tools = [
+        {
+            "type": "http",
+            "name": "customer",
+            "url": base + "/customers/{{ arguments.customer_id }}",
+            "method": "GET",
+            "parameters": number,
+        },
+        {"type": "http", "name": "forbidden", "url": "http://127.0.0.1:1/elsewhere", "method": "POST"},
+        {
+            "type": "pipeline",
+            "name": "measure",
+            "pipeline": "politeness",
+            "parameters": {
+                "type": "object",
+                "properties": {"text": {"type": "string"}},
+                "required": ["text"],
+            },
+        },
+    ]
+    queue = f"agent-http-{uuid.uuid4().hex[:8]}"
+    worker = build_worker(
+        client,
+        task_queue=queue,
+        registry=registry,
+        tool_allow=[base + "/customers/"],
+        pipelines=PipelineCatalog([politeness]),
+    )
+    try:
+        async with worker:
+            handle = await start(
+                client, agent_spec(f"go {turns}", tools, tool_retry={"max_attempts": 1}), queue
+            )
+            result = await handle.result()
+    finally:
+        server.shutdown()
+        server.server_close()
+    answers = tool_answers(result)
+    assert json.loads(answers[0]) == {
+        "customer": "Ada",
+        "tier": "gold",
+        "path": "/customers/c-1?customer_id=c-1",
+    }
+    assert json.loads(answers[1]) == {"length": "5"}
+    assert "invalid arguments" in answers[2] and "customer_id" in answers[2]
+    assert "not on the worker's tool allow-list" in answers[3]
+    assert [r[0] for r in _Crm.received] == ["GET"]
