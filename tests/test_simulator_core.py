@@ -335,3 +335,46 @@ def test_tags_count_every_request_even_when_the_fault_budget_is_spent() -> None:
     sim.admit(request)
     assert sim.stats()["by_tag"] == {"step": 2}
     assert sim.stats()["faults_injected"] == 1
+
+
+# ---- scripts of turns -----------------------------------------------------------------------------
+
+
+def test_a_script_answers_each_turn_of_a_tool_loop_in_order() -> None:
+    turns = [
+        {"calls": [{"name": "a", "arguments": {"x": 1}}, {"name": "b"}]},
+        {"text": "done"},
+    ]
+    directive = f"go [[sim: script='{json.dumps(turns)}']]"
+    sim = Simulator()
+    first = _request(directive)
+    answer = generate(first, sim.admit(first))
+    assert answer.finish_reason == "tool_calls"
+    assert [(c.name, json.loads(c.arguments)) for c in answer.tool_calls] == [("a", {"x": 1}), ("b", {})]
+    assert len({c.id for c in answer.tool_calls}) == 2
+    second = SimRequest(
+        wire="openai",
+        model="gpt-4o",
+        messages=[
+            Message("user", directive),
+            Message("assistant", ""),
+            Message("tool", "1"),
+            Message("tool", "2"),
+        ],
+        digest="d2",
+    )
+    assert generate(second, sim.admit(second)).text == "done"
+    third = SimRequest(
+        wire="openai",
+        model="gpt-4o",
+        messages=[*second.messages, Message("assistant", "done"), Message("user", "and?")],
+        digest="d3",
+    )
+    assert generate(third, sim.admit(third)).text == "Simulated reply from gpt-4o: and?"  # past the script
+
+
+def test_a_script_that_cannot_be_read_names_the_problem() -> None:
+    with pytest.raises(DirectiveError, match="not JSON"):
+        parse_directives("[[sim: script='[{']]")
+    with pytest.raises(DirectiveError, match="needs a 'name'"):
+        parse_directives("""[[sim: script='[{"calls": [{"arguments": {}}]}]']]""")
