@@ -56,6 +56,7 @@ FIGURES: dict[str, tuple[str, Callable[[Mode], Awaitable[list[Result]]], list[tu
         _figure("worker_scaling"),
         [("8. throughput, 1 worker process", "workflows/s")],
     ),
+    "9": ("agent loop", _figure("agent_loop"), [("9. agent loop, time per turn, p50", "ms")]),
 }
 
 
