@@ -233,6 +233,14 @@ async def test_an_approved_call_runs_and_a_rejected_one_is_told_to_the_model(
     assert waiting["desk.2.0"].tool == "issue_refund" and waiting["desk.2.0"].arguments["amount"] == 18.5
     assert "waiting for approval: issue_refund, issue_refund" in (status.steps[0].detail or "")
     assert mcp_server.calls("issue_refund") == []
+    deadline = time.monotonic() + 30
+    while True:  # the approvals inbox finds the pipeline by the call's approval id
+        found = [w.id async for w in client.list_workflows('KernelflowAwaiting = "desk.2.1"')]
+        if found:
+            break
+        assert time.monotonic() < deadline, "the waiting call never reached visibility"
+        await asyncio.sleep(0.2)
+    assert found == [handle.id]
     # someone else may not decide; an unknown id is refused and names what waits
     from temporalio.client import WorkflowUpdateFailedError
 

@@ -296,7 +296,7 @@ def _limit(step: AgentStep, loop: AgentLoopState, run: StepRun) -> str | None:
 
 
 def _show(step: AgentStep, loop: AgentLoopState, run: StepRun) -> None:
-    flying = [c.tool for c in loop.calls if c.status in ("running", "waiting")]
+    flying = [c.tool for c in loop.calls if c.status == "running"]
     waiting = [c.tool for c in loop.calls if c.status == "waiting"]
     text = f"turn {loop.turn}/{step.max_turns} · cost ${run.state.cost_usd or 0.0:.6f}"
     if flying:
