@@ -582,3 +582,23 @@ async def test_http_and_sub_pipeline_tools_with_schemas(client: Client, registry
     assert "invalid arguments" in answers[2] and "customer_id" in answers[2]
     assert "not on the worker's tool allow-list" in answers[3]
     assert [r[0] for r in _Crm.received] == ["GET"]
+
+
+async def test_each_model_turn_streams_to_watchers(client: Client, queue: str) -> None:
+    from temporalio.contrib.workflow_streams import WorkflowStreamClient
+
+    from activities.streaming import TokenEvent, tokens_topic
+
+    turns = script(calls(("lookup_order", {"order_id": "A100"})), {"text": "streamed final answer"})
+    tools = [{"type": "mcp", "server": "orders", "tools": ["lookup_order"]}]
+    handle = await start(client, agent_spec(f"go {turns}", tools, stream=True), queue)
+    result = await handle.result()
+    assert result.outputs["answer"] == "streamed final answer"
+    assert len(tool_answers(result)) == 1  # the streamed turn's tool call was assembled and made
+    stream = WorkflowStreamClient.create(client, handle.id)
+    texts = [
+        item.data.text
+        async for item in stream.subscribe(tokens_topic("desk"), result_type=TokenEvent)
+        if item.data.kind == "text"
+    ]
+    assert "".join(texts) == "streamed final answer"
