@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import timedelta
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -34,10 +34,17 @@ from kernel.steps.base import (
     StepSpec,
     _Spec,
 )
+from kernel.steps.context import (
+    ChildCall,
+    ContinueAsNewRequested,
+    McpCall,
+    McpList,
+    ModelCall,
+    Scope,
+    StepRun,
+    ToolCall,
+)
 from kernel.steps.llm import order_models
-
-if TYPE_CHECKING:
-    from kernel.engine import StepRun
 
 __all__ = ["KIND", "AgentStep", "HttpTool", "McpTools", "PipelineTool"]
 
@@ -170,8 +177,6 @@ def _catalogue_entry(
 
 async def _catalogue(step: AgentStep, run: StepRun) -> list[dict[str, Any]]:
     """Every tool the model may call, fixed at start; MCP listings come through an activity."""
-    from kernel.engine import McpList
-
     tools: list[dict[str, Any]] = []
     for index, spec in enumerate(step.tools):
         if isinstance(spec, HttpTool | PipelineTool):
@@ -325,8 +330,6 @@ async def run(step: AgentStep, run: StepRun) -> tuple[Any, dict[str, Any]]:
                 raise run.fail(f"agent {step.id!r} stopped: {over}", FailureType.BUDGET_EXCEEDED)
             return _finish(step, loop, run, _last_text(loop), over)
         if top_level and loop.turn > 0 and run.effects.continue_as_new_suggested():
-            from kernel.engine import ContinueAsNewRequested
-
             raise ContinueAsNewRequested()
         message = await _model_turn(step, loop, run)
         calls = message.get("tool_calls") or []
@@ -341,8 +344,6 @@ async def run(step: AgentStep, run: StepRun) -> tuple[Any, dict[str, Any]]:
                 f"stop tool {stop['function']['name']}",
             )
         if step.stop_when is not None:
-            from kernel.engine import Scope
-
             scope = Scope(
                 {
                     **run.scope.context,
@@ -377,8 +378,6 @@ async def run(step: AgentStep, run: StepRun) -> tuple[Any, dict[str, Any]]:
 
 
 async def _model_turn(step: AgentStep, loop: AgentLoopState, run: StepRun) -> dict[str, Any]:
-    from kernel.engine import ModelCall
-
     engine, state = run.engine, run.state
     rand = engine.effects.random() if step.balance else 0.0
     models = order_models(step.model, step.fallbacks, step.balance, rand)
@@ -517,8 +516,6 @@ async def _needs_approval(
         return True
     if step.approval_when is None:
         return False
-    from kernel.engine import Scope
-
     scope = Scope({**run.scope.context, "tool": tool["name"], "arguments": arguments})
     return bool(run.evaluate(step.approval_when, "approval_when", scope))
 
@@ -582,8 +579,6 @@ async def _execute(
     tool: dict[str, Any],
     arguments: dict[str, Any],
 ) -> str:
-    from kernel.engine import ChildCall, McpCall, Scope, ToolCall
-
     engine = run.engine
     spec = step.tools[tool["source"]]
     label = f"{step.id} · turn {loop.turn} · {tool['name']}"
