@@ -141,6 +141,9 @@ class PipelineStatus(BaseModel):
     refused: list[RefusedInput] = Field(
         default_factory=list, description="Signals that could not be applied (the most recent 20)."
     )
+    agents: dict[str, AgentLoopState] = Field(
+        default_factory=dict, description="Agent loops in progress: turn, the turn's calls, the conversation."
+    )
 
 
 class RunState(BaseModel):
@@ -174,4 +177,5 @@ class RunState(BaseModel):
         status = self.status
         status.approvals = list(self.decisions.values())
         status.pending_events = {name: len(queue) for name, queue in self.events.items() if queue}
+        status.agents = dict(self.agents)
         return status

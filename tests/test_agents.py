@@ -232,6 +232,9 @@ async def test_an_approved_call_runs_and_a_rejected_one_is_told_to_the_model(
     assert set(waiting) == {"desk.2.0", "desk.2.1"}
     assert waiting["desk.2.0"].tool == "issue_refund" and waiting["desk.2.0"].arguments["amount"] == 18.5
     assert "waiting for approval: issue_refund, issue_refund" in (status.steps[0].detail or "")
+    loop = status.agents["desk"]  # the approver sees the conversation so far
+    assert loop.turn == 2 and [c.status for c in loop.calls] == ["waiting", "waiting"]
+    assert [m["role"] for m in loop.messages] == ["system", "user", "assistant", "tool", "assistant"]
     assert mcp_server.calls("issue_refund") == []
     deadline = time.monotonic() + 30
     while True:  # the approvals inbox finds the pipeline by the call's approval id

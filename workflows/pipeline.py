@@ -533,8 +533,10 @@ class PipelineWorkflow:
     def _carry_over(self, position: int) -> PipelineRequest:
         self._state.position = position
         self._state.view()
+        state = self._state.model_dump()
+        state["status"]["agents"] = {}  # shown by the status query; carried once, in ``agents``
         carry = CarryOver.model_validate(
-            {**self._state.model_dump(), "token_stream": self._token_stream_for_watchers.get_state()}
+            {**state, "token_stream": self._token_stream_for_watchers.get_state()}
         )
         spec = self._require_engine().spec
         return self._request.model_copy(
