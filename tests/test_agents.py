@@ -351,11 +351,12 @@ async def test_unknown_server_and_unknown_tool_fail_at_start(client: Client, que
             [{"type": "mcp", "server": "orders", "tools": ["drop_tables"]}],
             "has no tool 'drop_tables'; its tools: hold, issue_refund",
         ),
+        ([{"type": "pipeline", "name": "sub", "pipeline": "nowhere"}], "tool 'sub': UnknownPipeline: "),
     ):
         handle = await start(client, agent_spec("hi", tools), queue)
         with pytest.raises(WorkflowFailureError) as failure:
             await handle.result()
-        assert expected in str(failure.value.cause)
+        assert expected in str(failure.value.cause), (failure.value.cause.type, failure.value.cause.message)
 
 
 async def test_limits_stop_or_fail_the_loop(client: Client, queue: str) -> None:

@@ -179,6 +179,10 @@ async def _catalogue(step: AgentStep, run: StepRun) -> list[dict[str, Any]]:
     """Every tool the model may call, fixed at start; MCP listings come through an activity."""
     tools: list[dict[str, Any]] = []
     for index, spec in enumerate(step.tools):
+        if isinstance(spec, PipelineTool):
+            problem = await run.effects.pipeline_problem(spec.pipeline, spec.version)
+            if problem is not None:
+                raise run.fail(f"step {step.id!r} tool {spec.name!r}: {problem}", FailureType.PIPELINE_ERROR)
         if isinstance(spec, HttpTool | PipelineTool):
             tools.append(
                 _catalogue_entry(

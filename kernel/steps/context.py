@@ -226,6 +226,10 @@ class Effects(Protocol):
         """Whether the history is long enough that the run should continue as new."""
         ...
 
+    async def pipeline_problem(self, name: str, version: int | None) -> str | None:
+        """Why the registered pipeline ``name`` (``version``) cannot be run, or None."""
+        ...
+
     def search(self, updates: Mapping[SearchField, str | list[str]]) -> None:
         """Set search attributes, all in one update."""
         ...

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
+from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
@@ -43,7 +44,13 @@ with workflow.unsafe.imports_passed_through():
     from kernel.steps.base import StepFailure
     from workflows import search_attributes as sa
     from workflows.calls import AllModelsFailed, CallOptions, call_model, retry_policy
-    from workflows.contract import PIPELINE_WORKFLOW, PipelineRequest, PipelineResult
+    from workflows.contract import (
+        LOAD_PIPELINE,
+        PIPELINE_WORKFLOW,
+        LoadPipelineInput,
+        PipelineRequest,
+        PipelineResult,
+    )
 
 __all__ = ["TemporalEffects", "failure_cause"]
 
@@ -216,6 +223,22 @@ class TemporalEffects:
         except ActivityError as exc:
             raise StepFailure(failure_cause(exc), _cause_type(exc)) from None
         return result.text, result.is_error
+
+    async def pipeline_problem(self, name: str, version: int | None) -> str | None:
+        try:
+            await workflow.execute_local_activity(
+                LOAD_PIPELINE,
+                LoadPipelineInput(name=name, version=version),
+                result_type=dict,
+                start_to_close_timeout=timedelta(seconds=10),
+                retry_policy=RetryPolicy(maximum_attempts=3),
+                summary=f"check pipeline {name}",
+            )
+        except ActivityError as exc:
+            return failure_cause(exc)
+        except ApplicationError as exc:  # a local activity's failure may arrive unwrapped
+            return f"{exc.type}: {exc.message}" if exc.type else exc.message
+        return None
 
     def continue_as_new_suggested(self) -> bool:
         info = workflow.info()
