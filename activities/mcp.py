@@ -26,6 +26,7 @@ from activities.live import heartbeating
 from kernel.errors import FailureType
 
 __all__ = [
+    "CALL_ID_META",
     "MCP_CALL_TOOL",
     "MCP_LIST_TOOLS",
     "McpActivities",
@@ -40,6 +41,10 @@ __all__ = [
 MCP_LIST_TOOLS = "mcp_list_tools"
 MCP_CALL_TOOL = "mcp_call_tool"
 """Activity names: public API, never renamed."""
+
+CALL_ID_META = "io.kernelflow/call-id"
+"""The ``_meta`` key of a tool call's id, the same on every attempt of the call: a server with side
+effects can answer a repeated call (a retry after a lost worker) without acting twice."""
 
 _MAX_RESULT = 200_000
 
@@ -90,6 +95,7 @@ class McpCallInput(BaseModel):
     tool: str
     arguments: dict[str, Any] = Field(default_factory=dict)
     step_id: str = ""
+    call_id: str = Field(default="", description="Sent as _meta io.kernelflow/call-id.")
 
 
 class McpCallResult(BaseModel):
@@ -156,7 +162,8 @@ class McpActivities:
 
         async def call() -> McpCallResult:
             async with self._client(server) as client:
-                result = await client.call_tool(request.tool, request.arguments)
+                meta: Any = {CALL_ID_META: request.call_id} if request.call_id else None
+                result = await client.call_tool(request.tool, request.arguments, meta=meta)
             texts = [getattr(block, "text", None) for block in result.content]
             text = "\n".join(t for t in texts if t is not None)
             if not text and result.structured_content is not None:

@@ -6,8 +6,9 @@ Run it over streamable HTTP or stdio::
     python -m examples.orders_mcp --http 8765        # http://127.0.0.1:8765/mcp
     python -m examples.orders_mcp                    # stdio (a worker starts it per call)
 
-Every tool call is appended as one JSON line to the file named by ``ORDERS_MCP_LOG`` (when set), so a
-test can count calls across processes. ``hold`` answers only once the file named by its ``gate``
+Every tool call is appended as one JSON line to the file named by ``ORDERS_MCP_LOG`` (when set), with
+the call id Kernelflow sends in ``_meta``, so a test can count calls across processes. ``issue_refund``
+answers a call id it has seen with its first answer: a retried call refunds once. ``hold`` answers only once the file named by its ``gate``
 argument exists: a call that stays in flight while a test kills a worker.
 """
 
@@ -20,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 __all__ = ["ORDERS", "server"]
@@ -39,11 +40,22 @@ ORDERS: dict[str, dict[str, Any]] = {
 server = MCPServer("orders", log_level="WARNING")
 
 
-def _log(tool: str, arguments: dict[str, Any]) -> None:
+CALL_ID_META = "io.kernelflow/call-id"
+"""Kernelflow sends each tool call's id in ``_meta``, the same on every attempt of the call."""
+
+_refunds: dict[str, str] = {}
+
+
+def _call_id(ctx: Context | None) -> str | None:
+    meta = ctx.request_context.meta if ctx is not None else None
+    return str(meta.get(CALL_ID_META)) if meta and meta.get(CALL_ID_META) else None
+
+
+def _log(tool: str, arguments: dict[str, Any], call_id: str | None = None) -> None:
     path = os.environ.get("ORDERS_MCP_LOG")
     if path:
         with Path(path).open("a", encoding="utf-8") as log:
-            log.write(json.dumps({"tool": tool, "arguments": arguments}) + "\n")
+            log.write(json.dumps({"tool": tool, "arguments": arguments, "call_id": call_id}) + "\n")
 
 
 @server.tool()
@@ -65,16 +77,22 @@ def shipping_status(order_id: str) -> str:
 
 
 @server.tool()
-def issue_refund(order_id: str, amount: float, reason: str) -> str:
+def issue_refund(order_id: str, amount: float, reason: str, ctx: Context) -> str:
     """Refund an amount of an order to the customer."""
-    _log("issue_refund", {"order_id": order_id, "amount": amount, "reason": reason})
-    return f"refunded {amount:.2f} on order {order_id}"
+    call_id = _call_id(ctx)
+    if call_id is not None and call_id in _refunds:  # the same call again (a retry): refund once
+        return _refunds[call_id]
+    _log("issue_refund", {"order_id": order_id, "amount": amount, "reason": reason}, call_id)
+    answer = f"refunded {amount:.2f} on order {order_id}"
+    if call_id is not None:
+        _refunds[call_id] = answer
+    return answer
 
 
 @server.tool()
-async def hold(gate: str) -> str:
+async def hold(gate: str, ctx: Context) -> str:
     """Answer once the file ``gate`` exists."""
-    _log("hold:start", {"gate": gate})
+    _log("hold:start", {"gate": gate}, _call_id(ctx))
     while not Path(gate).exists():  # noqa: ASYNC110, ASYNC240 - another process creates the gate file
         await asyncio.sleep(0.05)
     _log("hold", {"gate": gate})

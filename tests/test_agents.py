@@ -258,6 +258,7 @@ async def test_an_approved_call_runs_and_a_rejected_one_is_told_to_the_model(
     result = await handle.result()
     assert result.outputs["answer"].startswith("Refunded B200")
     assert [c["arguments"]["order_id"] for c in mcp_server.calls("issue_refund")] == ["B200"]
+    assert mcp_server.calls("issue_refund")[0]["call_id"] == f"{handle.id}/desk.2.0"
     answers = tool_answers(result)
     assert answers[1] == "refunded 18.50 on order B200"
     assert "not approved: rejected by ops@example.com" in answers[2] and "not eligible" in answers[2]
@@ -433,7 +434,9 @@ async def test_a_worker_killed_with_a_call_in_flight_repeats_no_finished_call(
                 process.wait(timeout=20)
     assert result.outputs["answer"] == "survived"
     assert len(mcp_server.calls("lookup_order")) == 1  # finished before the kill: not repeated
-    assert len(mcp_server.calls("hold:start")) == 2  # in flight at the kill: made again (at-least-once)
+    held = mcp_server.calls("hold:start")
+    assert len(held) == 2  # in flight at the kill: made again (at-least-once)
+    assert held[0]["call_id"] == held[1]["call_id"] == f"{handle.id}/desk.1.1"  # one id for both attempts
     assert sim.stats()["by_tag"]["agent"] == 2  # each model turn once
 
 

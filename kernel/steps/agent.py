@@ -597,6 +597,7 @@ async def _execute(
                 heartbeat_timeout_s=step.heartbeat_timeout_s,
                 retry=step.tool_retry,
                 summary=label,
+                call_id=f"{engine.info.workflow_id}/{run.scope.label}{step.id}.{loop.turn}.{index}",
             )
         )
         if is_error:

@@ -191,6 +191,7 @@ class McpCall:
     retry: RetrySpec
     summary: str
     heartbeat_timeout_s: float | None = None
+    call_id: str = ""
 
 
 class ContinueAsNewRequested(BaseException):

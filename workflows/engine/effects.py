@@ -212,7 +212,11 @@ class TemporalEffects:
             result: McpCallResult = await workflow.execute_activity(
                 MCP_CALL_TOOL,
                 McpCallInput(
-                    server=call.server, tool=call.tool, arguments=call.arguments, step_id=call.step_id
+                    server=call.server,
+                    tool=call.tool,
+                    arguments=call.arguments,
+                    step_id=call.step_id,
+                    call_id=call.call_id,
                 ),
                 result_type=McpCallResult,
                 start_to_close_timeout=timedelta(seconds=call.timeout_s),
