@@ -609,3 +609,22 @@ async def test_each_model_turn_streams_to_watchers(client: Client, queue: str) -
         if item.data.kind == "text"
     ]
     assert "".join(texts) == "streamed final answer"
+
+
+def test_mcp_servers_come_from_the_config_file_and_the_environment(tmp_path: Path) -> None:
+    from activities.mcp import mcp_servers_from_env
+    from kernel.errors import ConfigurationError
+    from worker.config import load_config
+
+    path = tmp_path / "kernelflow.yaml"
+    path.write_text(
+        "mcp_servers:\n  orders: {url: 'http://127.0.0.1:9/mcp'}\n  files: {command: python, args: [-m, x]}\n"
+    )
+    config = load_config(path)
+    assert config.mcp_servers["orders"].url == "http://127.0.0.1:9/mcp"
+    assert config.mcp_servers["files"].args == ["-m", "x"]
+    env = {"KERNELFLOW_MCP_SERVERS": json.dumps({"orders": {"command": "orders-mcp"}})}
+    assert mcp_servers_from_env(env)["orders"].command == "orders-mcp"
+    path.write_text("mcp_servers:\n  broken: {url: 'http://x/mcp', command: y}\n")
+    with pytest.raises(ConfigurationError, match="exactly one of 'url'"):
+        load_config(path)

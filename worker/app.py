@@ -18,6 +18,7 @@ from temporalio.runtime import Runtime
 from temporalio.worker import Worker, WorkflowRunner
 
 from activities.llm import LlmActivities
+from activities.mcp import mcp_servers_from_env
 from activities.tool import parse_allow_list
 from kernel.pricing import PriceTable
 from kernel.provider import ProviderSettings
@@ -310,6 +311,7 @@ async def run_worker(
         graceful_shutdown_s=settings.shutdown_grace_s,
         pipelines=load_catalog(pipelines_dir(config.pipelines_dir)),
         tool_allow=[*config.tool_allow, *parse_allow_list(os.environ.get("KERNELFLOW_TOOL_ALLOWLIST"))],
+        mcp_servers={**config.mcp_servers, **mcp_servers_from_env()},
     )
     workers = [worker, *_provider_workers(client, settings, activities)]
     stop = asyncio.Event()

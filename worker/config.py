@@ -47,6 +47,7 @@ import structlog
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from activities.mcp import McpServerConfig
 from kernel.errors import ConfigurationError, KernelflowError
 from kernel.pipeline import format_validation_error
 from kernel.pricing import Price
@@ -169,6 +170,10 @@ class KernelflowConfig(BaseModel):
     )
     pipelines_dir: Path | None = Field(
         default=None, description="Folder of YAML pipelines to register by name."
+    )
+    mcp_servers: dict[str, McpServerConfig] = Field(
+        default_factory=dict,
+        description="MCP servers agent steps may use, by name (plus KERNELFLOW_MCP_SERVERS, which wins).",
     )
     payloads: PayloadSettings = Field(default_factory=PayloadSettings)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
