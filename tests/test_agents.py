@@ -628,3 +628,33 @@ def test_mcp_servers_come_from_the_config_file_and_the_environment(tmp_path: Pat
     path.write_text("mcp_servers:\n  broken: {url: 'http://x/mcp', command: y}\n")
     with pytest.raises(ConfigurationError, match="exactly one of 'url'"):
         load_config(path)
+
+
+async def test_stop_conditions_and_a_repaired_final_answer(
+    client: Client, queue: str, mcp_server: McpServer
+) -> None:
+    submit = {
+        "type": "http",
+        "name": "submit",
+        "url": "http://127.0.0.1:9/never",
+        "parameters": {"type": "object", "properties": {"verdict": {"type": "string"}}},
+    }
+    lookup = {"type": "mcp", "server": "orders", "tools": ["lookup_order"]}
+    by_tool = script(calls(("lookup_order", {"order_id": "A100"})), calls(("submit", {"verdict": "refund"})))
+    handle = await start(client, agent_spec(f"go {by_tool}", [lookup, submit], stop_tools=["submit"]), queue)
+    result = await handle.result()
+    assert result.outputs["answer"] == "{'verdict': 'refund'}"  # the stop tool's arguments, not called
+    endless = script(*[calls(("lookup_order", {"order_id": "A100"}))] * 5)
+    handle = await start(client, agent_spec(f"go {endless}", [lookup], stop_when="turn >= 2"), queue)
+    await handle.result()
+    assert len(mcp_server.calls("lookup_order")) == 2  # one call by the first spec, one before turn 2 stopped
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    repaired = script({"text": "not json"}, {"text": '{"a": "x"}'}, {"text": '{"a": 1}'})
+    spec = agent_spec(f"go {repaired}", [], output_schema=schema)
+    spec["outputs"]["a"] = "{{ steps.desk.output.a + 1 }}"
+    result = await (await start(client, spec, queue)).result()
+    assert result.outputs["a"] == "2"
+    messages = json.loads(result.outputs["messages"])
+    assert [m["content"][:26] for m in messages if m["role"] == "user"][1:] == [
+        "Your answer was not valid:"
+    ] * 2
