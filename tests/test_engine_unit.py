@@ -32,6 +32,7 @@ from kernel.errors import FailureType
 from kernel.pipeline import parse_pipeline
 from kernel.run import ModelFailure, PipelineStatus, RunState, StepState
 from kernel.steps import StepFailure
+from kernel.steps.context import McpCall, McpList
 
 
 @dataclass
@@ -134,6 +135,18 @@ class FakeEffects:
 
     async def child(self, call: ChildCall) -> ChildResult:
         raise StepFailure("no children here", FailureType.STEP_FAILED)
+
+    async def mcp_tools(self, call: McpList) -> list[dict[str, Any]]:
+        raise StepFailure("no MCP servers here", FailureType.STEP_FAILED)
+
+    async def mcp_call(self, call: McpCall) -> tuple[str, bool]:
+        raise StepFailure("no MCP servers here", FailureType.STEP_FAILED)
+
+    def continue_as_new_suggested(self) -> bool:
+        return False
+
+    async def pipeline_problem(self, name: str, version: int | None) -> str | None:
+        return f"no pipeline {name!r} here"
 
     def search(self, updates: Mapping[SearchField, str | list[str]]) -> None:
         self.search_updates.extend(updates.items())
