@@ -27,6 +27,8 @@ __all__ = [
     "JsonSchemaFormat",
     "Message",
     "NamedToolChoice",
+    "ProviderState",
+    "ProviderStateEvent",
     "ResponseFormat",
     "ResponseFormatJsonObject",
     "ResponseFormatJsonSchema",
@@ -103,12 +105,30 @@ class UserMessage(_Strict):
     name: str | None = None
 
 
+class ProviderState(_Strict):
+    """What a provider attached to an assistant turn and needs back, unchanged, when that turn is sent
+    again: Gemini's thought signatures and call ids, Anthropic's signed thinking blocks. Only the
+    provider named here reads ``data``; every other provider ignores it. It travels with the message
+    through workflow history like any other field, so keep the message as the answer returned it."""
+
+    provider: str = Field(min_length=1)
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
 class AssistantMessage(_Strict):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     tool_calls: list[ToolCall] | None = None
     name: str | None = None
     refusal: str | None = None
+    provider_state: ProviderState | None = Field(
+        default=None, description="Opaque state the answering provider needs back on the next turn."
+    )
+
+    def state_for(self, provider: str) -> dict[str, Any] | None:
+        """``provider_state.data`` when ``provider`` wrote it, else ``None``."""
+        state = self.provider_state
+        return state.data if state is not None and state.provider == provider else None
 
 
 class ToolMessage(_Strict):
@@ -280,6 +300,10 @@ class ChatResponse(BaseModel):
     created: int = 0
     choices: list[Choice]
     usage: Usage = Field(default_factory=Usage)
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Request options that were dropped (lenient mode) or adjusted before the call.",
+    )
 
     @property
     def text(self) -> str:
@@ -320,6 +344,14 @@ class ToolCallDelta(BaseModel):
     arguments: str = ""
 
 
+class ProviderStateEvent(BaseModel):
+    """The provider's opaque state for the answer being streamed (see ``ProviderState``); the last one
+    sent wins. Consumers that only show text ignore it."""
+
+    type: Literal["state"] = "state"
+    state: ProviderState
+
+
 class StreamDone(BaseModel):
     type: Literal["done"] = "done"
     finish_reason: FinishReason
@@ -336,7 +368,8 @@ class StreamError(BaseModel):
 
 
 StreamEvent = Annotated[
-    StreamStart | TextDelta | ToolCallDelta | StreamDone | StreamError, Field(discriminator="type")
+    StreamStart | TextDelta | ToolCallDelta | ProviderStateEvent | StreamDone | StreamError,
+    Field(discriminator="type"),
 ]
 
 

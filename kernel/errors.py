@@ -19,6 +19,8 @@
             ├── InvalidRequest             400/422
             │   ├── ContextLengthExceeded  prompt too long for the model
             │   └── UnsupportedCapability  the provider lacks a feature the request needs
+            ├── QuotaExceeded              out of credit or quota, or a request above a per-minute
+            │                              limit: waiting cannot help (429 insufficient_quota)
             ├── ContentFiltered            refused by the provider's safety system
             ├── ModelNotFound              404 / unknown model
             ├── MissingCredentials         no API key; names the environment variable
@@ -58,6 +60,7 @@ __all__ = [
     "PipelineError",
     "PluginError",
     "ProviderError",
+    "QuotaExceeded",
     "RateLimited",
     "RetryableError",
     "StreamInterrupted",
@@ -68,6 +71,7 @@ __all__ = [
     "error_from_status",
     "error_type",
     "parse_retry_after",
+    "status_for_error_code",
 ]
 
 
@@ -201,6 +205,12 @@ class UnsupportedCapability(InvalidRequest):
     """The request needs a capability the provider does not declare; raised before any network call."""
 
 
+class QuotaExceeded(NonRetryableError):
+    """The account is out of credit or quota, or the request alone is larger than a per-minute token
+    limit. It arrives as a 429 like a rate limit, but waiting cannot help, so it is not retried and the
+    step moves straight to its fallback."""
+
+
 class ContentFiltered(NonRetryableError):
     """The provider's safety system refused the prompt or the answer."""
 
@@ -239,6 +249,7 @@ class CircuitOpen(NonRetryableError):
 _STATUS_CLASSES: dict[int, type[ProviderError]] = {
     400: InvalidRequest,
     401: AuthenticationFailed,
+    402: QuotaExceeded,
     403: PermissionDenied,
     404: ModelNotFound,
     408: UpstreamTimeout,
@@ -261,6 +272,17 @@ _CONTEXT_MARKERS = (
     "exceeds the maximum number of tokens",
     "string_above_max_length",
 )
+_QUOTA_MARKERS = (
+    "insufficient_quota",
+    "billing_hard_limit",
+    "billing_not_active",
+    "credit balance is too low",
+    "insufficient credits",
+    "request too large for",
+)
+"""OpenAI's ``insufficient_quota`` code and its "Request too large for <model> ... on tokens per min
+(TPM)" wording, OpenRouter's and Anthropic's out-of-credit messages. Not "exceeded your current quota"
+alone: Google words its per-minute 429s that way, and those pass with time."""
 _CONTENT_MARKERS = (
     "content_filter",
     "content_policy",
@@ -330,6 +352,8 @@ def error_from_status(
         cls = InvalidRequest
     else:
         cls = MalformedResponse
+    if status_code in (400, 402, 403, 429) and any(marker in haystack for marker in _QUOTA_MARKERS):
+        cls = QuotaExceeded
     if "overloaded" in haystack and cls is UpstreamError:
         cls = Overloaded
     retry_after = parse_retry_after(headers) if headers else None
@@ -344,6 +368,57 @@ def error_from_status(
         code=code,
         retry_after=retry_after,
     )
+
+
+# Error ``type``/``code`` strings vendors put in bodies, for errors that arrive without an HTTP status of
+# their own (inside a stream, or in a 200 body): the status a non-streamed answer would have had.
+_CODE_STATUS: dict[str, int] = {
+    "invalid_request_error": 400,
+    "invalid_request": 400,
+    "bad_request": 400,
+    "tool_use_failed": 400,
+    "json_validate_failed": 400,
+    "context_length_exceeded": 400,
+    "string_above_max_length": 400,
+    "invalid_api_key": 401,
+    "authentication_error": 401,
+    "unauthorized": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "permission_denied": 403,
+    "not_found_error": 404,
+    "model_not_found": 404,
+    "not_found": 404,
+    "request_too_large": 413,
+    "insufficient_quota": 429,
+    "rate_limit_error": 429,
+    "rate_limit_exceeded": 429,
+    "tokens": 429,
+    "requests": 429,
+    "api_error": 500,
+    "server_error": 500,
+    "internal_error": 500,
+    "timeout_error": 504,
+    "service_unavailable": 503,
+    "overloaded_error": 529,
+}
+
+
+def status_for_error_code(*codes: object, default: int = 500) -> int:
+    """The HTTP status an error would have had without streaming, from the first of ``codes`` that says:
+    a number in 400 to 599 (OpenRouter puts the status in ``error.code``) or a known ``type``/``code``."""
+    for code in codes:
+        if code is None or isinstance(code, bool):
+            continue
+        if isinstance(code, int) or (isinstance(code, str) and code.isdigit()):
+            number = int(code)
+            if 400 <= number <= 599:
+                return number
+            continue
+        status = _CODE_STATUS.get(str(code).lower())
+        if status is not None:
+            return status
+    return default
 
 
 def error_type(exc: BaseException) -> str:

@@ -23,6 +23,8 @@ from kernel.contracts import (
     EmbedResponse,
     FinishReason,
     FunctionCall,
+    ProviderState,
+    ProviderStateEvent,
     StreamDone,
     StreamError,
     StreamEvent,
@@ -197,6 +199,7 @@ async def collect_stream(events: AsyncIterator[StreamEvent], *, provider: str) -
     text: list[str] = []
     calls: dict[int, dict[str, Any]] = {}
     done: StreamDone | None = None
+    state: ProviderState | None = None
     async for event in events:
         if isinstance(event, StreamStart):
             response_id, model = event.id, event.model
@@ -207,6 +210,8 @@ async def collect_stream(events: AsyncIterator[StreamEvent], *, provider: str) -
             call["id"] = event.id or call["id"]
             call["name"] = event.name or call["name"]
             call["arguments"].append(event.arguments)
+        elif isinstance(event, ProviderStateEvent):
+            state = event.state
         elif isinstance(event, StreamError):
             raise StreamInterrupted(
                 f"the stream from {provider!r} broke off: {event.message}", provider=provider, model=model
@@ -222,7 +227,9 @@ async def collect_stream(events: AsyncIterator[StreamEvent], *, provider: str) -
         for _, c in sorted(calls.items())
     ]
     finish: FinishReason = done.finish_reason
-    message = AssistantMessage(content="".join(text) or None, tool_calls=tool_calls or None)
+    message = AssistantMessage(
+        content="".join(text) or None, tool_calls=tool_calls or None, provider_state=state
+    )
     return ChatResponse(
         id=response_id,
         model=model,

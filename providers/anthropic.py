@@ -25,6 +25,8 @@ from kernel.contracts import (
     FunctionCall,
     ImagePart,
     NamedToolChoice,
+    ProviderState,
+    ProviderStateEvent,
     ResponseFormatJsonObject,
     ResponseFormatJsonSchema,
     StreamDone,
@@ -226,7 +228,12 @@ class AnthropicProvider(HttpProvider):
                 }
                 add("user", [result])
             else:
-                blocks: list[dict[str, Any]] = []
+                state = message.state_for(self.name)
+                # Signed thinking blocks go back first and unchanged: Anthropic requires them on the
+                # assistant turn of a tool use when thinking is on.
+                blocks: list[dict[str, Any]] = [
+                    dict(block) for block in (state or {}).get("thinking") or [] if isinstance(block, dict)
+                ]
                 if message.content:
                     blocks.append({"type": "text", "text": message.content})
                 for call in message.tool_calls or []:
@@ -317,10 +324,13 @@ class AnthropicProvider(HttpProvider):
                 raise self._error_in_body(data, model)
             text: list[str] = []
             calls: list[ToolCall] = []
+            thinking: list[dict[str, Any]] = []
             stop_reason = data.get("stop_reason")
             for block in data["content"]:
                 kind = block["type"]
-                if kind == "text":
+                if kind in ("thinking", "redacted_thinking"):
+                    thinking.append(block)
+                elif kind == "text":
                     text.append(block["text"])
                 elif kind == "tool_use" and block["name"] == schema_tool:
                     text.append(json.dumps(block["input"], separators=(",", ":")))
@@ -339,7 +349,11 @@ class AnthropicProvider(HttpProvider):
                 provider=self.name,
                 choices=[
                     Choice(
-                        message=AssistantMessage(content="".join(text) or None, tool_calls=calls or None),
+                        message=AssistantMessage(
+                            content="".join(text) or None,
+                            tool_calls=calls or None,
+                            provider_state=self._state(thinking),
+                        ),
                         finish_reason=finish,
                     )
                 ],
@@ -362,6 +376,7 @@ class AnthropicProvider(HttpProvider):
         tool_index: dict[int, int] = {}  # content block index -> tool call ordinal
         schema_blocks: set[int] = set()  # content blocks whose JSON input is the answer's text
         sent_arguments: set[int] = set()
+        thinking: dict[int, dict[str, Any]] = {}  # content block index -> thinking block being built
         async with self._open_stream(self.messages_path, payload, model=request.model) as response:
             try:
                 async for sse in iter_sse(response):
@@ -381,7 +396,9 @@ class AnthropicProvider(HttpProvider):
                         )
                     elif kind == "content_block_start":
                         index, block = int(event["index"]), event["content_block"]
-                        if block.get("type") == "text" and block.get("text"):
+                        if block.get("type") in ("thinking", "redacted_thinking"):
+                            thinking[index] = dict(block)
+                        elif block.get("type") == "text" and block.get("text"):
                             yield TextDelta(text=block["text"])
                         elif block.get("type") == "tool_use" and block.get("name") == schema_tool:
                             schema_blocks.add(index)
@@ -398,6 +415,12 @@ class AnthropicProvider(HttpProvider):
                         index, delta = int(event["index"]), event["delta"]
                         if delta.get("type") == "text_delta" and delta.get("text"):
                             yield TextDelta(text=delta["text"])
+                        elif delta.get("type") == "thinking_delta" and index in thinking:
+                            thinking[index]["thinking"] = (
+                                thinking[index].get("thinking", "") + delta["thinking"]
+                            )
+                        elif delta.get("type") == "signature_delta" and index in thinking:
+                            thinking[index]["signature"] = delta["signature"]
                         elif delta.get("type") == "input_json_delta" and delta.get("partial_json"):
                             if index in schema_blocks:
                                 yield TextDelta(text=delta["partial_json"])
@@ -414,6 +437,9 @@ class AnthropicProvider(HttpProvider):
                     elif kind == "message_stop":
                         if schema_blocks and stop_reason == "tool_use":
                             stop_reason = "end_turn"
+                        state = self._state([thinking[i] for i in sorted(thinking)])
+                        if state is not None:
+                            yield ProviderStateEvent(state=state)
                         yield StreamDone(
                             finish_reason=_FINISH_REASONS.get(stop_reason, "stop"),
                             usage=self._map_usage(usage),
@@ -421,6 +447,9 @@ class AnthropicProvider(HttpProvider):
                         return
             except (KeyError, TypeError) as exc:
                 raise ValueError(f"unexpected event shape ({type(exc).__name__}: {exc})") from exc
+
+    def _state(self, thinking: list[dict[str, Any]]) -> ProviderState | None:
+        return ProviderState(provider=self.name, data={"thinking": thinking}) if thinking else None
 
     def _error_in_body(self, event: dict[str, Any], model: str) -> ProviderError:
         """An error that arrived in a 200 body or as a stream event, classified by its Anthropic type."""

@@ -20,7 +20,13 @@ from urllib.parse import quote
 import httpx
 
 from kernel.contracts import ChatRequest, ChatResponse, StreamDone, StreamEvent
-from kernel.errors import ConfigurationError, ContentFiltered, MissingCredentials, error_from_status
+from kernel.errors import (
+    ConfigurationError,
+    ContentFiltered,
+    MissingCredentials,
+    ProviderError,
+    error_from_status,
+)
 from kernel.provider import Capabilities, ProviderSettings
 from providers.openai import OpenAIProvider
 
@@ -176,10 +182,11 @@ class AzureOpenAIProvider(OpenAIProvider):
             if close is not None:
                 await close()
 
-    def _stream_error(self, message: str, code: str | None, model: str) -> Exception:
+    def _stream_error(self, chunk: Mapping[str, Any], text: str, model: str) -> ProviderError:
+        message, code = self._error_details(chunk, text)
         if code == "content_filter":
             return error_from_status(400, message, provider=self.name, model=model, code=code)
-        return super()._stream_error(message, code, model)
+        return super()._stream_error(chunk, text, model)
 
     def _filtered(self, model: str, results: Any) -> ContentFiltered:
         categories = _filtered_categories(results)

@@ -29,6 +29,8 @@ from kernel.contracts import (
     FunctionCall,
     ImagePart,
     NamedToolChoice,
+    ProviderState,
+    ProviderStateEvent,
     ResponseFormatJsonObject,
     ResponseFormatJsonSchema,
     StreamDone,
@@ -235,6 +237,7 @@ class GeminiProvider(HttpProvider):
         system: list[dict[str, Any]] = []
         contents: list[dict[str, Any]] = []
         call_names: dict[str, str] = {}
+        vendor_ids: set[str] = set()
         for message in request.messages:
             if isinstance(message, SystemMessage):
                 system.append({"text": message_text(message)})
@@ -242,14 +245,15 @@ class GeminiProvider(HttpProvider):
             if isinstance(message, UserMessage):
                 role, parts = "user", self._user_parts(message)
             elif isinstance(message, AssistantMessage):
-                role, parts = "model", []
-                if message.content:
-                    parts.append({"text": message.content})
+                role, parts = "model", self._model_parts(message)
                 for call in message.tool_calls or []:
                     call_names[call.id] = call.function.name
-                    parts.append({"functionCall": {"name": call.function.name, "args": _call_args(call)}})
+                for part in parts:
+                    vendor_id = (part.get("functionCall") or {}).get("id")
+                    if vendor_id:
+                        vendor_ids.add(str(vendor_id))
             else:
-                role, parts = "user", [self._tool_result(message, call_names)]
+                role, parts = "user", [self._tool_result(message, call_names, vendor_ids)]
             if not parts:
                 continue
             if contents and contents[-1]["role"] == role:
@@ -286,7 +290,23 @@ class GeminiProvider(HttpProvider):
                 parts.append({"text": part.text})
         return parts
 
-    def _tool_result(self, message: ToolMessage, call_names: Mapping[str, str]) -> dict[str, Any]:
+    def _model_parts(self, message: AssistantMessage) -> list[dict[str, Any]]:
+        """The parts of a model turn: as Gemini sent them when this provider answered it (thought
+        signatures must come back in the very part they arrived in), else built from the message."""
+        state = message.state_for(self.name)
+        stored = state.get("parts") if state else None
+        if isinstance(stored, list) and stored:
+            return [dict(part) for part in stored if isinstance(part, dict)]
+        parts: list[dict[str, Any]] = []
+        if message.content:
+            parts.append({"text": message.content})
+        for call in message.tool_calls or []:
+            parts.append({"functionCall": {"name": call.function.name, "args": _call_args(call)}})
+        return parts
+
+    def _tool_result(
+        self, message: ToolMessage, call_names: Mapping[str, str], vendor_ids: set[str]
+    ) -> dict[str, Any]:
         name = call_names.get(message.tool_call_id)
         if name is None:
             raise InvalidRequest(
@@ -300,7 +320,10 @@ class GeminiProvider(HttpProvider):
         except ValueError:
             value = text
         response = value if isinstance(value, dict) else {"output": value}
-        return {"functionResponse": {"name": name, "response": response}}
+        result: dict[str, Any] = {"name": name, "response": response}
+        if message.tool_call_id in vendor_ids:
+            result["id"] = message.tool_call_id  # Gemini matches a result to its call by the id it gave
+        return {"functionResponse": result}
 
     def _declaration(self, function: Any, *, legacy: bool) -> dict[str, Any]:
         declaration: dict[str, Any] = {"name": function.name}
@@ -370,7 +393,8 @@ class GeminiProvider(HttpProvider):
             candidate = candidates[0]
             text: list[str] = []
             calls: list[ToolCall] = []
-            for part in (candidate.get("content") or {}).get("parts") or []:
+            raw_parts = (candidate.get("content") or {}).get("parts") or []
+            for part in raw_parts:
                 if "functionCall" in part:
                     calls.append(self._tool_call(data, len(calls), part["functionCall"]))
                 elif isinstance(part.get("text"), str) and not part.get("thought"):
@@ -385,7 +409,9 @@ class GeminiProvider(HttpProvider):
                 provider=self.name,
                 choices=[
                     Choice(
-                        message=AssistantMessage(content=content, tool_calls=calls or None),
+                        message=AssistantMessage(
+                            content=content, tool_calls=calls or None, provider_state=self._state(raw_parts)
+                        ),
                         finish_reason=finish,
                     )
                 ],
@@ -402,6 +428,17 @@ class GeminiProvider(HttpProvider):
             seed = f"{data.get('responseId') or ''}:{index}:{name}:{arguments}"
             call_id = "call_" + hashlib.blake2b(seed.encode(), digest_size=12).hexdigest()
         return ToolCall(id=str(call_id), function=FunctionCall(name=name, arguments=arguments))
+
+    def _state(self, parts: list[Any]) -> ProviderState | None:
+        """The answer's parts, kept when they carry what Gemini needs back (a ``thoughtSignature`` or a
+        call ``id``); answers without either leave no state."""
+        if not any(
+            isinstance(part, dict)
+            and (part.get("thoughtSignature") or (part.get("functionCall") or {}).get("id"))
+            for part in parts
+        ):
+            return None
+        return ProviderState(provider=self.name, data={"parts": parts})
 
     def _check_blocked(self, data: Mapping[str, Any], model: str) -> None:
         feedback = data.get("promptFeedback")
@@ -426,6 +463,7 @@ class GeminiProvider(HttpProvider):
         finish: FinishReason | None = None
         raw_finish = ""
         usage = Usage()
+        parts: list[dict[str, Any]] = []
         async with self._open_stream(path, payload, model=request.model) as response:
             async for sse in iter_sse(response):
                 chunk = _loads(sse.data)
@@ -441,6 +479,7 @@ class GeminiProvider(HttpProvider):
                         continue
                     deltas: list[StreamEvent] = []
                     for part in (candidate.get("content") or {}).get("parts") or []:
+                        _keep_part(parts, part)
                         if "functionCall" in part:
                             call = self._tool_call(chunk, calls, part["functionCall"])
                             deltas.append(
@@ -469,6 +508,9 @@ class GeminiProvider(HttpProvider):
             raise self._filtered(request.model, f"finishReason {raw_finish}")
         if not started:
             yield self._start({}, request.model)
+        state = self._state(parts)
+        if state is not None:
+            yield ProviderStateEvent(state=state)
         yield StreamDone(finish_reason=finish, usage=usage)
 
     def _start(self, chunk: Mapping[str, Any], model: str) -> StreamStart:
@@ -487,6 +529,25 @@ class GeminiProvider(HttpProvider):
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def _keep_part(parts: list[dict[str, Any]], part: Any) -> None:
+    """Collect a streamed part; consecutive plain text pieces (no signature) become one part, since a
+    part holding a signature must stay apart but plain text may be joined."""
+    if not isinstance(part, dict):
+        return
+    plain = set(part) <= {"text", "thought"} and isinstance(part.get("text"), str)
+    last = parts[-1] if parts else None
+    if (
+        plain
+        and last is not None
+        and set(last) <= {"text", "thought"}
+        and isinstance(last.get("text"), str)
+        and bool(last.get("thought")) == bool(part.get("thought"))
+    ):
+        last["text"] += part["text"]
+    else:
+        parts.append(dict(part))
 
 
 def _finish_reason(raw: Any, *, has_calls: bool) -> FinishReason:

@@ -27,7 +27,13 @@ from kernel.contracts import (
     ToolCallDelta,
     Usage,
 )
-from kernel.errors import ContentFiltered, MalformedResponse, error_from_status
+from kernel.errors import (
+    ContentFiltered,
+    MalformedResponse,
+    ProviderError,
+    error_from_status,
+    status_for_error_code,
+)
 from kernel.provider import Capabilities
 from providers._http import HttpProvider, iter_sse
 
@@ -177,8 +183,7 @@ class OpenAIProvider(HttpProvider):
                     return
                 chunk = _loads(sse.data)
                 if chunk.get("object") == "error" or isinstance(chunk.get("error"), dict):
-                    message, code = self._error_details(chunk, sse.data)
-                    raise self._stream_error(message, code, request.model)
+                    raise self._stream_error(chunk, sse.data, request.model)
                 if not started:
                     started = True
                     yield StreamStart(
@@ -221,9 +226,18 @@ class OpenAIProvider(HttpProvider):
             arguments if isinstance(arguments, str) else ("" if arguments is None else json.dumps(arguments))
         )
 
-    def _stream_error(self, message: str, code: str | None, model: str) -> Exception:
-        status = 429 if code and "rate" in code else 500
-        return error_from_status(status, message, provider=self.name, model=model, code=code)
+    def _stream_error(self, chunk: Mapping[str, Any], text: str, model: str) -> ProviderError:
+        """An error sent inside the stream, classified as the same error would be without streaming:
+        by the status it carries, else by its ``code`` or ``type``."""
+        message, code = self._error_details(chunk, text)
+        error = chunk.get("error")
+        fields = error if isinstance(error, dict) else chunk
+        status = status_for_error_code(
+            fields.get("status_code"), fields.get("status"), fields.get("code"), fields.get("type"), code
+        )
+        return error_from_status(
+            status, message, provider=self.name, model=model, code=code, body=text[:2000]
+        )
 
     def _malformed(self, model: str, exc: Exception) -> MalformedResponse:
         return MalformedResponse(

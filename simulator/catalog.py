@@ -57,6 +57,8 @@ KNOWN_MODELS: dict[str, frozenset[str]] = {
     ),
     "gemini": frozenset(
         {
+            "gemini-3-pro-preview",
+            "gemini-3-flash-preview",
             "gemini-2.5-pro",
             "gemini-2.5-flash",
             "gemini-2.5-flash-lite",

@@ -34,7 +34,7 @@ from simulator.core import (
     prompt_tokens,
 )
 
-__all__ = ["INVALID_KEY", "MAX_INPUT_TOKENS", "GeminiWire", "routes"]
+__all__ = ["INVALID_KEY", "MAX_INPUT_TOKENS", "GeminiWire", "routes", "thought_signature"]
 
 INVALID_KEY = "AIza-invalid"
 MAX_INPUT_TOKENS = 1_048_576
@@ -46,6 +46,21 @@ _CAMEL_HUMP = re.compile(r"[A-Z]")
 _ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 _RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
 _HELP = "https://ai.google.dev/gemini-api/docs/troubleshooting"
+_SIGNING_MODELS = re.compile(r"^gemini-3")
+"""Models that sign their function calls and refuse a current turn whose calls come back unsigned."""
+_MISSING_SIGNATURE = (
+    "Function call is missing a thought_signature in functionCall parts. This is required for tools to "
+    "work correctly, and missing thought_signature may lead to degraded model performance. Additional "
+    "data, function call `default_api:{name}` , position {position}. Please refer to "
+    "https://ai.google.dev/gemini-api/docs/thought-signatures for more details."
+)
+
+
+def thought_signature(name: str, args: Any) -> str:
+    """The simulator's signature of a function call (Gemini's are opaque; these can be checked)."""
+    digest = hashlib.blake2b(f"{name}:{json.dumps(args, sort_keys=True)}".encode(), digest_size=24)
+    return base64.b64encode(b"kf-sim-sig:" + digest.digest()).decode()
+
 
 # fault kind -> (HTTP status, Google status, message)
 _FAULTS: dict[str, tuple[int, str, str]] = {
@@ -159,6 +174,8 @@ class GeminiWire(Wire):
             messages.append(Message("system", _parts_text(system.get("parts"))))
         for content in raw_contents:
             messages.extend(self._messages(content))
+        if _SIGNING_MODELS.match(model):
+            self._check_signatures(raw_contents)
         tools = [
             Tool(
                 name=str(d["name"]),
@@ -183,6 +200,30 @@ class GeminiWire(Wire):
             stream=method == "streamGenerateContent",
             extra={"sse": request.query_params.get("alt") == "sse"},
         )
+
+    def _check_signatures(self, contents: list[Any]) -> None:
+        """Gemini 3's rule: in the current turn (everything after the last user content with standard
+        parts), the first functionCall part of each model step carries the signature it was sent with."""
+        start = 0
+        for index, content in enumerate(contents):
+            parts = content.get("parts") or [] if isinstance(content, dict) else []
+            standard = any(isinstance(p, dict) and "functionResponse" not in p for p in parts)
+            if isinstance(content, dict) and content.get("role", "user") == "user" and standard:
+                start = index + 1
+        position = 0
+        for content in contents[start:]:
+            if not isinstance(content, dict) or content.get("role") != "model":
+                position += len(content.get("parts") or []) if isinstance(content, dict) else 0
+                continue
+            calls = [p for p in content.get("parts") or [] if isinstance(p, dict) and "functionCall" in p]
+            if calls:
+                first = calls[0]
+                call = first["functionCall"]
+                signature = _get(first, "thoughtSignature")
+                if signature != thought_signature(str(call.get("name")), call.get("args") or {}):
+                    message = _MISSING_SIGNATURE.format(name=call.get("name"), position=position + 1)
+                    raise WireError(self.bad_request(message))
+            position += len(content.get("parts") or [])
 
     def _messages(self, content: Any) -> list[Message]:
         if not isinstance(content, dict):
@@ -210,12 +251,14 @@ class GeminiWire(Wire):
     def generate_reply(self, request: SimRequest, admission: Admission) -> Reply:
         completion = generate(request, admission)
         response_id = base64.urlsafe_b64encode(bytes.fromhex(request.digest)).decode().rstrip("=")
+        signing = bool(_SIGNING_MODELS.match(request.model))
         if not request.stream:
-            parts = _parts(completion)
+            parts = _parts(completion, signing=signing)
             return JSONReply(self._response(request, response_id, parts, completion, final=True))
         chunks: list[dict[str, Any]] = []
         if completion.tool_calls:
-            chunks.append(self._response(request, response_id, _parts(completion), completion, final=True))
+            parts = _parts(completion, signing=signing)
+            chunks.append(self._response(request, response_id, parts, completion, final=True))
         else:
             words = _WORD.findall(completion.text or "") or [""]
             groups = [words[i : i + _WORDS_PER_CHUNK] for i in range(0, len(words), _WORDS_PER_CHUNK)]
@@ -377,11 +420,21 @@ def _function_output(response: Any) -> str:
     return json.dumps(response, separators=(",", ":"), ensure_ascii=False)
 
 
-def _parts(completion: Completion) -> list[dict[str, Any]]:
+def _parts(completion: Completion, *, signing: bool = False) -> list[dict[str, Any]]:
+    """Gemini 3 gives each call an ``id`` and signs the first call of a step (parallel calls after
+    it carry no signature)."""
     if completion.tool_calls:
-        return [
-            {"functionCall": {"name": c.name, "args": json.loads(c.arguments)}} for c in completion.tool_calls
-        ]
+        parts: list[dict[str, Any]] = []
+        for index, call in enumerate(completion.tool_calls):
+            args = json.loads(call.arguments)
+            function: dict[str, Any] = {"name": call.name, "args": args}
+            part: dict[str, Any] = {"functionCall": function}
+            if signing:
+                function["id"] = call.id.removeprefix("call_")[:8]
+                if index == 0:
+                    part["thoughtSignature"] = thought_signature(call.name, args)
+            parts.append(part)
+        return parts
     return [{"text": completion.text or ""}]
 
 

@@ -27,6 +27,7 @@ from kernel.errors import (
     PipelineError,
     PluginError,
     ProviderError,
+    QuotaExceeded,
     RateLimited,
     RetryableError,
     StreamInterrupted,
@@ -238,6 +239,7 @@ _NON_RETRYABLE = [
     MissingCredentials,
     MalformedResponse,
     CircuitOpen,
+    QuotaExceeded,
 ]
 _CONFIGURATION = [ConfigurationError, PluginError, UnknownProvider, PipelineError]
 
