@@ -117,7 +117,10 @@ class LlmActivities:
             provider, model_name = self.registry.resolve(call.model)
             if self.breakers is not None:
                 permit = self.breakers.admit(provider.name, model_name)  # CircuitOpen when refused
-            request = call.request.model_copy(update={"model": model_name})
+            # Known models' rules and the provider's unsupported options: refused here, or dropped in
+            # lenient mode with the drops recorded on the response.
+            prepared = provider.prepare_chat(call.request.model_copy(update={"model": model_name}))
+            request = prepared.request
             if call.stream:
                 response = await self._heartbeating(
                     self._stream(provider.stream(request), provider.name, call), info.is_local
@@ -135,6 +138,9 @@ class LlmActivities:
             self._settle(permit, exc)
             raise
         self._settle(permit, None)
+        if prepared.warnings:
+            response = response.model_copy(update={"warnings": [*prepared.warnings, *response.warnings]})
+            log.warning("llm request adjusted", warnings=list(prepared.warnings))
         latency_ms = (time.perf_counter() - started) * 1000
         cost = self.prices.cost(provider.name, model_name, response.usage)
         log.info(

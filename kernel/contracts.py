@@ -17,6 +17,9 @@ __all__ = [
     "ChatResponse",
     "Choice",
     "ContentPart",
+    "DeveloperMessage",
+    "DocumentPart",
+    "DocumentSource",
     "EmbedRequest",
     "EmbedResponse",
     "FinishReason",
@@ -27,6 +30,7 @@ __all__ = [
     "JsonSchemaFormat",
     "Message",
     "NamedToolChoice",
+    "PromptCache",
     "ProviderState",
     "ProviderStateEvent",
     "ResponseFormat",
@@ -73,7 +77,39 @@ class ImagePart(_Strict):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class DocumentSource(_Strict):
+    """A document (PDF) by exactly one of: ``file_data``, a ``data:`` URL with base64 bytes;
+    ``file_id``, a file uploaded to the vendor; ``url``, an https URL the vendor fetches itself."""
+
+    file_data: str | None = Field(default=None, pattern=r"^data:[\w/+.-]+;base64,")
+    file_id: str | None = None
+    url: str | None = Field(default=None, pattern=r"^https?://")
+    filename: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DocumentSource:
+        given = [name for name in ("file_data", "file_id", "url") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of file_data, file_id or url (got {', '.join(given) or 'none'})"
+            )
+        return self
+
+    @property
+    def media_type(self) -> str:
+        if self.file_data is not None:
+            return self.file_data[5:].split(";", 1)[0]
+        return "application/pdf"
+
+
+class DocumentPart(_Strict):
+    """A document in a user turn (OpenAI's ``file`` content part)."""
+
+    type: Literal["file"] = "file"
+    file: DocumentSource
+
+
+ContentPart = Annotated[TextPart | ImagePart | DocumentPart, Field(discriminator="type")]
 
 
 # --- messages ------------------------------------------------------------------------------------
@@ -95,6 +131,15 @@ class ToolCall(_Strict):
 
 class SystemMessage(_Strict):
     role: Literal["system"] = "system"
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class DeveloperMessage(_Strict):
+    """Instructions from the application (OpenAI's ``developer`` role, which its reasoning models use
+    in place of ``system``). Providers without the role send it as system text."""
+
+    role: Literal["developer"] = "developer"
     content: str | list[TextPart]
     name: str | None = None
 
@@ -137,10 +182,15 @@ class ToolMessage(_Strict):
     tool_call_id: str
 
 
-Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+Message = Annotated[
+    SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage,
+    Field(discriminator="role"),
+]
 
 
-def message_text(message: SystemMessage | UserMessage | AssistantMessage | ToolMessage) -> str:
+def message_text(
+    message: SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage,
+) -> str:
     """The text of a message, with parts joined and images left out."""
     content = message.content
     if content is None:
@@ -207,8 +257,23 @@ ResponseFormat = Annotated[
 # --- request -------------------------------------------------------------------------------------
 
 
+class PromptCache(_Strict):
+    """Prompt caching. ``key`` groups requests that share a prefix (OpenAI ``prompt_cache_key``);
+    ``breakpoints`` are positions in ``messages`` whose end closes a cached prefix (Anthropic
+    ``cache_control``, at most 4); ``ttl`` is Anthropic's cache lifetime."""
+
+    key: str | None = Field(default=None, min_length=1, max_length=1024)
+    breakpoints: list[int] = Field(default_factory=list, max_length=4)
+    ttl: Literal["5m", "1h"] | None = None
+
+
 class ChatRequest(_Strict):
-    """One chat completion. ``model`` is the provider's own model name (routing has already happened)."""
+    """One chat completion. ``model`` is the provider's own model name (routing has already happened).
+
+    ``lenient`` asks for options the provider or model cannot honour to be dropped, each drop recorded
+    in ``ChatResponse.warnings``; by default such a request is refused before the call, naming them.
+    ``provider_options`` passes vendor fields the contract does not type, by provider name
+    (``{"anthropic": {"top_k": 5}}``); each provider checks its own entry and ignores the others."""
 
     model: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
@@ -224,6 +289,25 @@ class ChatRequest(_Strict):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     user: str | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    thinking_budget: int | None = Field(
+        default=None,
+        ge=0,
+        description="Tokens the model may spend thinking (Anthropic, Gemini); 0 turns it off.",
+    )
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = None
+    cache: PromptCache | None = None
+    provider_options: dict[str, dict[str, Any]] | None = None
+    lenient: bool = False
+
+    @model_validator(mode="after")
+    def _cache_breakpoints_in_range(self) -> ChatRequest:
+        for position in self.cache.breakpoints if self.cache else []:
+            if not 0 <= position < len(self.messages):
+                raise ValueError(
+                    f"cache.breakpoints: {position} is not a message position (0 to {len(self.messages) - 1})"
+                )
+        return self
 
     @model_validator(mode="after")
     def _tool_choice_needs_tools(self) -> ChatRequest:
@@ -248,10 +332,17 @@ class ChatRequest(_Strict):
 
     @property
     def has_images(self) -> bool:
+        return self._has_part(ImagePart)
+
+    @property
+    def has_documents(self) -> bool:
+        return self._has_part(DocumentPart)
+
+    def _has_part(self, kind: type[BaseModel]) -> bool:
         return any(
             isinstance(m, UserMessage)
             and not isinstance(m.content, str)
-            and any(isinstance(p, ImagePart) for p in m.content)
+            and any(isinstance(p, kind) for p in m.content)
             for m in self.messages
         )
 
@@ -262,14 +353,16 @@ FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "error"
 
 
 class Usage(BaseModel):
-    """Normalised token counts. ``cached_tokens`` are part of ``prompt_tokens``; ``reasoning_tokens``
-    are part of ``completion_tokens`` (OpenAI's convention; providers convert to it)."""
+    """Normalised token counts. ``cached_tokens`` (cache reads) and ``cache_write_tokens`` are part of
+    ``prompt_tokens``; ``reasoning_tokens`` are part of ``completion_tokens`` (OpenAI's convention;
+    providers convert to it)."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_tokens: int = 0
 
     @model_validator(mode="after")
     def _fill_total(self) -> Usage:
@@ -284,6 +377,7 @@ class Usage(BaseModel):
             total_tokens=self.total_tokens + other.total_tokens,
             cached_tokens=self.cached_tokens + other.cached_tokens,
             reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
+            cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,
         )
 
 

@@ -1,7 +1,9 @@
 """Prices per million tokens, and the cost of a call computed from normalised usage.
 
-Cached prompt tokens are billed at the cached-input rate, the rest of the prompt at the input rate;
-reasoning tokens are part of the completion and billed at the output rate. A model with no known
+Cached prompt tokens are billed at the cached-input rate, tokens written to a prompt cache at the
+cache-write rate (Anthropic charges more than the input rate for them), the rest of the prompt at the
+input rate; reasoning tokens are part of the completion and billed at the output rate. The default
+prices come from the model catalog (``kernel/catalog.py``), each with its source. A model with no known
 price has cost ``None`` (unknown), never 0. Prices are list prices in USD and can be overridden from
 worker configuration (``PriceTable.with_overrides``), which is the way to price a private deployment.
 """
@@ -13,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kernel.catalog import default_catalog
 from kernel.contracts import Usage
 
 __all__ = ["DEFAULT_PRICES", "Price", "PriceTable"]
@@ -24,73 +27,36 @@ class Price(BaseModel):
     input: float = Field(ge=0, description="USD per million uncached prompt tokens")
     output: float = Field(ge=0, description="USD per million completion tokens (reasoning included)")
     cached_input: float | None = Field(default=None, ge=0, description="USD per million cached tokens")
+    cache_write_input: float | None = Field(
+        default=None, ge=0, description="USD per million tokens written to the prompt cache"
+    )
 
     def cost(self, usage: Usage) -> float:
         cached = min(usage.cached_tokens, usage.prompt_tokens)
+        written = min(usage.cache_write_tokens, usage.prompt_tokens - cached)
         cached_rate = self.input if self.cached_input is None else self.cached_input
+        write_rate = self.input if self.cache_write_input is None else self.cache_write_input
         total = (
-            (usage.prompt_tokens - cached) * self.input
+            (usage.prompt_tokens - cached - written) * self.input
             + cached * cached_rate
+            + written * write_rate
             + usage.completion_tokens * self.output
         )
         return round(total / 1_000_000, 10)
 
 
-def _p(input: float, output: float, cached: float | None = None) -> Price:
-    return Price(input=input, output=output, cached_input=cached)
+def _catalog_prices() -> dict[str, dict[str, Price]]:
+    prices: dict[str, dict[str, Price]] = {}
+    catalog = default_catalog()
+    for vendor in catalog.vendors():
+        for facts in catalog.models(vendor):
+            if facts.price is not None:
+                prices.setdefault(vendor, {})[facts.name] = Price.model_validate(facts.price.model_dump())
+    return prices
 
 
-DEFAULT_PRICES: dict[str, dict[str, Price]] = {
-    "openai": {
-        "gpt-5": _p(1.25, 10.00, 0.125),
-        "gpt-5-mini": _p(0.25, 2.00, 0.025),
-        "gpt-5-nano": _p(0.05, 0.40, 0.005),
-        "gpt-4.1": _p(2.00, 8.00, 0.50),
-        "gpt-4.1-mini": _p(0.40, 1.60, 0.10),
-        "gpt-4.1-nano": _p(0.10, 0.40, 0.025),
-        "gpt-4o": _p(2.50, 10.00, 1.25),
-        "gpt-4o-mini": _p(0.15, 0.60, 0.075),
-        "o3": _p(2.00, 8.00, 0.50),
-        "o3-mini": _p(1.10, 4.40, 0.55),
-        "o4-mini": _p(1.10, 4.40, 0.275),
-        "text-embedding-3-small": _p(0.02, 0.0),
-        "text-embedding-3-large": _p(0.13, 0.0),
-    },
-    "anthropic": {
-        "claude-opus-4-1": _p(15.00, 75.00, 1.50),
-        "claude-sonnet-4-5": _p(3.00, 15.00, 0.30),
-        "claude-sonnet-4": _p(3.00, 15.00, 0.30),
-        "claude-haiku-4-5": _p(1.00, 5.00, 0.10),
-        "claude-3-5-haiku": _p(0.80, 4.00, 0.08),
-    },
-    "gemini": {
-        "gemini-2.5-pro": _p(1.25, 10.00, 0.31),
-        "gemini-2.5-flash": _p(0.30, 2.50, 0.075),
-        "gemini-2.5-flash-lite": _p(0.10, 0.40, 0.025),
-        "gemini-2.0-flash": _p(0.10, 0.40, 0.025),
-        "text-embedding-004": _p(0.0, 0.0),
-    },
-    "mistral": {
-        "mistral-large-latest": _p(2.00, 6.00),
-        "mistral-medium-latest": _p(0.40, 2.00),
-        "mistral-small-latest": _p(0.10, 0.30),
-        "mistral-embed": _p(0.10, 0.0),
-    },
-    "deepseek": {
-        "deepseek-chat": _p(0.27, 1.10, 0.07),
-        "deepseek-reasoner": _p(0.55, 2.19, 0.14),
-    },
-    "groq": {
-        "llama-3.3-70b-versatile": _p(0.59, 0.79),
-        "llama-3.1-8b-instant": _p(0.05, 0.08),
-    },
-    "bedrock": {
-        "anthropic.claude-sonnet-4-5": _p(3.00, 15.00, 0.30),
-        "anthropic.claude-3-5-haiku": _p(0.80, 4.00, 0.08),
-        "amazon.nova-pro-v1": _p(0.80, 3.20, 0.20),
-        "amazon.nova-lite-v1": _p(0.06, 0.24, 0.015),
-    },
-}
+DEFAULT_PRICES: dict[str, dict[str, Price]] = _catalog_prices()
+"""The list prices of the model catalog (``kernel/models.yaml``), by provider and model."""
 
 
 class PriceTable:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kernel.catalog import ModelFacts, Prepared, apply_rules, default_catalog
 from kernel.contracts import (
     AssistantMessage,
     ChatRequest,
@@ -33,7 +34,7 @@ from kernel.contracts import (
     ToolCall,
     ToolCallDelta,
 )
-from kernel.errors import MissingCredentials, StreamInterrupted, UnsupportedCapability
+from kernel.errors import InvalidRequest, MissingCredentials, StreamInterrupted, UnsupportedCapability
 
 __all__ = [
     "KERNEL_API_VERSION",
@@ -60,11 +61,12 @@ class Capabilities(BaseModel):
     json_schema_mode: Literal["native", "tool", "none"] = "native"
     embeddings: bool = False
     vision: bool = False
+    documents: bool = False
 
     def names(self) -> list[str]:
         return [
             name
-            for name in ("chat", "stream", "tools", "json_schema", "embeddings", "vision")
+            for name in ("chat", "stream", "tools", "json_schema", "embeddings", "vision", "documents")
             if getattr(self, name)
         ]
 
@@ -94,6 +96,17 @@ class Provider(ABC):
     """Environment variable the API key is read from when the settings give none."""
     default_base_url: ClassVar[str | None] = None
     description: ClassVar[str] = ""
+    unsupported_options: ClassVar[frozenset[str]] = frozenset(
+        {"reasoning_effort", "thinking_budget", "service_tier", "cache", "provider_options"}
+    )
+    """Optional request fields (``kernel.catalog.REQUEST_OPTIONS``) this provider cannot honour: a request
+    using one is refused before the call, or in lenient mode the field is dropped with a warning. The
+    default names the options added after the first plugins were written, so an older plugin refuses
+    them instead of silently ignoring them."""
+    option_ranges: ClassVar[Mapping[str, tuple[float | None, float | None]]] = {}
+    """Inclusive (low, high) bounds narrower than the contract's, e.g. ``{"temperature": (0, 1)}``."""
+    catalog_vendor: ClassVar[str | None] = None
+    """Whose models this provider serves, for the model catalog (``None``: its own ``name``)."""
 
     def __init__(
         self, *, settings: ProviderSettings | None = None, environ: Mapping[str, str] | None = None
@@ -129,8 +142,38 @@ class Provider(ABC):
             )
         return key
 
+    def model_facts(self, model: str) -> ModelFacts | None:
+        """What the model catalog knows about ``model`` as this provider serves it; ``None`` for models
+        it does not list (they pass through unchecked)."""
+        return default_catalog().lookup(self.catalog_vendor or self.name, model)
+
+    def prepare_chat(self, request: ChatRequest) -> Prepared:
+        """``request`` as this provider and model can take it. In lenient mode options they cannot
+        honour are dropped (listed in ``warnings``); otherwise such a request raises
+        ``UnsupportedCapability`` naming them. Values outside the provider's ranges raise
+        ``InvalidRequest`` in both modes."""
+        for name, (low, high) in self.option_ranges.items():
+            value = getattr(request, name)
+            if value is None:
+                continue
+            if (low is not None and value < low) or (high is not None and value > high):
+                bounds = f"{low if low is not None else '-inf'} to {high if high is not None else 'inf'}"
+                raise InvalidRequest(
+                    f"{name}={value} is out of range for {self.name}: it accepts {bounds}",
+                    provider=self.name,
+                    model=request.model,
+                )
+        return apply_rules(
+            request,
+            provider=self.name,
+            unsupported=self.unsupported_options,
+            facts=self.model_facts(request.model),
+        )
+
     def check_chat(self, request: ChatRequest, *, stream: bool = False) -> None:
-        """Refuse a request whose features the provider does not declare, before any network call."""
+        """Refuse a request whose features the provider does not declare, or that the model is known
+        to refuse, before any network call."""
+        self.prepare_chat(request.model_copy(update={"lenient": False}))
         caps = self.capabilities
         missing: list[str] = []
         if not caps.chat:
@@ -143,6 +186,8 @@ class Provider(ABC):
             missing.append("json_schema")
         if request.has_images and not caps.vision:
             missing.append("vision")
+        if request.has_documents and not caps.documents:
+            missing.append("documents")
         if missing:
             raise UnsupportedCapability(
                 f"provider {self.name!r} does not support {', '.join(missing)} "
@@ -186,6 +231,7 @@ class Provider(ABC):
             "kernel_api": list(self.kernel_api),
             "capabilities": self.capabilities.names(),
             "json_schema_mode": self.capabilities.json_schema_mode,
+            "unsupported_options": sorted(self.unsupported_options),
             "credentials_env": self.api_key_env,
             "credentials_present": self.has_credentials(),
             "description": self.description,

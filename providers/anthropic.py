@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, ClassVar
 
 from kernel.contracts import (
@@ -21,6 +21,8 @@ from kernel.contracts import (
     ChatRequest,
     ChatResponse,
     Choice,
+    DeveloperMessage,
+    DocumentPart,
     FinishReason,
     FunctionCall,
     ImagePart,
@@ -42,7 +44,14 @@ from kernel.contracts import (
     UserMessage,
     message_text,
 )
-from kernel.errors import ContentFiltered, InvalidRequest, MalformedResponse, ProviderError, error_from_status
+from kernel.errors import (
+    ContentFiltered,
+    InvalidRequest,
+    MalformedResponse,
+    ProviderError,
+    UnsupportedCapability,
+    error_from_status,
+)
 from kernel.provider import Capabilities
 from providers._http import HttpProvider, iter_sse
 
@@ -76,6 +85,11 @@ _TOOL_SCHEMA_MODELS = re.compile(r"^claude-(3|instant|2|sonnet-4(-0|-\d{8}|$)|op
 _DATA_URL = re.compile(r"^data:(?P<media>[\w/+.-]+);base64,(?P<data>.*)$", re.DOTALL)
 _JSON_OBJECT_INSTRUCTION = "Answer with a single JSON object and nothing else."
 ANTHROPIC_VERSION = "2023-06-01"
+_MIN_THINKING_BUDGET = 1024
+_SERVICE_TIERS = {"auto": "auto", "default": "standard_only"}
+_PROVIDER_OPTIONS = frozenset({"top_k", "metadata", "container", "mcp_servers", "context_management"})
+"""Messages API fields the contract does not type, accepted under ``provider_options.anthropic``
+(https://docs.claude.com/en/api/messages)."""
 _CONTENT_FILTER_WORDING = "content filtering policy"
 
 
@@ -84,7 +98,12 @@ class AnthropicProvider(HttpProvider):
     version = "1.0.0"
     kernel_api = (1, 1)
     description = "Anthropic Messages API (api.anthropic.com or any compatible base URL); no embeddings"
-    capabilities = Capabilities(embeddings=False, vision=True, json_schema_mode="native")
+    capabilities = Capabilities(embeddings=False, vision=True, documents=True, json_schema_mode="native")
+    # Anthropic caches by prefix, so cache.key needs no field; breakpoints and ttl become cache_control.
+    unsupported_options: ClassVar[frozenset[str]] = frozenset(
+        {"seed", "presence_penalty", "frequency_penalty", "reasoning_effort"}
+    )
+    option_ranges: ClassVar[Mapping[str, tuple[float | None, float | None]]] = {"temperature": (0, 1)}
     api_key_env: ClassVar[str | None] = "ANTHROPIC_API_KEY"
     base_url_env: ClassVar[str | None] = "ANTHROPIC_BASE_URL"
     default_base_url: ClassVar[str | None] = "https://api.anthropic.com"
@@ -132,12 +151,6 @@ class AnthropicProvider(HttpProvider):
             "messages": messages,
         }
         if request.temperature is not None:
-            if request.temperature > 1:
-                raise InvalidRequest(
-                    f"temperature={request.temperature} is out of range for {self.name}: it accepts 0 to 1",
-                    provider=self.name,
-                    model=request.model,
-                )
             payload["temperature"] = request.temperature
         if request.top_p is not None:
             payload["top_p"] = request.top_p
@@ -145,6 +158,17 @@ class AnthropicProvider(HttpProvider):
             payload["stop_sequences"] = list(request.stop)
         if request.user:
             payload["metadata"] = {"user_id": request.user}
+        self._map_thinking(request, payload)
+        if request.service_tier is not None:
+            tier = _SERVICE_TIERS.get(request.service_tier)
+            if tier is None:
+                raise InvalidRequest(
+                    f"service_tier={request.service_tier!r}: {self.name} offers auto and default "
+                    "(standard_only) only",
+                    provider=self.name,
+                    model=request.model,
+                )
+            payload["service_tier"] = tier
         tools = [
             {
                 "name": tool.function.name,
@@ -170,16 +194,66 @@ class AnthropicProvider(HttpProvider):
             else:
                 payload["output_config"] = {"format": {"type": "json_schema", "schema": schema.json_schema}}
         elif isinstance(response_format, ResponseFormatJsonObject):
-            system = f"{system}\n\n{_JSON_OBJECT_INSTRUCTION}" if system else _JSON_OBJECT_INSTRUCTION
+            if isinstance(system, list):
+                system = [*system, {"type": "text", "text": _JSON_OBJECT_INSTRUCTION}]
+            else:
+                system = f"{system}\n\n{_JSON_OBJECT_INSTRUCTION}" if system else _JSON_OBJECT_INSTRUCTION
         if system:
             payload["system"] = system
         if tools:
             payload["tools"] = tools
         if tool_choice is not None:
             payload["tool_choice"] = tool_choice
+        payload.update(self._provider_options(request, payload))
         if stream:
             payload["stream"] = True
         return payload
+
+    def _map_thinking(self, request: ChatRequest, payload: dict[str, Any]) -> None:
+        """``thinking_budget`` as extended thinking; ``max_tokens`` must leave room for the answer."""
+        budget = request.thinking_budget
+        if budget is None:
+            return
+        if budget == 0:
+            payload["thinking"] = {"type": "disabled"}
+            return
+        if budget < _MIN_THINKING_BUDGET:
+            raise InvalidRequest(
+                f"thinking_budget={budget} is below {self.name}'s minimum of {_MIN_THINKING_BUDGET} tokens "
+                "(0 turns thinking off)",
+                provider=self.name,
+                model=request.model,
+            )
+        if request.max_tokens is None:
+            payload["max_tokens"] = budget + self.default_max_tokens
+        elif request.max_tokens <= budget:
+            raise InvalidRequest(
+                f"max_tokens={request.max_tokens} must be above thinking_budget={budget} for {self.name} "
+                "(the budget is part of max_tokens)",
+                provider=self.name,
+                model=request.model,
+            )
+        payload["thinking"] = {"type": "enabled", "budget_tokens": budget}
+
+    def _provider_options(self, request: ChatRequest, payload: dict[str, Any]) -> dict[str, Any]:
+        options = (request.provider_options or {}).get(self.name)
+        if not options:
+            return {}
+        unknown = sorted(set(options) - _PROVIDER_OPTIONS)
+        clash = sorted(set(options) & set(payload))
+        if unknown or clash:
+            problems = [
+                f"{', '.join(unknown)} not accepted (it accepts {', '.join(sorted(_PROVIDER_OPTIONS))})"
+            ]
+            problems = problems if unknown else []
+            if clash:
+                problems.append(f"{', '.join(clash)} already set by the request")
+            raise InvalidRequest(
+                f"provider_options.{self.name}: {'; '.join(problems)}",
+                provider=self.name,
+                model=request.model,
+            )
+        return dict(options)
 
     def _schema_via_tool(self, model: str) -> bool:
         return bool(_TOOL_SCHEMA_MODELS.match(model))
@@ -201,11 +275,17 @@ class AnthropicProvider(HttpProvider):
             mapped["disable_parallel_tool_use"] = True
         return mapped
 
-    def _map_messages(self, request: ChatRequest) -> tuple[str, list[dict[str, Any]]]:
-        """(system text, turns). Consecutive turns of one role are merged, so the tool results answering
-        one assistant turn arrive together in a single user turn, as Anthropic requires."""
-        system: list[str] = []
+    def _map_messages(self, request: ChatRequest) -> tuple[str | list[dict[str, Any]], list[dict[str, Any]]]:
+        """(system, turns). Consecutive turns of one role are merged, so the tool results answering
+        one assistant turn arrive together in a single user turn, as Anthropic requires. A cache
+        breakpoint marks the last block of its message with ``cache_control`` (the system then goes as
+        blocks, since only a block can carry the mark)."""
+        system: list[dict[str, Any]] = []
         turns: list[dict[str, Any]] = []
+        breakpoints = set(request.cache.breakpoints) if request.cache else set()
+        mark: dict[str, Any] = {"type": "ephemeral"}
+        if request.cache and request.cache.ttl:
+            mark["ttl"] = request.cache.ttl
 
         def add(role: str, blocks: list[dict[str, Any]]) -> None:
             if not blocks:
@@ -216,9 +296,13 @@ class AnthropicProvider(HttpProvider):
                 turns.append({"role": role, "content": blocks})
 
         for position, message in enumerate(request.messages):
-            if isinstance(message, SystemMessage):
-                system.append(message_text(message))
-            elif isinstance(message, UserMessage):
+            if isinstance(message, SystemMessage | DeveloperMessage):
+                if message_text(message):
+                    system.append({"type": "text", "text": message_text(message)})
+                    if position in breakpoints:
+                        system[-1]["cache_control"] = dict(mark)
+                continue
+            if isinstance(message, UserMessage):
                 add("user", self._user_blocks(message, position, request.model))
             elif isinstance(message, ToolMessage):
                 result: dict[str, Any] = {
@@ -246,7 +330,11 @@ class AnthropicProvider(HttpProvider):
                         }
                     )
                 add("assistant", blocks)
-        return "\n\n".join(s for s in system if s), turns
+            if position in breakpoints and turns and turns[-1]["content"]:
+                turns[-1]["content"][-1]["cache_control"] = dict(mark)
+        if any("cache_control" in block for block in system):
+            return system, turns
+        return "\n\n".join(block["text"] for block in system), turns
 
     def _user_blocks(self, message: UserMessage, position: int, model: str) -> list[dict[str, Any]]:
         if isinstance(message.content, str):
@@ -258,7 +346,26 @@ class AnthropicProvider(HttpProvider):
                     blocks.append({"type": "text", "text": part.text})
             elif isinstance(part, ImagePart):
                 blocks.append({"type": "image", "source": self._image_source(part, position, model)})
+            elif isinstance(part, DocumentPart):
+                blocks.append({"type": "document", "source": self._document_source(part, position, model)})
         return blocks
+
+    def _document_source(self, part: DocumentPart, position: int, model: str) -> dict[str, Any]:
+        source = part.file
+        if source.file_data is not None:
+            return {
+                "type": "base64",
+                "media_type": source.media_type,
+                "data": source.file_data.split(",", 1)[1],
+            }
+        if source.url is not None:
+            return {"type": "url", "url": source.url}
+        raise UnsupportedCapability(
+            f"messages[{position}]: {self.name} takes documents as file_data or url here; a file_id needs "
+            "Anthropic's Files API beta",
+            provider=self.name,
+            model=model,
+        )
 
     def _image_source(self, part: ImagePart, position: int, model: str) -> dict[str, Any]:
         url = part.image_url.url
@@ -305,6 +412,7 @@ class AnthropicProvider(HttpProvider):
             prompt_tokens=int(usage.get("input_tokens") or 0) + cache_read + cache_write,
             completion_tokens=int(usage.get("output_tokens") or 0),
             cached_tokens=cache_read,
+            cache_write_tokens=cache_write,
             reasoning_tokens=int(details.get("thinking_tokens") or 0) if isinstance(details, dict) else 0,
         )
 

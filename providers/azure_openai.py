@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 import httpx
 
+from kernel.catalog import ModelFacts, default_catalog
 from kernel.contracts import ChatRequest, ChatResponse, StreamDone, StreamEvent
 from kernel.errors import (
     ConfigurationError,
@@ -38,7 +39,7 @@ DEFAULT_API_VERSION = "2024-10-21"
 _ENDPOINT_ENV = "AZURE_OPENAI_ENDPOINT"
 _API_VERSION_ENV = "AZURE_OPENAI_API_VERSION"
 _AD_TOKEN_ENV = "AZURE_OPENAI_AD_TOKEN"
-_OPTIONS = frozenset({"api_version", "azure_ad_token"})
+_OPTIONS = frozenset({"api_version", "azure_ad_token", "deployments"})
 
 
 class AzureOpenAIProvider(OpenAIProvider):
@@ -52,6 +53,9 @@ class AzureOpenAIProvider(OpenAIProvider):
     api_key_env: ClassVar[str | None] = "AZURE_OPENAI_API_KEY"
     base_url_env: ClassVar[str | None] = _ENDPOINT_ENV
     default_base_url: ClassVar[str | None] = None
+    unsupported_options: ClassVar[frozenset[str]] = frozenset(
+        {"reasoning_effort", "thinking_budget", "service_tier", "cache"}
+    )
 
     def __init__(
         self,
@@ -67,6 +71,21 @@ class AzureOpenAIProvider(OpenAIProvider):
                 f"provider {self.name!r} has no option {', '.join(map(repr, unknown))}; "
                 f"its options are: {', '.join(sorted(_OPTIONS))}"
             )
+        deployments = self.settings.options.get("deployments", {})
+        if not isinstance(deployments, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in deployments.items()
+        ):
+            raise ConfigurationError(
+                f"provider {self.name!r}: options.deployments must map deployment names to the OpenAI model "
+                f"each one serves (e.g. {{prod-chat: gpt-4o}}), got {deployments!r}"
+            )
+        self.deployments: dict[str, str] = dict(deployments)
+
+    def model_facts(self, model: str) -> ModelFacts | None:
+        """A deployment is checked as the OpenAI model that ``options.deployments`` says it serves;
+        deployments not listed there pass through unchecked."""
+        base = self.deployments.get(model)
+        return default_catalog().lookup("openai", base) if base else None
 
     # --- connection ------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar
@@ -23,6 +24,8 @@ from kernel.contracts import (
     ChatRequest,
     ChatResponse,
     Choice,
+    DeveloperMessage,
+    DocumentPart,
     EmbedRequest,
     EmbedResponse,
     FinishReason,
@@ -52,6 +55,7 @@ from kernel.errors import (
     MissingCredentials,
     ProviderError,
     StreamInterrupted,
+    UnsupportedCapability,
     error_from_status,
 )
 from kernel.provider import Capabilities
@@ -100,6 +104,30 @@ _IMAGE_FORMATS = {
     "image/webp": "webp",
 }
 _JSON_OBJECT_TOOL = "json_object"
+_PROVIDER_OPTIONS = frozenset(
+    {
+        "additionalModelRequestFields",
+        "additionalModelResponseFieldPaths",
+        "guardrailConfig",
+        "performanceConfig",
+        "promptVariables",
+        "requestMetadata",
+    }
+)
+"""Converse request fields the contract does not type, accepted under ``provider_options.bedrock``
+(https://docs.aws.amazon.com/bedrock/latest/APIReference/API_runtime_Converse.html)."""
+_DOCUMENT_FORMATS = {
+    "application/pdf": "pdf",
+    "text/csv": "csv",
+    "application/msword": "doc",
+    "application/vnd.openxmlformats-officedocument.wordprocessingml.document": "docx",
+    "application/vnd.ms-excel": "xls",
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": "xlsx",
+    "text/html": "html",
+    "text/plain": "txt",
+    "text/markdown": "md",
+}
+_DOCUMENT_NAME = re.compile(r"[^A-Za-z0-9\-()\[\] ]+")
 _CONTENT_FILTER_WORDING = "content filtering policy"
 
 
@@ -111,7 +139,20 @@ class BedrockProvider(HttpProvider):
     version = "1.0.0"
     kernel_api = (1, 1)
     description = "Amazon Bedrock Converse API (SigV4) and Titan text embeddings"
-    capabilities = Capabilities(embeddings=True, vision=True, json_schema_mode="tool")
+    capabilities = Capabilities(embeddings=True, vision=True, documents=True, json_schema_mode="tool")
+    unsupported_options: ClassVar[frozenset[str]] = frozenset(
+        {
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "user",
+            "parallel_tool_calls",
+            "reasoning_effort",
+            "thinking_budget",
+            "service_tier",
+            "cache",
+        }
+    )
     api_key_env: ClassVar[str | None] = "AWS_ACCESS_KEY_ID"
     secret_key_env: ClassVar[str] = "AWS_SECRET_ACCESS_KEY"
     base_url_env: ClassVar[str | None] = "BEDROCK_ENDPOINT_URL"
@@ -263,7 +304,7 @@ class BedrockProvider(HttpProvider):
         system = [
             {"text": message_text(m)}
             for m in request.messages
-            if isinstance(m, SystemMessage) and message_text(m)
+            if isinstance(m, SystemMessage | DeveloperMessage) and message_text(m)
         ]
         payload: dict[str, Any] = {"messages": self._map_messages(request)}
         if system:
@@ -280,6 +321,16 @@ class BedrockProvider(HttpProvider):
         tool_config = self._map_tools(request, payload["messages"])
         if tool_config:
             payload["toolConfig"] = tool_config
+        options = (request.provider_options or {}).get(self.name) or {}
+        unknown = sorted(set(options) - _PROVIDER_OPTIONS)
+        if unknown:
+            raise InvalidRequest(
+                f"provider_options.{self.name}: {', '.join(unknown)} not accepted; it accepts "
+                f"{', '.join(sorted(_PROVIDER_OPTIONS))}",
+                provider=self.name,
+                model=request.model,
+            )
+        payload.update(options)
         return payload
 
     def _map_tools(self, request: ChatRequest, messages: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -296,9 +347,17 @@ class BedrockProvider(HttpProvider):
         history_uses_tools = any("toolUse" in b or "toolResult" in b for m in messages for b in m["content"])
         choice: dict[str, Any] | None = None
         if request.tool_choice == "none":
-            # Bedrock wants the tools declared whenever the history holds tool blocks.
-            if not history_uses_tools:
-                tools = []
+            if history_uses_tools:
+                # Converse needs the tools declared whenever the history holds tool blocks, and has no
+                # choice that forbids calling them: the request cannot be honoured.
+                raise UnsupportedCapability(
+                    f"{self.name} cannot forbid tool calls (tool_choice 'none') in a conversation that "
+                    "already holds tool calls: Converse has no 'none' choice and needs the tools declared; "
+                    "use tool_choice 'auto', or leave the tool turns out of the messages",
+                    provider=self.name,
+                    model=request.model,
+                )
+            tools = []
         elif isinstance(request.tool_choice, NamedToolChoice):
             choice = {"tool": {"name": request.tool_choice.function.name}}
         elif request.tool_choice == "required":
@@ -335,7 +394,7 @@ class BedrockProvider(HttpProvider):
         tool results travel as ``toolResult`` blocks of a user turn."""
         turns: list[dict[str, Any]] = []
         for index, message in enumerate(request.messages):
-            if isinstance(message, SystemMessage):
+            if isinstance(message, SystemMessage | DeveloperMessage):
                 continue
             role = "assistant" if message.role == "assistant" else "user"
             blocks = self._map_blocks(message, index, request.model)
@@ -362,6 +421,8 @@ class BedrockProvider(HttpProvider):
                         blocks.append({"text": part.text})
                 elif isinstance(part, ImagePart):
                     blocks.append({"image": _image_block(part.image_url.url, where, model)})
+                elif isinstance(part, DocumentPart):
+                    blocks.append({"document": _document_block(part, len(blocks), where, model)})
             return blocks
         blocks = []
         if isinstance(message, AssistantMessage):
@@ -388,7 +449,12 @@ class BedrockProvider(HttpProvider):
         cache_write = int(usage.get("cacheWriteInputTokens") or 0)
         prompt = int(usage.get("inputTokens") or 0) + cache_read + cache_write
         completion = int(usage.get("outputTokens") or 0)
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cache_read)
+        return Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=cache_read,
+            cache_write_tokens=cache_write,
+        )
 
     def _parse_response(self, data: Any, request: ChatRequest, request_id: str) -> ChatResponse:
         output_tool = self._output_tool(request)
@@ -517,6 +583,21 @@ def _model_path(model: str, action: str) -> str:
 def _error_type(header: str | None, body: Any) -> str:
     raw = header or (body.get("__type") if isinstance(body, dict) else None) or ""
     return str(raw).split(":", 1)[0].rsplit("#", 1)[-1].strip()
+
+
+def _document_block(part: DocumentPart, position: int, where: str, model: str) -> dict[str, Any]:
+    source = part.file
+    fmt = _DOCUMENT_FORMATS.get(source.media_type)
+    if source.file_data is None or fmt is None:
+        raise UnsupportedCapability(
+            f"{where}: bedrock takes documents as file_data of a known type "
+            f"({', '.join(sorted(_DOCUMENT_FORMATS))}), not by url or file_id or as {source.media_type}",
+            provider="bedrock",
+            model=model,
+        )
+    stem = (source.filename or f"document {position + 1}").rsplit(".", 1)[0]
+    name = " ".join(_DOCUMENT_NAME.sub(" ", stem).split()) or f"document {position + 1}"
+    return {"format": fmt, "name": name, "source": {"bytes": source.file_data.split(",", 1)[1]}}
 
 
 def _image_block(url: str, where: str, model: str) -> dict[str, Any]:

@@ -23,6 +23,8 @@ from kernel.contracts import (
     ChatRequest,
     ChatResponse,
     Choice,
+    DeveloperMessage,
+    DocumentPart,
     EmbedRequest,
     EmbedResponse,
     FinishReason,
@@ -94,6 +96,20 @@ _LEGACY_KEYWORDS = (
     "maxProperties minLength maxLength pattern minimum maximum anyOf propertyOrdering default example"
 )
 _LEGACY_SCHEMA_KEYS = frozenset(_LEGACY_KEYWORDS.split())
+_TOP_OPTIONS = frozenset({"safetySettings", "cachedContent", "labels"})
+_CONFIG_OPTIONS = frozenset(
+    {
+        "topK",
+        "candidateCount",
+        "responseLogprobs",
+        "logprobs",
+        "mediaResolution",
+        "responseModalities",
+        "speechConfig",
+    }
+)
+"""Keys accepted under ``provider_options.gemini``: request fields, and ``generationConfig`` fields
+(https://ai.google.dev/api/generate-content)."""
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
 _DATA_URL = re.compile(r"^data:([^;,]+)(?:;[^,]*)?;base64,(.*)$", re.DOTALL)
 
@@ -103,7 +119,9 @@ class GeminiProvider(HttpProvider):
     version = "1.0.0"
     kernel_api = (1, 1)
     description = "Google Gemini API (generateContent, streamGenerateContent, batchEmbedContents)"
-    capabilities = Capabilities(embeddings=True, vision=True, json_schema_mode="native")
+    capabilities = Capabilities(embeddings=True, vision=True, documents=True, json_schema_mode="native")
+    # Gemini 2.5 and later cache repeated prefixes on their own: the cache hints need no field.
+    unsupported_options: ClassVar[frozenset[str]] = frozenset({"user", "parallel_tool_calls", "service_tier"})
     api_key_env: ClassVar[str | None] = "GEMINI_API_KEY"
     fallback_api_key_env: ClassVar[str] = "GOOGLE_API_KEY"
     base_url_env: ClassVar[str | None] = "GEMINI_BASE_URL"
@@ -239,7 +257,7 @@ class GeminiProvider(HttpProvider):
         call_names: dict[str, str] = {}
         vendor_ids: set[str] = set()
         for message in request.messages:
-            if isinstance(message, SystemMessage):
+            if isinstance(message, SystemMessage | DeveloperMessage):
                 system.append({"text": message_text(message)})
                 continue
             if isinstance(message, UserMessage):
@@ -275,6 +293,17 @@ class GeminiProvider(HttpProvider):
             if request.tool_choice is not None:
                 payload["toolConfig"] = {"functionCallingConfig": _calling_config(request)}
         config = self._generation_config(request, legacy=legacy)
+        options = dict((request.provider_options or {}).get(self.name) or {})
+        unknown = sorted(set(options) - _TOP_OPTIONS - _CONFIG_OPTIONS)
+        if unknown:
+            raise InvalidRequest(
+                f"provider_options.{self.name}: {', '.join(unknown)} not accepted; it accepts "
+                f"{', '.join(sorted(_TOP_OPTIONS | _CONFIG_OPTIONS))}",
+                provider=self.name,
+                model=request.model,
+            )
+        config.update({k: v for k, v in options.items() if k in _CONFIG_OPTIONS})
+        payload.update({k: v for k, v in options.items() if k in _TOP_OPTIONS})
         if config:
             payload["generationConfig"] = config
         return payload
@@ -286,6 +315,8 @@ class GeminiProvider(HttpProvider):
         for part in message.content:
             if isinstance(part, ImagePart):
                 parts.append(_image_part(part.image_url.url))
+            elif isinstance(part, DocumentPart):
+                parts.append(_document_part(part))
             elif part.text:
                 parts.append({"text": part.text})
         return parts
@@ -351,6 +382,15 @@ class GeminiProvider(HttpProvider):
             value = getattr(request, source)
             if value is not None:
                 config[target] = value
+        thinking: dict[str, Any] = {}
+        if request.thinking_budget is not None:
+            thinking["thinkingBudget"] = request.thinking_budget
+        if request.reasoning_effort == "none":
+            thinking.setdefault("thinkingBudget", 0)
+        elif request.reasoning_effort is not None:
+            thinking["thinkingLevel"] = request.reasoning_effort
+        if thinking:
+            config["thinkingConfig"] = thinking
         response_format = request.response_format
         if isinstance(response_format, ResponseFormatJsonSchema):
             config["responseMimeType"] = "application/json"
@@ -579,6 +619,13 @@ def _image_part(url: str) -> dict[str, Any]:
         return {"inlineData": {"mimeType": match.group(1), "data": match.group(2)}}
     mime_type = mimetypes.guess_type(url.split("?", 1)[0])[0] or "image/jpeg"
     return {"fileData": {"mimeType": mime_type, "fileUri": url}}
+
+
+def _document_part(part: DocumentPart) -> dict[str, Any]:
+    source = part.file
+    if source.file_data is not None:
+        return {"inlineData": {"mimeType": source.media_type, "data": source.file_data.split(",", 1)[1]}}
+    return {"fileData": {"mimeType": source.media_type, "fileUri": source.url or source.file_id}}
 
 
 def _legacy_schema(schema: Mapping[str, Any]) -> dict[str, Any]:

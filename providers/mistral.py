@@ -3,7 +3,7 @@
 The wire is OpenAI's with a handful of differences, and only those are code here:
 ``random_seed`` for ``seed``; ``tool_choice`` ``any`` for ``required``; tool call ids of exactly nine
 letters or digits (ids from other providers are rewritten consistently in the history); no ``user``,
-no message ``name`` outside tool messages and no ``stream_options`` (the last chunk carries usage
+no message ``name`` outside tool messages (``user`` is refused before the call) and no ``stream_options`` (the last chunk carries usage
 anyway); ``model_length`` and ``error`` finish reasons; message content that may be a list of chunks
 (text and, for reasoning models, thinking); ``output_dimension`` for embedding dimensions; and 422
 validation errors whose ``message`` is an object.
@@ -65,6 +65,17 @@ class MistralProvider(OpenAIProvider):
     stream_usage: ClassVar[bool] = False
     finish_reasons: ClassVar[Mapping[str | None, FinishReason]] = _FINISH_REASONS
     dimensions_field: ClassVar[str] = "output_dimension"
+    unsupported_options: ClassVar[frozenset[str]] = frozenset(
+        {"user", "reasoning_effort", "thinking_budget", "service_tier", "cache"}
+    )
+    option_ranges: ClassVar[Mapping[str, tuple[float | None, float | None]]] = {
+        "temperature": (0, 1.5),
+        "seed": (0, None),
+    }
+    """From Mistral's API reference: temperature 0 to 1.5, random_seed a non-negative integer."""
+    provider_option_names: ClassVar[frozenset[str]] = frozenset(
+        {"safe_prompt", "prediction", "prompt_mode", "n"}
+    )
 
     # --- mapping ---------------------------------------------------------------------------------
 
@@ -74,7 +85,6 @@ class MistralProvider(OpenAIProvider):
             payload["max_tokens"] = payload.pop("max_completion_tokens")
         if "seed" in payload:
             payload["random_seed"] = payload.pop("seed")
-        payload.pop("user", None)
         choice = payload.get("tool_choice")
         if isinstance(choice, str):
             payload["tool_choice"] = _TOOL_CHOICES.get(choice, choice)

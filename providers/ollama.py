@@ -18,6 +18,7 @@ from kernel.contracts import (
     ChatRequest,
     ChatResponse,
     Choice,
+    DeveloperMessage,
     EmbedRequest,
     EmbedResponse,
     FinishReason,
@@ -52,6 +53,35 @@ _FINISH_REASONS: dict[str | None, FinishReason] = {
     None: "stop",
 }
 _DEFAULT_PORT = "11434"
+_THINK: dict[str, bool | str] = {
+    "none": False,
+    "minimal": "low",
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+}
+_MODEL_OPTIONS = frozenset(
+    [
+        "num_ctx",
+        "num_keep",
+        "num_batch",
+        "num_gpu",
+        "main_gpu",
+        "num_thread",
+        "top_k",
+        "min_p",
+        "typical_p",
+        "repeat_last_n",
+        "repeat_penalty",
+        "mirostat",
+        "mirostat_tau",
+        "mirostat_eta",
+        "penalize_newline",
+        "numa",
+        "use_mmap",
+    ]
+)
+"""Model options (``options``) of Ollama's ``/api/chat`` the contract does not type."""
 
 
 def parse_ollama_host(value: str) -> str:
@@ -86,6 +116,9 @@ class OllamaProvider(HttpProvider):
     api_key_env: ClassVar[str | None] = None
     base_url_env: ClassVar[str | None] = "OLLAMA_HOST"
     default_base_url: ClassVar[str | None] = "http://127.0.0.1:11434"
+    unsupported_options: ClassVar[frozenset[str]] = frozenset(
+        {"user", "parallel_tool_calls", "thinking_budget", "service_tier", "cache"}
+    )
     chat_path: ClassVar[str] = "/api/chat"
     embed_path: ClassVar[str] = "/api/embed"
 
@@ -167,15 +200,29 @@ class OllamaProvider(HttpProvider):
             "frequency_penalty": request.frequency_penalty,
         }
         options = {key: value for key, value in options.items() if value is not None}
+        extra = dict((request.provider_options or {}).get(self.name) or {})
+        unknown = sorted(set(extra) - {"keep_alive", "options"})
+        unknown += [f"options.{k}" for k in sorted(set(extra.get("options") or {}) - _MODEL_OPTIONS)]
+        if unknown:
+            raise InvalidRequest(
+                f"provider_options.{self.name}: {', '.join(unknown)} not accepted; it accepts keep_alive and "
+                f"options.{{{', '.join(sorted(_MODEL_OPTIONS))}}}",
+                provider=self.name,
+                model=request.model,
+            )
+        options.update(extra.pop("options", None) or {})
+        payload.update(extra)
         if options:
             payload["options"] = options
+        if request.reasoning_effort is not None:
+            payload["think"] = _THINK[request.reasoning_effort]
         return payload
 
     def _map_messages(self, request: ChatRequest) -> list[dict[str, Any]]:
         tool_names: dict[str, str] = {}
         mapped: list[dict[str, Any]] = []
         for index, message in enumerate(request.messages):
-            if isinstance(message, SystemMessage):
+            if isinstance(message, SystemMessage | DeveloperMessage):
                 mapped.append({"role": "system", "content": message_text(message)})
             elif isinstance(message, UserMessage):
                 entry: dict[str, Any] = {"role": "user", "content": message_text(message)}

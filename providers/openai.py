@@ -15,6 +15,7 @@ from kernel.contracts import (
     ChatRequest,
     ChatResponse,
     Choice,
+    DocumentPart,
     EmbedRequest,
     EmbedResponse,
     FinishReason,
@@ -26,11 +27,14 @@ from kernel.contracts import (
     ToolCall,
     ToolCallDelta,
     Usage,
+    UserMessage,
 )
 from kernel.errors import (
     ContentFiltered,
+    InvalidRequest,
     MalformedResponse,
     ProviderError,
+    UnsupportedCapability,
     error_from_status,
     status_for_error_code,
 )
@@ -48,6 +52,47 @@ _FINISH_REASONS: dict[str | None, FinishReason] = {
     None: "stop",
 }
 _REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
+"""For models the catalog does not list (fine-tunes, snapshots of new releases): the token limit field."""
+_WIRE_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "stop",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "user",
+        "reasoning_effort",
+        "service_tier",
+    }
+)
+"""``ChatRequest`` fields that travel as they are (the contract is OpenAI's shape)."""
+_PROVIDER_OPTIONS = frozenset(
+    {
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "n",
+        "metadata",
+        "store",
+        "modalities",
+        "audio",
+        "prediction",
+        "web_search_options",
+        "verbosity",
+        "safety_identifier",
+        "prompt_cache_retention",
+    }
+)
+"""Chat-completions fields the contract does not type, accepted under ``provider_options.openai``
+(https://platform.openai.com/docs/api-reference/chat/create)."""
 
 
 class OpenAIProvider(HttpProvider):
@@ -55,7 +100,7 @@ class OpenAIProvider(HttpProvider):
     version = "1.0.0"
     kernel_api = (1, 1)
     description = "OpenAI chat completions and embeddings (api.openai.com or any compatible base URL)"
-    capabilities = Capabilities(embeddings=True, vision=True, json_schema_mode="native")
+    capabilities = Capabilities(embeddings=True, vision=True, documents=True, json_schema_mode="native")
     api_key_env: ClassVar[str | None] = "OPENAI_API_KEY"
     base_url_env: ClassVar[str | None] = "OPENAI_BASE_URL"
     default_base_url: ClassVar[str | None] = "https://api.openai.com/v1"
@@ -66,6 +111,9 @@ class OpenAIProvider(HttpProvider):
     finish_reasons: ClassVar[Mapping[str | None, FinishReason]] = _FINISH_REASONS
     stream_usage: ClassVar[bool] = True
     """Whether the service honours ``stream_options.include_usage`` (some compatible servers refuse it)."""
+    unsupported_options: ClassVar[frozenset[str]] = frozenset({"thinking_budget"})
+    provider_option_names: ClassVar[frozenset[str]] = _PROVIDER_OPTIONS
+    """The keys accepted under ``provider_options[<name>]``."""
 
     # --- calls -----------------------------------------------------------------------------------
 
@@ -101,16 +149,81 @@ class OpenAIProvider(HttpProvider):
     # --- mapping ---------------------------------------------------------------------------------
 
     def _map_request(self, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
-        payload = request.model_dump(mode="json", exclude_none=True, by_alias=True)
+        payload = request.model_dump(mode="json", exclude_none=True, by_alias=True, include=set(_WIRE_FIELDS))
+        for message in payload["messages"]:
+            message.pop("provider_state", None)  # state of other providers; OpenAI keeps its own none
         max_tokens = payload.pop("max_tokens", None)
         if max_tokens is not None:
-            reasoning = request.model.startswith(_REASONING_PREFIXES)
-            payload["max_completion_tokens" if reasoning else "max_tokens"] = max_tokens
+            payload[self._max_tokens_field(request.model)] = max_tokens
+        self._map_documents(request, payload)
+        if request.cache is not None:
+            if request.cache.ttl is not None:
+                raise UnsupportedCapability(
+                    f"{self.name} has no cache ttl (it keeps cached prefixes for minutes to hours on its own); "
+                    "remove cache.ttl",
+                    provider=self.name,
+                    model=request.model,
+                )
+            if request.cache.key is not None:
+                payload["prompt_cache_key"] = request.cache.key
+        payload.update(self._provider_options(request, payload))
         if stream:
             payload["stream"] = True
             if self.stream_usage:
                 payload["stream_options"] = {"include_usage": True}
         return payload
+
+    def _map_documents(self, request: ChatRequest, payload: dict[str, Any]) -> None:
+        """File parts go as OpenAI's ``file`` parts; a document given by URL cannot (OpenAI takes bytes
+        or an uploaded file's id)."""
+        for position, message in enumerate(request.messages):
+            if not isinstance(message, UserMessage) or isinstance(message.content, str):
+                continue
+            for part in message.content:
+                if isinstance(part, DocumentPart) and part.file.url is not None:
+                    raise UnsupportedCapability(
+                        f"messages[{position}]: {self.name} takes documents as file_data or file_id, "
+                        f"not by url ({part.file.url[:60]!r})",
+                        provider=self.name,
+                        model=request.model,
+                    )
+        for message in payload["messages"]:
+            content = message.get("content")
+            for part in content if isinstance(content, list) else []:
+                if part.get("type") == "file":
+                    part["file"].pop("url", None)
+
+    def _provider_options(self, request: ChatRequest, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """This provider's entry of ``provider_options``, checked: only the keys it accepts, none that
+        the typed request already sets."""
+        options = (request.provider_options or {}).get(self.name)
+        if not options:
+            return {}
+        unknown = sorted(set(options) - self.provider_option_names)
+        if unknown:
+            raise InvalidRequest(
+                f"provider_options.{self.name}: {', '.join(unknown)} not accepted; it accepts "
+                f"{', '.join(sorted(self.provider_option_names)) or 'nothing'} (typed options such as "
+                "temperature go in the request itself)",
+                provider=self.name,
+                model=request.model,
+            )
+        clash = sorted(set(options) & set(payload))
+        if clash:
+            raise InvalidRequest(
+                f"provider_options.{self.name}: {', '.join(clash)} is already set by the request",
+                provider=self.name,
+                model=request.model,
+            )
+        return dict(options)
+
+    def _max_tokens_field(self, model: str) -> str:
+        facts = self.model_facts(model)
+        if facts is not None and facts.max_tokens_field is not None:
+            return facts.max_tokens_field
+        if facts is not None:
+            return "max_tokens"
+        return "max_completion_tokens" if model.startswith(_REASONING_PREFIXES) else "max_tokens"
 
     def _map_usage(self, usage: Any) -> Usage:
         if not isinstance(usage, dict):

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kernel.catalog import REQUEST_OPTIONS
 from kernel.contracts import ChatRequest, Usage
 from kernel.errors import ConfigurationError
 from kernel.provider import Capabilities, Provider
@@ -57,6 +58,21 @@ class PresetSpec(BaseModel):
         default=None, description="Usage key counting cached prompt tokens, if not OpenAI's own."
     )
     headers: dict[str, str] = Field(default_factory=dict, description="Extra headers on every request.")
+    unsupported: list[str] = Field(
+        default_factory=lambda: ["reasoning_effort", "thinking_budget", "service_tier", "cache"],
+        description="Request options the service cannot honour: refused, or dropped in lenient mode.",
+    )
+    provider_options: list[str] = Field(
+        default_factory=list, description="Fields accepted under provider_options.<name> (vendor extras)."
+    )
+
+    @field_validator("unsupported")
+    @classmethod
+    def _known_options(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(REQUEST_OPTIONS))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)} is not a request option ({', '.join(REQUEST_OPTIONS)})")
+        return value
 
     @field_validator("base_url")
     @classmethod
@@ -135,6 +151,8 @@ def preset_class(spec: PresetSpec, *, source: str = "built-in") -> type[Provider
         "message_names": spec.message_names,
         "usage_cached_tokens": spec.usage_cached_tokens,
         "extra_headers": dict(spec.headers),
+        "unsupported_options": frozenset(spec.unsupported),
+        "provider_option_names": frozenset(spec.provider_options),
     }
     return type(class_name, (PresetProvider,), attributes)
 

@@ -161,9 +161,16 @@ async def test_system_messages_go_to_the_top_level_system_field_with_auth_header
 
 async def test_request_options_are_renamed_for_anthropic() -> None:
     provider, recorder = _mocked(httpx.Response(200, json=_message_body()))
+    # claude-3-5-haiku takes temperature and top_p together; newer models take one of them.
     await provider.chat(
         _request(
-            UserMessage(content="Hi"), max_tokens=50, temperature=0.2, top_p=0.9, stop=["END"], user="u-1"
+            UserMessage(content="Hi"),
+            model="claude-3-5-haiku-latest",
+            max_tokens=50,
+            temperature=0.2,
+            top_p=0.9,
+            stop=["END"],
+            user="u-1",
         )
     )
     body = recorder.body

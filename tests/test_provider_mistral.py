@@ -82,7 +82,7 @@ def _sse(chunks: list[dict[str, Any]]) -> httpx.Response:
 
 async def test_request_uses_mistral_names_for_seed_tool_choice_and_token_limit() -> None:
     bodies, requests, handler = _recording(httpx.Response(200, json=_completion({"content": "Salut"})))
-    request = _chat(seed=7, max_tokens=50, tools=[WEATHER_TOOL], tool_choice="required", user="u-1")
+    request = _chat(seed=7, max_tokens=50, tools=[WEATHER_TOOL], tool_choice="required")
     response = await _provider(handler).chat(request)
     (body,) = bodies
     assert str(requests[0].url) == "https://api.mistral.ai/v1/chat/completions"
@@ -90,7 +90,6 @@ async def test_request_uses_mistral_names_for_seed_tool_choice_and_token_limit()
     assert body["random_seed"] == 7 and "seed" not in body
     assert body["tool_choice"] == "any"
     assert body["max_tokens"] == 50
-    assert "user" not in body
     assert response.text == "Salut"
     assert response.usage.total_tokens == 12
 
