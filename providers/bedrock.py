@@ -80,7 +80,7 @@ _FINISH_REASONS: dict[str | None, FinishReason] = {
 # ModelNotReadyException is a 429 but means the model is loading; a bad access key is a 403).
 _ERROR_STATUS: dict[str, int] = {
     "ThrottlingException": 429,
-    "ServiceQuotaExceededException": 429,
+    "ServiceQuotaExceededException": 402,  # the account's quota: QuotaExceeded, not a rate limit
     "ServiceUnavailableException": 503,
     "ModelNotReadyException": 503,
     "ValidationException": 400,

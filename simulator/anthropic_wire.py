@@ -53,6 +53,11 @@ _FAULTS: dict[str, tuple[str, str]] = {
     "500": ("api_error", "Internal server error"),
     "503": ("api_error", "Service unavailable"),
     "529": ("overloaded_error", "Overloaded"),
+    "quota": (
+        "invalid_request_error",
+        "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to "
+        "upgrade or purchase credits.",
+    ),
     "context_length": ("invalid_request_error", "prompt is too long: {tokens} tokens > {window} maximum"),
     "content_filter": ("invalid_request_error", "Output blocked by content filtering policy"),
 }
@@ -98,7 +103,8 @@ class AnthropicWire(Wire):
         headers = {"request-id": request_id}
         if fault.kind in ("429", "529", "503", "500"):
             headers["x-should-retry"] = "true"
-        return ErrorReply(fault.status, _error_body(type_, message, request_id), headers)
+        status = 400 if fault.kind == "quota" else fault.status  # Anthropic refuses it as a bad request
+        return ErrorReply(status, _error_body(type_, message, request_id), headers)
 
     def bad_request(self, message: str, *, param: str | None = None) -> ErrorReply:
         return ErrorReply(400, _error_body("invalid_request_error", message, "req_sim"))

@@ -66,6 +66,12 @@ _FAULTS: dict[str, tuple[int, str, str]] = {
         "ModelNotReadyException",
         "The model is not ready to serve inference requests. Try again later.",
     ),
+    "quota": (
+        400,
+        "ServiceQuotaExceededException",
+        "Your request exceeds the service quota for your account. You can view your quotas at "
+        "Viewing service quotas.",
+    ),
     "context_length": (400, "ValidationException", "Input is too long for requested model."),
     "content_filter": (400, "ValidationException", "Output blocked by content filtering policy"),
 }

@@ -61,6 +61,7 @@ FAULT_STATUS: dict[str, int] = {
     "529": 529,
     "context_length": 400,
     "content_filter": 400,
+    "quota": 429,
     "hang": 200,
     "malformed": 200,
     "cut": 200,

@@ -79,6 +79,11 @@ _FAULTS: dict[str, tuple[int, str, str]] = {
     ),
     "500": (500, "INTERNAL", f"An internal error has occurred. Please retry or report in {_HELP}"),
     "503": (503, "UNAVAILABLE", "The model is overloaded. Please try again later."),
+    "quota": (
+        429,
+        "RESOURCE_EXHAUSTED",
+        "You exceeded your current quota, please check your plan and billing details.",
+    ),
     # Google has no 529; its overload answer is 503 UNAVAILABLE.
     "529": (503, "UNAVAILABLE", "The model is overloaded. Please try again later."),
 }

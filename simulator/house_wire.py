@@ -33,6 +33,7 @@ _FAULTS: dict[str, tuple[int, str, str]] = {
     "500": (500, "internal", "the gateway failed"),
     "503": (503, "unavailable", "no backend is available, try again later"),
     "529": (529, "overloaded", "the gateway is overloaded"),
+    "quota": (402, "payment_required", "the key's monthly budget is spent"),
     "context_length": (413, "prompt_too_long", "the prompt exceeds the context window of 8192 tokens"),
     "content_filter": (422, "content_policy", "the prompt was refused by the content_policy"),
 }

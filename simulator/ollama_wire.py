@@ -45,6 +45,7 @@ _FAULTS: dict[str, tuple[int, str]] = {
     "500": (500, "llama runner process has terminated: exit status 2"),
     "503": (503, "server busy, please try again.  maximum pending requests exceeded"),
     "529": (503, "server overloaded, please try again later"),
+    "quota": (429, "too many requests, please slow down"),  # a local server has no account quota
     "context_length": (400, "the input length exceeds the context length"),
     "content_filter": (400, "the request was blocked by the content_filter policy"),
 }

@@ -35,6 +35,7 @@ from simulator.core import (
     Tool,
     count_tokens,
     generate,
+    is_reasoning_model,
     prompt_tokens,
 )
 
@@ -71,6 +72,14 @@ _FAULTS: dict[str, tuple[str, str, str | None, str | None]] = {
         None,
     ),
     "529": ("The server is overloaded, please try again later.", "server_error", "overloaded", None),
+    # OpenAI's answer when the account is out of credit: a 429 that waiting cannot cure.
+    "quota": (
+        "You exceeded your current quota, please check your plan and billing details. For more "
+        "information on this error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors.",
+        "insufficient_quota",
+        "insufficient_quota",
+        None,
+    ),
     "context_length": (
         "This model's maximum context length is 128000 tokens. However, your messages resulted in "
         "{tokens} tokens. Please reduce the length of the messages.",
@@ -91,6 +100,10 @@ def _error_body(
     message: str, type_: str, code: str | None = None, param: str | None = None
 ) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _unsupported(message: str, param: str, code: str) -> ErrorReply:
+    return ErrorReply(400, _error_body(message, "invalid_request_error", code, param))
 
 
 class OpenAIWire(Wire):
@@ -158,6 +171,8 @@ class OpenAIWire(Wire):
             for t in payload.get("tools") or []
             if isinstance(t, dict) and isinstance(f := t.get("function"), dict) and "name" in f
         ]
+        if is_reasoning_model(model):
+            self._check_reasoning_parameters(model, payload)
         max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
         stream_options = payload.get("stream_options") or {}
         return SimRequest(
@@ -171,6 +186,26 @@ class OpenAIWire(Wire):
             stream=bool(payload.get("stream")),
             extra={"include_usage": bool(stream_options.get("include_usage"))},
         )
+
+    def _check_reasoning_parameters(self, model: str, payload: dict[str, Any]) -> None:
+        """OpenAI's reasoning models refuse sampling parameters and ``max_tokens``, with these bodies."""
+        temperature = payload.get("temperature")
+        if temperature is not None and temperature != 1:
+            message = (
+                f"Unsupported value: 'temperature' does not support {temperature} with this model. "
+                "Only the default (1) value is supported."
+            )
+            raise WireError(_unsupported(message, "temperature", "unsupported_value"))
+        for name in ("top_p", "presence_penalty", "frequency_penalty", "logprobs"):
+            if payload.get(name) is not None:
+                message = f"Unsupported parameter: '{name}' is not supported with this model."
+                raise WireError(_unsupported(message, name, "unsupported_parameter"))
+        if payload.get("max_tokens") is not None:
+            message = (
+                "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                "Use 'max_completion_tokens' instead."
+            )
+            raise WireError(_unsupported(message, "max_tokens", "unsupported_parameter"))
 
     def _message(self, raw: Any) -> Message:
         if not isinstance(raw, dict) or "role" not in raw:
