@@ -24,7 +24,7 @@ from kernel.contracts import (
     ToolMessage,
     UserMessage,
 )
-from kernel.errors import InvalidRequest, UnsupportedCapability
+from kernel.errors import ConfigurationError, InvalidRequest, UnsupportedCapability
 from kernel.pricing import DEFAULT_PRICES, PriceTable
 from kernel.provider import Provider, ProviderSettings
 from kernel.registry import Registry
@@ -193,7 +193,7 @@ def test_azure_deployments_are_checked_as_their_base_model() -> None:
     with pytest.raises(UnsupportedCapability, match="refuses 'temperature'"):
         provider.check_chat(_ask("prod-reasoner", temperature=0.3))
     provider.check_chat(_ask("other-deployment", temperature=0.3))
-    with pytest.raises(Exception, match="options.deployments must map"):
+    with pytest.raises(ConfigurationError, match=r"options\.deployments must map"):
         AzureOpenAIProvider(settings=ProviderSettings(api_key="k", options={"deployments": ["o4-mini"]}))
 
 
@@ -258,7 +258,7 @@ def test_mistral_ranges(fields: dict[str, Any], message: str) -> None:
 def test_anthropic_temperature_range() -> None:
     provider = AnthropicProvider(settings=ProviderSettings(api_key="k"))
     with pytest.raises(
-        InvalidRequest, match="temperature=1.2 is out of range for anthropic: it accepts 0 to 1"
+        InvalidRequest, match=r"temperature=1\.2 is out of range for anthropic: it accepts 0 to 1"
     ):
         provider.check_chat(_ask("claude-3-5-haiku-latest", temperature=1.2))
 
