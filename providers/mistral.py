@@ -89,6 +89,8 @@ class MistralProvider(OpenAIProvider):
         if isinstance(choice, str):
             payload["tool_choice"] = _TOOL_CHOICES.get(choice, choice)
         for message in payload["messages"]:
+            if message.get("role") == "developer":
+                message["role"] = "system"  # Mistral has no developer role
             if message.get("role") != "tool":
                 message.pop("name", None)
             for call in message.get("tool_calls") or []:
