@@ -301,9 +301,7 @@ PROVIDERS: dict[
     "bedrock": (
         _bedrock,
         lambda p, r, s: p._map_request(r),
-        lambda body, r: bedrock_oracle(
-            body, model=r.model, operation="ConverseStream" if False else "Converse"
-        ),
+        lambda body, r: bedrock_oracle(body, model=r.model),  # ConverseStream takes the same body
         "anthropic.claude-3-5-haiku-20241022-v1:0",
         "anthropic.claude-3-5-haiku-20241022-v1:0",
     ),
