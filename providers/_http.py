@@ -24,7 +24,46 @@ from kernel.errors import (
 )
 from kernel.provider import Provider, ProviderSettings
 
-__all__ = ["HttpProvider", "ServerSentEvent", "iter_ndjson", "iter_sse"]
+__all__ = [
+    "HttpProvider",
+    "ServerSentEvent",
+    "WireShapeError",
+    "as_list",
+    "as_object",
+    "iter_ndjson",
+    "iter_sse",
+]
+
+
+class WireShapeError(ValueError):
+    """A vendor's JSON is not shaped as its API documents. Raised by the readers below, and turned
+    into ``MalformedResponse`` by the code reading the vendor's answer: only there, so a bug in our
+    own code is never mistaken for a broken upstream."""
+
+
+def as_object(value: Any, where: str, *, optional: bool = False) -> dict[str, Any]:
+    """``value`` when it is a JSON object; with ``optional``, ``None`` (an omitted field) reads as ``{}``."""
+    if value is None and optional:
+        return {}
+    if not isinstance(value, dict):
+        raise WireShapeError(f"{where} should be an object, got {type(value).__name__}")
+    return value
+
+
+def as_list(value: Any, where: str, *, optional: bool = False) -> list[Any]:
+    """``value`` when it is a JSON array; with ``optional``, ``None`` (an omitted field) reads as ``[]``."""
+    if value is None and optional:
+        return []
+    if not isinstance(value, list):
+        raise WireShapeError(f"{where} should be an array, got {type(value).__name__}")
+    return value
+
+
+def as_text(value: Any, where: str) -> str | None:
+    """``value`` when it is a string; ``None`` stays ``None``."""
+    if value is not None and not isinstance(value, str):
+        raise WireShapeError(f"{where} should be a string, got {type(value).__name__}")
+    return value
 
 
 @dataclass(slots=True)
@@ -250,7 +289,7 @@ class HttpProvider(Provider):
                     error_type=type(interrupted).__name__, message=str(interrupted), retryable=True
                 )
                 return
-            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            except (ValueError, TypeError, KeyError) as exc:  # what reading a vendor's JSON raises
                 malformed = MalformedResponse(
                     f"{self.name} sent a malformed stream chunk: {exc}", provider=self.name, model=model
                 )

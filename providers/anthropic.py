@@ -53,7 +53,7 @@ from kernel.errors import (
     error_from_status,
 )
 from kernel.provider import Capabilities
-from providers._http import HttpProvider, iter_sse
+from providers._http import HttpProvider, as_list, as_object, iter_sse
 
 __all__ = ["AnthropicProvider"]
 
@@ -428,13 +428,15 @@ class AnthropicProvider(HttpProvider):
         model = request.model
         schema_tool = self._schema_tool_name(request)
         try:
+            data = as_object(data, "the answer")
             if data.get("type") == "error":
                 raise self._error_in_body(data, model)
             text: list[str] = []
             calls: list[ToolCall] = []
             thinking: list[dict[str, Any]] = []
             stop_reason = data.get("stop_reason")
-            for block in data["content"]:
+            for raw_block in as_list(data["content"], "content"):
+                block = as_object(raw_block, "content[]")
                 kind = block["type"]
                 if kind in ("thinking", "redacted_thinking"):
                     thinking.append(block)
@@ -467,7 +469,7 @@ class AnthropicProvider(HttpProvider):
                 ],
                 usage=self._map_usage(data.get("usage")),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise self._malformed(model, exc) from exc
         if response.finish_reason == "content_filter" and not response.text and not response.tool_calls:
             raise ContentFiltered(
@@ -495,15 +497,16 @@ class AnthropicProvider(HttpProvider):
                     if kind == "error":
                         raise self._error_in_body(event, request.model)
                     if kind == "message_start":
-                        message = event["message"]
-                        usage.update(message.get("usage") or {})
+                        message = as_object(event["message"], "message_start.message")
+                        usage.update(as_object(message.get("usage"), "message.usage", optional=True))
                         yield StreamStart(
                             id=str(message.get("id") or ""),
                             model=str(message.get("model") or request.model),
                             provider=self.name,
                         )
                     elif kind == "content_block_start":
-                        index, block = int(event["index"]), event["content_block"]
+                        index = int(event["index"])
+                        block = as_object(event["content_block"], "content_block_start.content_block")
                         if block.get("type") in ("thinking", "redacted_thinking"):
                             thinking[index] = dict(block)
                         elif block.get("type") == "text" and block.get("text"):
@@ -520,7 +523,8 @@ class AnthropicProvider(HttpProvider):
                                     arguments=json.dumps(block["input"], separators=(",", ":")),
                                 )
                     elif kind == "content_block_delta":
-                        index, delta = int(event["index"]), event["delta"]
+                        index = int(event["index"])
+                        delta = as_object(event["delta"], "content_block_delta.delta")
                         if delta.get("type") == "text_delta" and delta.get("text"):
                             yield TextDelta(text=delta["text"])
                         elif delta.get("type") == "thinking_delta" and index in thinking:
@@ -540,8 +544,14 @@ class AnthropicProvider(HttpProvider):
                         if index in tool_index and index not in sent_arguments:
                             yield ToolCallDelta(index=tool_index[index], arguments="{}")
                     elif kind == "message_delta":
-                        usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
-                        stop_reason = (event.get("delta") or {}).get("stop_reason") or stop_reason
+                        delta_usage = as_object(event.get("usage"), "message_delta.usage", optional=True)
+                        usage.update({k: v for k, v in delta_usage.items() if v is not None})
+                        stop_reason = (
+                            as_object(event.get("delta"), "message_delta.delta", optional=True).get(
+                                "stop_reason"
+                            )
+                            or stop_reason
+                        )
                     elif kind == "message_stop":
                         if schema_blocks and stop_reason == "tool_use":
                             stop_reason = "end_turn"

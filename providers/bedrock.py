@@ -59,7 +59,7 @@ from kernel.errors import (
     error_from_status,
 )
 from kernel.provider import Capabilities
-from providers._http import HttpProvider
+from providers._http import HttpProvider, as_list, as_object
 from providers._sigv4 import AwsCredentials, EventStreamDecoder, EventStreamMessage, sign
 
 __all__ = ["BedrockProvider"]
@@ -459,14 +459,16 @@ class BedrockProvider(HttpProvider):
     def _parse_response(self, data: Any, request: ChatRequest, request_id: str) -> ChatResponse:
         output_tool = self._output_tool(request)
         try:
-            blocks = data["output"]["message"]["content"]
+            data = as_object(data, "the answer")
+            message_data = as_object(as_object(data["output"], "output")["message"], "output.message")
             text: list[str] = []
             calls: list[ToolCall] = []
-            for block in blocks:
+            for raw_block in as_list(message_data["content"], "output.message.content"):
+                block = as_object(raw_block, "content[]")
                 if "text" in block:
                     text.append(str(block["text"]))
                 elif "toolUse" in block:
-                    use = block["toolUse"]
+                    use = as_object(block["toolUse"], "content[].toolUse")
                     arguments = _dumps(use.get("input") or {})
                     if use["name"] == output_tool:
                         text = [arguments]

@@ -56,7 +56,7 @@ from kernel.errors import (
     error_from_status,
 )
 from kernel.provider import Capabilities
-from providers._http import HttpProvider, iter_sse
+from providers._http import HttpProvider, as_list, as_object, iter_sse
 
 __all__ = ["GeminiProvider"]
 
@@ -430,13 +430,20 @@ class GeminiProvider(HttpProvider):
                 raise MalformedResponse(
                     f"{self.name} answered without candidates", provider=self.name, model=model
                 )
-            candidate = candidates[0]
+            candidate = as_object(candidates[0], "candidates[0]")
             text: list[str] = []
             calls: list[ToolCall] = []
-            raw_parts = (candidate.get("content") or {}).get("parts") or []
-            for part in raw_parts:
+            raw_parts = as_list(
+                as_object(candidate.get("content"), "candidates[0].content", optional=True).get("parts"),
+                "parts",
+                optional=True,
+            )
+            for raw_part in raw_parts:
+                part = as_object(raw_part, "parts[]")
                 if "functionCall" in part:
-                    calls.append(self._tool_call(data, len(calls), part["functionCall"]))
+                    calls.append(
+                        self._tool_call(data, len(calls), as_object(part["functionCall"], "functionCall"))
+                    )
                 elif isinstance(part.get("text"), str) and not part.get("thought"):
                     text.append(part["text"])
             finish = _finish_reason(candidate.get("finishReason"), has_calls=bool(calls))
@@ -457,7 +464,7 @@ class GeminiProvider(HttpProvider):
                 ],
                 usage=self._map_usage(data.get("usageMetadata")),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise self._malformed(model, exc) from exc
 
     def _tool_call(self, data: Mapping[str, Any], index: int, raw: Mapping[str, Any]) -> ToolCall:
@@ -514,14 +521,19 @@ class GeminiProvider(HttpProvider):
                 self._check_blocked(chunk, request.model)
                 if chunk.get("usageMetadata"):
                     usage = self._map_usage(chunk["usageMetadata"])
-                for candidate in chunk.get("candidates") or []:
+                for raw_candidate in as_list(chunk.get("candidates"), "candidates", optional=True):
+                    candidate = as_object(raw_candidate, "candidates[]")
                     if candidate.get("index", 0) != 0:
                         continue
                     deltas: list[StreamEvent] = []
-                    for part in (candidate.get("content") or {}).get("parts") or []:
+                    content = as_object(candidate.get("content"), "candidates[].content", optional=True)
+                    for raw_part in as_list(content.get("parts"), "parts", optional=True):
+                        part = as_object(raw_part, "parts[]")
                         _keep_part(parts, part)
                         if "functionCall" in part:
-                            call = self._tool_call(chunk, calls, part["functionCall"])
+                            call = self._tool_call(
+                                chunk, calls, as_object(part["functionCall"], "functionCall")
+                            )
                             deltas.append(
                                 ToolCallDelta(
                                     index=calls,

@@ -41,7 +41,7 @@ from kernel.contracts import (
 )
 from kernel.errors import InvalidRequest, MalformedResponse, error_from_status
 from kernel.provider import Capabilities
-from providers._http import HttpProvider, iter_ndjson
+from providers._http import HttpProvider, as_list, as_object, iter_ndjson
 
 __all__ = ["OllamaProvider", "parse_ollama_host"]
 
@@ -269,8 +269,10 @@ class OllamaProvider(HttpProvider):
 
     def _tool_calls(self, message: dict[str, Any], offset: int = 0) -> list[ToolCall]:
         calls: list[ToolCall] = []
-        for position, raw in enumerate(message.get("tool_calls") or [], start=offset):
-            function = raw["function"]
+        for position, raw in enumerate(
+            as_list(message.get("tool_calls"), "tool_calls", optional=True), start=offset
+        ):
+            function = as_object(as_object(raw, "tool_calls[]")["function"], "tool_calls[].function")
             name = str(function["name"])
             arguments = function.get("arguments")
             text = arguments if isinstance(arguments, str) else _dumps(arguments or {})
@@ -282,7 +284,7 @@ class OllamaProvider(HttpProvider):
         if data.get("error"):
             raise self._stream_error(str(data["error"]), model)
         try:
-            message = data["message"]
+            message = as_object(data["message"], "message")
             calls = self._tool_calls(message)
             finish = "tool_calls" if calls else _FINISH_REASONS.get(data.get("done_reason"), "stop")
             return ChatResponse(
@@ -320,7 +322,7 @@ class OllamaProvider(HttpProvider):
                         model=str(chunk.get("model") or request.model),
                         provider=self.name,
                     )
-                message = chunk.get("message") or {}
+                message = as_object(chunk.get("message"), "message", optional=True)
                 if message.get("content"):
                     yield TextDelta(text=str(message["content"]))
                 try:

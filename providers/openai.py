@@ -6,6 +6,7 @@ The kernel's contract is OpenAI's own shape, so mapping is thin: the request is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, ClassVar
@@ -39,7 +40,7 @@ from kernel.errors import (
     status_for_error_code,
 )
 from kernel.provider import Capabilities
-from providers._http import HttpProvider, iter_sse
+from providers._http import HttpProvider, as_list, as_object, as_text, iter_sse
 
 __all__ = ["OpenAIProvider"]
 
@@ -135,9 +136,11 @@ class OpenAIProvider(HttpProvider):
             payload[self.dimensions_field] = request.dimensions
         data = await self._post_json(self.embeddings_path, payload, model=request.model)
         try:
-            rows = sorted(data["data"], key=lambda row: row["index"])
+            rows = sorted(
+                as_list(as_object(data, "the answer")["data"], "data"), key=lambda row: row["index"]
+            )
             vectors = [[float(x) for x in row["embedding"]] for row in rows]
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise self._malformed(request.model, exc) from exc
         return EmbedResponse(
             model=str(data.get("model") or request.model),
@@ -228,8 +231,12 @@ class OpenAIProvider(HttpProvider):
     def _map_usage(self, usage: Any) -> Usage:
         if not isinstance(usage, dict):
             return Usage()
-        prompt_details = usage.get("prompt_tokens_details") or {}
-        completion_details = usage.get("completion_tokens_details") or {}
+        prompt_details = as_object(
+            usage.get("prompt_tokens_details"), "usage.prompt_tokens_details", optional=True
+        )
+        completion_details = as_object(
+            usage.get("completion_tokens_details"), "usage.completion_tokens_details", optional=True
+        )
         return Usage(
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
@@ -240,47 +247,64 @@ class OpenAIProvider(HttpProvider):
 
     def _parse_response(self, data: Any, model: str) -> ChatResponse:
         try:
-            choices = []
-            for raw in data["choices"]:
-                message = raw["message"]
-                calls = [
-                    ToolCall(
-                        id=c["id"],
-                        function=FunctionCall(
-                            name=c["function"]["name"], arguments=c["function"]["arguments"] or ""
-                        ),
-                    )
-                    for c in message.get("tool_calls") or []
-                ]
-                finish = self.finish_reasons.get(raw.get("finish_reason"), "stop")
-                choices.append(
-                    Choice(
-                        index=int(raw.get("index", 0)),
-                        message=AssistantMessage(
-                            content=message.get("content"),
-                            tool_calls=calls or None,
-                            refusal=message.get("refusal"),
-                        ),
-                        finish_reason=finish,
-                    )
-                )
-            response = ChatResponse(
-                id=str(data.get("id") or ""),
-                model=str(data.get("model") or model),
-                provider=self.name,
-                created=int(data.get("created") or 0),
-                choices=choices,
-                usage=self._map_usage(data.get("usage")),
+            body = as_object(data, "the answer")
+            choices = [
+                self._read_choice(raw, f"choices[{i}]")
+                for i, raw in enumerate(as_list(body["choices"], "choices"))
+            ]
+            usage = self._map_usage(body.get("usage"))
+            header = (
+                str(body.get("id") or ""),
+                str(body.get("model") or model),
+                int(body.get("created") or 0),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise self._malformed(model, exc) from exc
         if not choices:
             raise MalformedResponse(f"{self.name} answered without choices", provider=self.name, model=model)
+        response_id, answered_by, created = header
+        response = ChatResponse(
+            id=response_id,
+            model=answered_by,
+            provider=self.name,
+            created=created,
+            choices=choices,
+            usage=usage,
+        )
         if response.finish_reason == "content_filter" and not response.text and not response.tool_calls:
             raise ContentFiltered(
                 f"{self.name} filtered the answer of model {model!r}", provider=self.name, model=model
             )
         return response
+
+    def _read_choice(self, raw: Any, where: str) -> Choice:
+        """One choice. Optional fields the API may omit read as their documented defaults: a tool call
+        without ``arguments`` has none (``{}``), one without ``id`` gets one derived from the answer."""
+        choice = as_object(raw, where)
+        message = as_object(choice["message"], f"{where}.message")
+        calls = []
+        for position, item in enumerate(
+            as_list(message.get("tool_calls"), f"{where}.message.tool_calls", optional=True)
+        ):
+            call = as_object(item, f"{where}.message.tool_calls[{position}]")
+            function = as_object(
+                call.get("function"), f"{where}.message.tool_calls[{position}].function", optional=True
+            )
+            name = function["name"]
+            arguments = self._call_arguments(function.get("arguments")) or "{}"
+            call_id = call.get("id") or _derived_call_id(position, str(name), arguments)
+            calls.append(
+                ToolCall(id=str(call_id), function=FunctionCall(name=str(name), arguments=arguments))
+            )
+        return Choice(
+            index=int(choice.get("index") or 0),
+            message=AssistantMessage(
+                content=as_text(message.get("content"), f"{where}.message.content"),
+                tool_calls=calls or None,
+                refusal=as_text(message.get("refusal"), f"{where}.message.refusal"),
+            ),
+            finish_reason=self.finish_reasons.get(choice.get("finish_reason"), "stop"),
+        )
 
     async def _stream_events(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         payload = self._map_request(request, stream=True)
@@ -306,15 +330,19 @@ class OpenAIProvider(HttpProvider):
                     )
                 if chunk.get("usage"):
                     usage = self._map_usage(chunk["usage"])
-                for choice in chunk.get("choices") or []:
+                for item in as_list(chunk.get("choices"), "choices", optional=True):
+                    choice = as_object(item, "choices[]")
                     if choice.get("index", 0) != 0:
                         continue
-                    delta = choice.get("delta") or {}
+                    delta = as_object(choice.get("delta"), "choices[].delta", optional=True)
                     text = self._delta_text(delta.get("content"))
                     if text:
                         yield TextDelta(text=text)
-                    for call in delta.get("tool_calls") or []:
-                        function = call.get("function") or {}
+                    for raw_call in as_list(delta.get("tool_calls"), "delta.tool_calls", optional=True):
+                        call = as_object(raw_call, "delta.tool_calls[]")
+                        function = as_object(
+                            call.get("function"), "delta.tool_calls[].function", optional=True
+                        )
                         index = call.get("index")
                         if index is None:  # some services number calls only by their order
                             index = calls_seen
@@ -358,6 +386,11 @@ class OpenAIProvider(HttpProvider):
             provider=self.name,
             model=model,
         )
+
+
+def _derived_call_id(position: int, name: str, arguments: str) -> str:
+    digest = hashlib.blake2b(f"{position}:{name}:{arguments}".encode(), digest_size=12).hexdigest()
+    return f"call_{digest}"
 
 
 def _loads(data: str) -> dict[str, Any]:
