@@ -15,6 +15,7 @@ from temporalio.service import RPCError
 from temporalio.workflow import UpdateMethodMultiParam
 
 from kernel.errors import PipelineError, UnknownProvider
+from kernel.model_checks import check_step_options
 from kernel.pipeline import PipelineSpec
 from kernel.registry import Registry
 from worker.codec import scoped_workflow_id
@@ -60,14 +61,15 @@ __all__ = [
 
 
 def check_models(spec: PipelineSpec, registry: Registry) -> None:
-    """Refuse, before start, a pipeline naming a provider no plugin serves. Aliases are the worker's
-    business and are not checked here."""
+    """Refuse, before start, a pipeline naming a provider no plugin serves, or asking a model for
+    options it refuses. Aliases are the worker's business and are not checked here."""
     for model in spec.models():
         if "/" in model:
             try:
                 registry.resolve_ref(model)
             except UnknownProvider as exc:
                 raise PipelineError(f"pipeline {spec.name!r} uses model {model!r}: {exc}") from exc
+    check_step_options(spec, registry)  # what known models and their providers refuse
 
 
 async def start_pipeline(

@@ -8,19 +8,39 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from kernel.contracts import ChatRequest, ResponseFormat, Tool
+from kernel.contracts import ChatRequest, PromptCache, ResponseFormat, Tool
 from kernel.errors import FailureType
 from kernel.routing import Balance, weighted_order
 from kernel.schema import schema_errors
 from kernel.steps.base import MODEL_PATTERN, RetrySpec, StepFailure, StepKind, StepSpec, _Spec
 from kernel.steps.context import CallResult, ModelCall, StepRun
 
-__all__ = ["KIND", "LlmStep", "MessageTemplate", "order_models"]
+__all__ = ["KIND", "DocumentTemplate", "LlmStep", "MessageTemplate", "order_models"]
 
 
 class MessageTemplate(_Spec):
     role: Literal["system", "user", "assistant"]
     content: str = Field(min_length=1)
+
+
+class DocumentTemplate(_Spec):
+    """A document (PDF) sent with the last user message, by exactly one of: ``file_data``, a
+    ``data:application/pdf;base64,...`` URL; ``url``, an https URL the vendor fetches; ``file_id``, a
+    file uploaded to the vendor. Each is a template (``{{ inputs.contract_pdf }}``)."""
+
+    file_data: str | None = None
+    url: str | None = None
+    file_id: str | None = None
+    filename: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DocumentTemplate:
+        given = [name for name in ("file_data", "url", "file_id") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of file_data, url or file_id (got {', '.join(given) or 'none'})"
+            )
+        return self
 
 
 class LlmStep(StepSpec):
@@ -57,6 +77,40 @@ class LlmStep(StepSpec):
         description="How soon a lost worker is noticed (the call then runs again elsewhere).",
     )
     retry: RetrySpec | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        default=None,
+        description="How hard a reasoning model thinks (OpenAI reasoning_effort, Gemini 3 level).",
+    )
+    thinking_budget: int | None = Field(
+        default=None,
+        ge=0,
+        description="Tokens a model may spend thinking (Anthropic, Gemini); 0 turns it off.",
+    )
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = None
+    cache: PromptCache | None = Field(
+        default=None, description="Prompt caching: key, breakpoints (message positions) and ttl."
+    )
+    provider_options: dict[str, dict[str, Any]] | None = Field(
+        default=None,
+        description="Vendor fields the contract does not type, by provider name; each is checked.",
+    )
+    lenient: bool = Field(
+        default=False,
+        description="Drop options a provider or model cannot honour (recorded as warnings) instead of failing.",
+    )
+    documents: list[DocumentTemplate] | None = Field(
+        default=None, max_length=20, description="Documents sent with the last user message."
+    )
+
+    @model_validator(mode="after")
+    def _cache_breakpoints_are_messages(self) -> LlmStep:
+        count = len(self.message_templates()) if (self.prompt is None) != (self.messages is None) else 0
+        for position in self.cache.breakpoints if self.cache else []:
+            if count and not 0 <= position < count:
+                raise ValueError(
+                    f"cache.breakpoints: {position} is not a message position (0 to {count - 1})"
+                )
+        return self
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> LlmStep:
@@ -79,7 +133,15 @@ class LlmStep(StepSpec):
         return [*templates, MessageTemplate(role="user", content=self.prompt or "")]
 
     def templates(self) -> list[tuple[str, Any]]:
-        return [(f"messages[{i}].content", m.content) for i, m in enumerate(self.message_templates())]
+        found: list[tuple[str, Any]] = [
+            (f"messages[{i}].content", m.content) for i, m in enumerate(self.message_templates())
+        ]
+        for i, document in enumerate(self.documents or []):
+            for name in ("file_data", "url", "file_id", "filename"):
+                value = getattr(document, name)
+                if value is not None:
+                    found.append((f"documents[{i}].{name}", value))
+        return found
 
     def models(self) -> list[str]:
         return list(dict.fromkeys([self.model, *self.fallbacks, *(b.model for b in self.balance or [])]))
@@ -100,12 +162,38 @@ class LlmStep(StepSpec):
                     "max_tokens": self.max_tokens,
                     "response_format": response_format,
                     "tools": self.tools,
+                    "reasoning_effort": self.reasoning_effort,
+                    "thinking_budget": self.thinking_budget,
+                    "service_tier": self.service_tier,
+                    "cache": self.cache,
+                    "provider_options": self.provider_options,
+                    "lenient": self.lenient,
                 }
             )
         except ValueError as exc:
             raise StepFailure(
                 f"step {self.id!r} builds an invalid request: {exc}", FailureType.PIPELINE_ERROR
             ) from None
+
+
+def attach_documents(step: LlmStep, messages: list[dict[str, Any]], render: Any) -> None:
+    """The step's documents, rendered, as ``file`` parts before the text of the last user message."""
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last_user is None:
+        raise StepFailure(
+            f"step {step.id!r} has documents but no user message to send them with",
+            FailureType.PIPELINE_ERROR,
+        )
+    parts: list[dict[str, Any]] = []
+    for i, document in enumerate(step.documents or []):
+        source = {
+            name: render(value, f"documents[{i}].{name}")
+            for name in ("file_data", "url", "file_id", "filename")
+            if (value := getattr(document, name)) is not None
+        }
+        parts.append({"type": "file", "file": source})
+    text = messages[last_user]["content"]
+    messages[last_user]["content"] = [*parts, {"type": "text", "text": text}]
 
 
 def order_models(primary: str, fallbacks: list[str], balance: Balance | None, rand: float) -> list[str]:
@@ -119,10 +207,12 @@ def order_models(primary: str, fallbacks: list[str], balance: Balance | None, ra
 
 async def run(step: LlmStep, run: StepRun) -> tuple[Any, dict[str, Any]]:
     engine, state = run.engine, run.state
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": m.role, "content": run.render(m.content, f"messages[{i}]")}
         for i, m in enumerate(step.message_templates())
     ]
+    if step.documents:
+        attach_documents(step, messages, run.render)
     rand = engine.effects.random() if step.balance else 0.0
     models = order_models(step.model, step.fallbacks, step.balance, rand)
     schema = step.output_schema
@@ -171,7 +261,10 @@ async def run(step: LlmStep, run: StepRun) -> tuple[Any, dict[str, Any]]:
     state.provider = result.provider
     engine.note_provider(result.provider)
     await engine.check_budget()
-    return output, {"text": result.response.text, "model": result.model_ref, "provider": result.provider}
+    extras: dict[str, Any] = {"text": result.response.text, "model": result.model_ref, "provider": result.provider}
+    if result.response.warnings:
+        extras["warnings"] = list(result.response.warnings)  # options dropped in lenient mode
+    return output, extras
 
 
 KIND = StepKind("llm", LlmStep, run, "ask a model (fallbacks, balance, structured output, streaming)")
