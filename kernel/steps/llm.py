@@ -261,7 +261,11 @@ async def run(step: LlmStep, run: StepRun) -> tuple[Any, dict[str, Any]]:
     state.provider = result.provider
     engine.note_provider(result.provider)
     await engine.check_budget()
-    extras: dict[str, Any] = {"text": result.response.text, "model": result.model_ref, "provider": result.provider}
+    extras: dict[str, Any] = {
+        "text": result.response.text,
+        "model": result.model_ref,
+        "provider": result.provider,
+    }
     if result.response.warnings:
         extras["warnings"] = list(result.response.warnings)  # options dropped in lenient mode
     return output, extras
