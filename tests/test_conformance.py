@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
+from kernel.errors import RateLimited
 from kernel.provider import Provider, ProviderSettings
 from kernel.testing import ProviderConformance
 from providers.anthropic import AnthropicProvider
@@ -36,6 +37,7 @@ def _settings(base_url: str, api_key: str | None, **options: Any) -> ProviderSet
 class TestOpenAIConformance(_OnSessionSimulator):
     chat_model = "gpt-4o-mini"
     embed_model = "text-embedding-3-small"
+    catalog_model = "o4-mini"
 
     def make_provider(
         self, base_url: str, *, api_key: str | None, http_client: httpx.AsyncClient
@@ -47,6 +49,7 @@ class TestOpenAIConformance(_OnSessionSimulator):
 
 class TestAnthropicConformance(_OnSessionSimulator):
     chat_model = "claude-haiku-4-5"
+    catalog_model = "claude-sonnet-4-5"
 
     def make_provider(
         self, base_url: str, *, api_key: str | None, http_client: httpx.AsyncClient
@@ -57,11 +60,19 @@ class TestAnthropicConformance(_OnSessionSimulator):
 class TestGeminiConformance(_OnSessionSimulator):
     chat_model = "gemini-2.5-flash"
     embed_model = "text-embedding-004"
+    # Google answers an exhausted quota with the same 429 RESOURCE_EXHAUSTED as a per-minute limit.
+    quota_error = RateLimited
 
     def make_provider(
         self, base_url: str, *, api_key: str | None, http_client: httpx.AsyncClient
     ) -> Provider:
         return GeminiProvider(settings=_settings(base_url, api_key), environ={}, http_client=http_client)
+
+
+class TestGemini3Conformance(TestGeminiConformance):
+    """Gemini 3 signs its function calls and refuses a tool turn sent back without the signature."""
+
+    chat_model = "gemini-3-pro-preview"
 
 
 class TestAzureOpenAIConformance(_OnSessionSimulator):
@@ -92,6 +103,7 @@ class TestMistralConformance(_OnSessionSimulator):
 class TestOllamaConformance(_OnSessionSimulator):
     chat_model = "llama3.2"
     embed_model = "nomic-embed-text"
+    quota_error = RateLimited  # a local server has no account to run out of; its 429 is a rate limit
 
     def make_provider(
         self, base_url: str, *, api_key: str | None, http_client: httpx.AsyncClient

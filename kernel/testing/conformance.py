@@ -36,6 +36,7 @@ import pytest_asyncio
 import structlog
 from pydantic import BaseModel, ValidationError
 
+from kernel.catalog import REQUEST_OPTIONS
 from kernel.contracts import (
     AssistantMessage,
     ChatRequest,
@@ -65,6 +66,7 @@ from kernel.errors import (
     ModelNotFound,
     Overloaded,
     ProviderError,
+    QuotaExceeded,
     RateLimited,
     UnsupportedCapability,
     UpstreamError,
@@ -220,6 +222,11 @@ class ProviderConformance:
     """The simulator to use; ``None`` starts one in this process."""
     stream_reports_usage: ClassVar[bool] = True
     """``False`` for a provider that declares its upstream reports no usage in streams."""
+    quota_error: ClassVar[type[ProviderError] | None] = QuotaExceeded
+    """What the upstream's out-of-credit answer (simulator fault ``quota``) must become: by default
+    ``QuotaExceeded``, which is never retried. ``None`` for an upstream without such an answer."""
+    catalog_model: ClassVar[str | None] = None
+    """A model the kernel's catalog lists for this provider; its refused options are checked."""
 
     def make_provider(
         self, base_url: str, *, api_key: str | None, http_client: httpx.AsyncClient
@@ -322,14 +329,13 @@ class ProviderConformance:
                 ("get_weather", arguments)
             ]
 
+        # The answer goes back as it came, through JSON as through workflow history: whatever state
+        # the provider attached to it (signatures, thinking) must survive and be accepted.
+        answered = AssistantMessage.model_validate_json(first.choices[0].message.model_dump_json())
         result = f"sunny-{conformance.tag}"
         follow_up = request.model_copy(
             update={
-                "messages": [
-                    *request.messages,
-                    AssistantMessage(tool_calls=[call]),
-                    ToolMessage(tool_call_id=call.id, content=result),
-                ]
+                "messages": [*request.messages, answered, ToolMessage(tool_call_id=call.id, content=result)]
             }
         )
         final = await provider.chat(follow_up)
@@ -412,6 +418,89 @@ class ProviderConformance:
         )
         assert not any(isinstance(e, StreamDone) for e in events), "a failed stream ended with StreamDone"
         assert isinstance(events[-1], StreamError) and events[-1].error_type == expected.__name__, events
+
+    @pytest.mark.parametrize("mode", ["chat", "stream"])
+    async def test_quota_exhaustion_is_classified_and_not_retried(
+        self, conformance: ConformanceRun, mode: Mode
+    ) -> None:
+        provider = conformance.provider
+        if self.quota_error is None:
+            pytest.skip(f"{type(self).__name__} declares that its upstream has no out-of-credit answer")
+        if mode == "stream" and not await self._declared(conformance, "stream"):
+            return
+        with pytest.raises(ProviderError) as caught:
+            await _call(provider, conformance.request("Out of credit", "fault=quota"), mode)
+        assert isinstance(caught.value, self.quota_error), (
+            f"quota ({mode}): expected {self.quota_error.__name__}, got {caught.value!r}"
+        )
+        assert await conformance.requests_seen() == 1, "the provider retried (one request expected)"
+
+    # --- request options ---------------------------------------------------------------------------
+
+    async def test_unsupported_options_are_refused_or_dropped_never_ignored(
+        self, conformance: ConformanceRun
+    ) -> None:
+        provider = conformance.provider
+        unknown = sorted(set(provider.unsupported_options) - set(REQUEST_OPTIONS))
+        assert not unknown, f"unsupported_options names fields that are not request options: {unknown}"
+        values: dict[str, Any] = {
+            "temperature": 0.5,
+            "top_p": 0.5,
+            "max_tokens": 64,
+            "stop": ["ZZZ"],
+            "seed": 1,
+            "presence_penalty": 0.1,
+            "frequency_penalty": 0.1,
+            "user": "u-1",
+            "parallel_tool_calls": False,
+            "reasoning_effort": "low",
+            "thinking_budget": 1024,
+            "service_tier": "auto",
+            "cache": {"key": "k"},
+            "provider_options": {provider.name: {}},
+        }
+        for option in sorted(provider.unsupported_options):
+            request = conformance.request("An option it cannot honour", **{option: values[option]})
+            with pytest.raises(UnsupportedCapability) as caught:
+                await provider.chat(request)
+            assert option in str(caught.value), f"the refusal must name {option!r}: {caught.value}"
+            prepared = provider.prepare_chat(request.model_copy(update={"lenient": True}))
+            assert getattr(prepared.request, option) is None, f"lenient mode kept {option!r}"
+            assert any(option in warning for warning in prepared.warnings), prepared.warnings
+        assert await conformance.requests_seen() == 0, "a request with an unsupported option was sent"
+        if provider.unsupported_options:
+            lenient = conformance.request(
+                "Served without what it cannot honour",
+                lenient=True,
+                **{option: values[option] for option in provider.unsupported_options},
+            )
+            response = await provider.chat(provider.prepare_chat(lenient).request)
+            assert response.text
+
+    async def test_known_model_rules_refuse_before_the_call(self, conformance: ConformanceRun) -> None:
+        provider = conformance.provider
+        if self.catalog_model is None:
+            pytest.skip(f"{type(self).__name__} names no catalog_model")
+        facts = provider.model_facts(self.catalog_model)
+        assert facts is not None, (
+            f"the model catalog does not list {self.catalog_model!r} for {provider.name!r}"
+        )
+        refused = [*facts.refuses, *(group[1] for group in facts.exclusive if len(group) > 1)]
+        assert refused, f"{self.catalog_model!r} refuses nothing; name a model with rules as catalog_model"
+        option = refused[0]
+        fields: dict[str, Any] = {option: 0.5}
+        for group in facts.exclusive:
+            if option in group:
+                fields[group[0]] = 0.5
+        request = ChatRequest(
+            model=self.catalog_model,
+            messages=[UserMessage(content=conformance.prompt("A refused option"))],
+            **fields,
+        )
+        with pytest.raises(UnsupportedCapability) as caught:
+            await provider.chat(request)
+        assert option in str(caught.value), caught.value
+        assert await conformance.requests_seen() == 0, "a request the model refuses was sent"
 
     async def test_stream_cut_midway_ends_with_stream_error(self, conformance: ConformanceRun) -> None:
         provider = conformance.provider
