@@ -9,6 +9,8 @@ the uncached part of the prompt (as Anthropic does).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
 from typing import Any, ClassVar
@@ -32,13 +34,32 @@ from simulator.core import (
     prompt_tokens,
 )
 
-__all__ = ["CONTEXT_WINDOW", "INVALID_KEY", "AnthropicWire", "routes"]
+__all__ = ["CONTEXT_WINDOW", "INVALID_KEY", "AnthropicWire", "routes", "thinking_signature"]
 
 INVALID_KEY = "sk-ant-invalid"
 CONTEXT_WINDOW = 200_000
 _WORD = re.compile(r"\s*\S+|\s+")
 _ARGUMENT_FRAGMENT = 16
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+_ONE_SAMPLER = re.compile(r"^claude-(sonnet-4-5|haiku-4-5|opus-4-1)")
+"""Models that take temperature or top_p, not both."""
+_MIN_THINKING_BUDGET = 1024
+_THINKING_TEXT = "The user asked a question; I will answer it or call the tool that can."
+_MISSING_THINKING = (
+    "messages.{index}.content.0.type: Expected `thinking` or `redacted_thinking`, but found `{found}`. When "
+    "`thinking` is enabled, a final `assistant` message must start with a thinking block (preceeding the "
+    "lastmost set of `tool_use` and `tool_result` blocks). We recommend you include thinking blocks from "
+    "previous turns. To avoid this requirement, disable `thinking`. Please consult our documentation at "
+    "https://docs.claude.com/en/docs/build-with-claude/extended-thinking"
+)
+
+
+def thinking_signature(thinking: str) -> str:
+    """The simulator's signature of a thinking block (Anthropic's are opaque; these can be checked)."""
+    return base64.b64encode(
+        b"kf-sim-thinking:" + hashlib.blake2b(thinking.encode(), digest_size=24).digest()
+    ).decode()
+
 
 # fault kind -> (Anthropic error type, message)
 _FAULTS: dict[str, tuple[str, str]] = {
@@ -140,6 +161,19 @@ class AnthropicWire(Wire):
             messages.append(Message("system", system))
         for index, raw in enumerate(raw_messages):
             messages.extend(self._turn(raw, index))
+        if (
+            _ONE_SAMPLER.match(model)
+            and payload.get("temperature") is not None
+            and payload.get("top_p") is not None
+        ):
+            raise WireError(
+                self.bad_request(
+                    "`temperature` and `top_p` cannot both be specified for this model. Please use only one."
+                )
+            )
+        thinking = self._thinking(payload, max_tokens)
+        if thinking:
+            self._check_thinking_blocks(raw_messages)
         tools = [
             Tool(
                 name=t["name"], parameters=t.get("input_schema") or {}, description=t.get("description") or ""
@@ -156,7 +190,46 @@ class AnthropicWire(Wire):
             response_format=_response_format(payload),
             max_tokens=max_tokens,
             stream=bool(payload.get("stream")),
+            extra={"thinking": thinking},
         )
+
+    def _thinking(self, payload: dict[str, Any], max_tokens: int) -> bool:
+        config = payload.get("thinking")
+        if not isinstance(config, dict) or config.get("type") != "enabled":
+            return False
+        budget = config.get("budget_tokens")
+        if not isinstance(budget, int) or budget < _MIN_THINKING_BUDGET:
+            raise WireError(
+                self.bad_request(
+                    f"thinking.enabled.budget_tokens: Input should be greater than or equal to {_MIN_THINKING_BUDGET}"
+                )
+            )
+        if max_tokens <= budget:
+            raise WireError(self.bad_request("`max_tokens` must be greater than `thinking.budget_tokens`."))
+        return True
+
+    def _check_thinking_blocks(self, raw_messages: list[Any]) -> None:
+        """With thinking on, the last assistant turn that used tools must start with the signed thinking
+        block it was answered with."""
+        for index in range(len(raw_messages) - 1, -1, -1):
+            turn = raw_messages[index]
+            content = turn.get("content") if isinstance(turn, dict) else None
+            if not isinstance(turn, dict) or turn.get("role") != "assistant" or not isinstance(content, list):
+                continue
+            if not any(isinstance(b, dict) and b.get("type") == "tool_use" for b in content):
+                return
+            first = content[0] if content and isinstance(content[0], dict) else {}
+            if first.get("type") == "redacted_thinking":
+                return
+            if first.get("type") != "thinking":
+                raise WireError(
+                    self.bad_request(_MISSING_THINKING.format(index=index, found=first.get("type")))
+                )
+            if first.get("signature") != thinking_signature(str(first.get("thinking") or "")):
+                raise WireError(
+                    self.bad_request(f"messages.{index}.content.0: Invalid `signature` in `thinking` block")
+                )
+            return
 
     def _turn(self, raw: Any, index: int) -> list[Message]:
         if not isinstance(raw, dict) or raw.get("role") not in ("user", "assistant"):
@@ -195,6 +268,13 @@ class AnthropicWire(Wire):
         message_id = f"msg_{request.digest}"
         headers = {"request-id": f"req_{request.digest}"}
         content = _content(completion)
+        if request.extra.get("thinking"):
+            thinking = {
+                "type": "thinking",
+                "thinking": _THINKING_TEXT,
+                "signature": thinking_signature(_THINKING_TEXT),
+            }
+            content = [thinking, *content]
         usage = _usage(completion)
         stop_reason = _STOP_REASONS.get(completion.finish_reason, "end_turn")
         if request.stream:
@@ -233,7 +313,15 @@ class AnthropicWire(Wire):
         }
         frames = [_frame({"type": "message_start", "message": start_message})]
         for index, block in enumerate(content):
-            if block["type"] == "text":
+            if block["type"] == "thinking":
+                head = {"type": "thinking", "thinking": ""}
+                frames.append(_frame({"type": "content_block_start", "index": index, "content_block": head}))
+                for piece in _WORD.findall(block["thinking"]):
+                    delta = {"type": "thinking_delta", "thinking": piece}
+                    frames.append(_frame({"type": "content_block_delta", "index": index, "delta": delta}))
+                delta = {"type": "signature_delta", "signature": block["signature"]}
+                frames.append(_frame({"type": "content_block_delta", "index": index, "delta": delta}))
+            elif block["type"] == "text":
                 frames.append(
                     _frame(
                         {

@@ -237,3 +237,61 @@ async def test_anthropic_streamed_thinking_is_kept_with_its_signature() -> None:
 async def _replay(events: list[Any]) -> AsyncIterator[Any]:
     for event in events:
         yield event
+
+
+# --- Anthropic against the simulator, which requires signed thinking back as Anthropic does -------------
+
+
+@pytest.fixture
+async def anthropic(sim: SimulatorServer) -> AsyncIterator[AnthropicProvider]:
+    provider = AnthropicProvider(settings=ProviderSettings(api_key="sim-key", base_url=sim.url))
+    try:
+        yield provider
+    finally:
+        await provider.aclose()
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["chat", "stream"])
+async def test_anthropic_thinking_tool_loop_against_the_simulator(
+    anthropic: AnthropicProvider, streamed: bool
+) -> None:
+    model = "claude-sonnet-4-5"
+    question = UserMessage(content="Weather in Oslo?")
+    request = ChatRequest(model=model, messages=[question], tools=[WEATHER], thinking_budget=2048)
+    first = (
+        await collect_stream(anthropic.stream(request), provider="anthropic")
+        if streamed
+        else await anthropic.chat(request)
+    )
+    answer = AssistantMessage.model_validate_json(first.choices[0].message.model_dump_json())
+    assert answer.tool_calls and answer.provider_state is not None
+    (block,) = answer.provider_state.data["thinking"]
+    assert block["type"] == "thinking" and block["signature"]
+    result = ToolMessage(tool_call_id=answer.tool_calls[0].id, content="4 C")
+    follow_up = request.model_copy(update={"messages": [question, answer, result]})
+    second = await anthropic.chat(follow_up)
+    assert second.finish_reason == "stop" and second.text.endswith("4 C")
+
+    stripped = answer.model_copy(update={"provider_state": None})
+    with pytest.raises(InvalidRequest, match="must start with a thinking block"):
+        await anthropic.chat(request.model_copy(update={"messages": [question, stripped, result]}))
+
+
+async def test_simulator_refuses_temperature_with_top_p_for_recent_claude(
+    anthropic: AnthropicProvider,
+) -> None:
+    request = ChatRequest(
+        model="claude-sonnet-4-5", messages=[UserMessage(content="Hi")], temperature=0.2, top_p=0.9
+    )
+    body = anthropic._map_request(request, stream=False)  # what a provider without the catalog would send
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{anthropic.base_url}/v1/messages",
+            json=body,
+            headers={"x-api-key": "sim-key", "anthropic-version": "2023-06-01"},
+        )
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "type": "invalid_request_error",
+        "message": "`temperature` and `top_p` cannot both be specified for this model. Please use only one.",
+    }
