@@ -142,6 +142,10 @@ class Provider(ABC):
             )
         return key
 
+    def refused_options(self) -> frozenset[str]:
+        """``unsupported_options`` as this instance is configured (a mode may refuse more)."""
+        return self.unsupported_options
+
     def model_facts(self, model: str) -> ModelFacts | None:
         """What the model catalog knows about ``model`` as this provider serves it; ``None`` for models
         it does not list (they pass through unchecked)."""
@@ -166,7 +170,7 @@ class Provider(ABC):
         return apply_rules(
             request,
             provider=self.name,
-            unsupported=self.unsupported_options,
+            unsupported=self.refused_options(),
             facts=self.model_facts(request.model),
         )
 

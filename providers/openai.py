@@ -31,6 +31,7 @@ from kernel.contracts import (
     UserMessage,
 )
 from kernel.errors import (
+    ConfigurationError,
     ContentFiltered,
     InvalidRequest,
     MalformedResponse,
@@ -40,6 +41,7 @@ from kernel.errors import (
     status_for_error_code,
 )
 from kernel.provider import Capabilities
+from providers import openai_responses
 from providers._http import HttpProvider, as_list, as_object, as_text, iter_sse
 
 __all__ = ["OpenAIProvider"]
@@ -120,6 +122,10 @@ class OpenAIProvider(HttpProvider):
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
         self.check_chat(request)
+        if self.api == "responses":
+            payload = self._responses_payload(request, stream=False)
+            data = await self._post_json(openai_responses.RESPONSES_PATH, payload, model=request.model)
+            return openai_responses.parse_response(self, data, request.model)
         data = await self._post_json(
             self.chat_path, self._map_request(request, stream=False), model=request.model
         )
@@ -127,7 +133,45 @@ class OpenAIProvider(HttpProvider):
 
     def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         self.check_chat(request, stream=True)
+        if self.api == "responses":
+            events = openai_responses.stream_events(
+                self, request, self._responses_payload(request, stream=True)
+            )
+            return self._guard_stream(events, model=request.model)
         return self._guard_stream(self._stream_events(request), model=request.model)
+
+    @property
+    def api(self) -> str:
+        """``chat`` (chat completions, the default) or ``responses`` (``options: {api: responses}``)."""
+        api = str(self.settings.options.get("api", "chat"))
+        if api not in ("chat", "responses"):
+            raise ConfigurationError(
+                f"provider {self.name!r}: options.api is {api!r}; it is 'chat' (chat completions) or 'responses'"
+            )
+        return api
+
+    def _responses_payload(self, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
+        self._check_cache(request)
+        payload = openai_responses.map_request(self, request, stream=stream)
+        payload.update(self._provider_options(request, payload))
+        return payload
+
+    def _option_names(self) -> frozenset[str]:
+        return openai_responses.PROVIDER_OPTIONS if self.api == "responses" else self.provider_option_names
+
+    def _check_cache(self, request: ChatRequest) -> None:
+        if request.cache is not None and request.cache.ttl is not None:
+            raise UnsupportedCapability(
+                f"{self.name} has no cache ttl (it keeps cached prefixes for minutes to hours on its own); "
+                "remove cache.ttl",
+                provider=self.name,
+                model=request.model,
+            )
+
+    def refused_options(self) -> frozenset[str]:
+        if self.api == "responses":
+            return self.unsupported_options | openai_responses.UNSUPPORTED
+        return self.unsupported_options
 
     async def embed(self, request: EmbedRequest) -> EmbedResponse:
         self.check_embed(request)
@@ -159,16 +203,9 @@ class OpenAIProvider(HttpProvider):
         if max_tokens is not None:
             payload[self._max_tokens_field(request.model)] = max_tokens
         self._map_documents(request, payload)
-        if request.cache is not None:
-            if request.cache.ttl is not None:
-                raise UnsupportedCapability(
-                    f"{self.name} has no cache ttl (it keeps cached prefixes for minutes to hours on its own); "
-                    "remove cache.ttl",
-                    provider=self.name,
-                    model=request.model,
-                )
-            if request.cache.key is not None:
-                payload["prompt_cache_key"] = request.cache.key
+        self._check_cache(request)
+        if request.cache is not None and request.cache.key is not None:
+            payload["prompt_cache_key"] = request.cache.key
         payload.update(self._provider_options(request, payload))
         if stream:
             payload["stream"] = True
@@ -202,11 +239,11 @@ class OpenAIProvider(HttpProvider):
         options = (request.provider_options or {}).get(self.name)
         if not options:
             return {}
-        unknown = sorted(set(options) - self.provider_option_names)
+        unknown = sorted(set(options) - self._option_names())
         if unknown:
             raise InvalidRequest(
                 f"provider_options.{self.name}: {', '.join(unknown)} not accepted; it accepts "
-                f"{', '.join(sorted(self.provider_option_names)) or 'nothing'} (typed options such as "
+                f"{', '.join(sorted(self._option_names())) or 'nothing'} (typed options such as "
                 "temperature go in the request itself)",
                 provider=self.name,
                 model=request.model,

@@ -54,6 +54,7 @@ __all__ = [
 FAULT_HEADER = "x-sim-fault"
 WIRE_MODULES = (
     "simulator.openai_wire",
+    "simulator.openai_responses_wire",
     "simulator.anthropic_wire",
     "simulator.gemini_wire",
     "simulator.ollama_wire",

@@ -29,6 +29,7 @@ __all__ = [
     "gemini_oracle",
     "mistral_oracle",
     "openai_oracle",
+    "openai_responses_oracle",
     "strict",
 ]
 
@@ -122,6 +123,21 @@ def _openai_adapters() -> tuple[TypeAdapter[Any], TypeAdapter[Any]]:
 def openai_oracle(body: dict[str, Any]) -> None:
     plain, streaming = _openai_adapters()
     _check(streaming if body.get("stream") else plain, body, "OpenAI")
+
+
+@cache
+def _openai_responses_adapters() -> tuple[TypeAdapter[Any], TypeAdapter[Any]]:
+    from openai.types.responses import response_create_params as params
+
+    return (
+        TypeAdapter(strict(params.ResponseCreateParamsNonStreaming)),
+        TypeAdapter(strict(params.ResponseCreateParamsStreaming)),
+    )
+
+
+def openai_responses_oracle(body: dict[str, Any]) -> None:
+    plain, streaming = _openai_responses_adapters()
+    _check(streaming if body.get("stream") else plain, body, "OpenAI Responses")
 
 
 # --- Anthropic: the SDK's message request types -------------------------------------------------------

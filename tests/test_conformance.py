@@ -47,6 +47,25 @@ class TestOpenAIConformance(_OnSessionSimulator):
         )
 
 
+class TestOpenAIResponsesConformance(TestOpenAIConformance):
+    """The OpenAI provider in Responses API mode, against the simulator's /v1/responses."""
+
+    def make_provider(
+        self, base_url: str, *, api_key: str | None, http_client: httpx.AsyncClient
+    ) -> Provider:
+        return OpenAIProvider(
+            settings=_settings(f"{base_url}/v1", api_key, api="responses"),
+            environ={},
+            http_client=http_client,
+        )
+
+
+class TestOpenAIResponsesReasoningConformance(TestOpenAIResponsesConformance):
+    """A reasoning model: encrypted reasoning items go back with the tool results."""
+
+    chat_model = "o4-mini"
+
+
 class TestAnthropicConformance(_OnSessionSimulator):
     chat_model = "claude-haiku-4-5"
     catalog_model = "claude-sonnet-4-5"

@@ -41,7 +41,14 @@ from providers.bedrock import BedrockProvider
 from providers.gemini import GeminiProvider
 from providers.mistral import MistralProvider
 from providers.openai import OpenAIProvider
-from tests.oracles import anthropic_oracle, bedrock_oracle, gemini_oracle, mistral_oracle, openai_oracle
+from tests.oracles import (
+    anthropic_oracle,
+    bedrock_oracle,
+    gemini_oracle,
+    mistral_oracle,
+    openai_oracle,
+    openai_responses_oracle,
+)
 
 PNG = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGBgAAAABQABpfZFQAAAAABJRU5ErkJggg=="
 PDF = "data:application/pdf;base64,JVBERi0xLjQKJcfsj6IKMSAwIG9iago8PD4+CmVuZG9iagp0cmFpbGVyCjw8Pj4KJSVFT0YK"
@@ -238,6 +245,7 @@ CASES: dict[str, dict[str, Any]] = {
 def _options(provider: str) -> dict[str, Any]:
     return {
         "openai": {"openai": {"logprobs": True, "top_logprobs": 2, "metadata": {"run": "r1"}}},
+        "openai_responses": {"openai": {"metadata": {"run": "r1"}, "truncation": "auto"}},
         "azure_openai": {"azure_openai": {"logprobs": True}},
         "anthropic": {"anthropic": {"top_k": 5}},
         "gemini": {
@@ -268,6 +276,13 @@ PROVIDERS: dict[
         lambda: OpenAIProvider(settings=ProviderSettings(api_key="k")),
         lambda p, r, s: p._map_request(r, stream=s),
         lambda body, r: openai_oracle(body),
+        "gpt-4.1",
+        "o4-mini",
+    ),
+    "openai_responses": (
+        lambda: OpenAIProvider(settings=ProviderSettings(api_key="k", options={"api": "responses"})),
+        lambda p, r, s: p._responses_payload(r, stream=s),
+        lambda body, r: openai_responses_oracle(body),
         "gpt-4.1",
         "o4-mini",
     ),
@@ -317,6 +332,7 @@ PROVIDERS: dict[
 # What each provider refuses before the call (with a kernel error naming why), by case.
 REFUSED: dict[str, set[str]] = {
     "openai": {"document-url", "cache"},  # documents by bytes or file id only; no cache ttl
+    "openai_responses": {"cache"},  # no cache ttl
     "azure_openai": {"document", "document-url"},
     "anthropic": set(),
     "gemini": set(),

@@ -494,3 +494,118 @@ async def test_a_malformed_answer_is_still_a_malformed_response() -> None:
     )
     with pytest.raises(MalformedResponse, match=r"choices\[0\]\.message should be an object"):
         await provider.chat(_ask())
+
+
+# --- OpenAI Responses API ------------------------------------------------------------------------------
+
+# The API reference's response object for a function call by a reasoning model (stateless: store false).
+RESPONSES_ANSWER: dict[str, Any] = {
+    "id": "resp_67ccd3a9da748190baa7f1570fe91ac604becb25c45c1d41",
+    "object": "response",
+    "created_at": 1741476777,
+    "status": "completed",
+    "error": None,
+    "incomplete_details": None,
+    "model": "o4-mini-2025-04-16",
+    "output": [
+        {
+            "type": "reasoning",
+            "id": "rs_6820f383d7c08191846711c5df8233bc",
+            "summary": [],
+            "encrypted_content": "gAAAAABo...",
+        },
+        {
+            "type": "function_call",
+            "id": "fc_67ccd3aa8c1c8190b7c9e1e6f0b0d0a2",
+            "call_id": "call_12345xyz",
+            "name": "get_weather",
+            "arguments": '{"location":"Paris, France"}',
+            "status": "completed",
+        },
+    ],
+    "parallel_tool_calls": True,
+    "store": False,
+    "usage": {
+        "input_tokens": 291,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 23,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 314,
+    },
+}
+
+
+def _responses(handler: Handler) -> OpenAIProvider:
+    return OpenAIProvider(
+        settings=ProviderSettings(api_key="k", options={"api": "responses"}), http_client=_client(handler)
+    )
+
+
+async def test_responses_documented_function_call_keeps_the_encrypted_reasoning() -> None:
+    sent: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, json=RESPONSES_ANSWER)
+
+    provider = _responses(handler)
+    response = await provider.chat(_ask("o4-mini"))
+    (call,) = response.tool_calls
+    assert (call.id, call.function.name, response.finish_reason) == (
+        "call_12345xyz",
+        "get_weather",
+        "tool_calls",
+    )
+    assert response.usage.total_tokens == 314
+    assert sent[0]["store"] is False and sent[0]["include"] == ["reasoning.encrypted_content"]
+    # The reasoning item goes back before the call it led to, with the tool's output.
+    from kernel.contracts import ToolMessage
+
+    answer = response.choices[0].message
+    follow_up = _ask("o4-mini").model_copy(
+        update={
+            "messages": [
+                UserMessage(content="Hi"),
+                answer,
+                ToolMessage(tool_call_id="call_12345xyz", content="18 C"),
+            ]
+        }
+    )
+    await provider.chat(follow_up)
+    kinds = [item.get("type", "message") for item in sent[1]["input"]]
+    assert kinds == ["message", "reasoning", "function_call", "function_call_output"]
+    assert sent[1]["input"][1]["encrypted_content"] == "gAAAAABo..."
+
+
+async def test_responses_incomplete_for_max_output_tokens_is_length() -> None:
+    answer = {
+        **RESPONSES_ANSWER,
+        "status": "incomplete",
+        "incomplete_details": {"reason": "max_output_tokens"},
+        "output": [
+            {
+                "type": "message",
+                "id": "msg_1",
+                "role": "assistant",
+                "status": "incomplete",
+                "content": [{"type": "output_text", "text": "Par", "annotations": []}],
+            }
+        ],
+    }
+    response = await _responses(lambda r: httpx.Response(200, json=answer)).chat(_ask())
+    assert (response.text, response.finish_reason) == ("Par", "length")
+
+
+async def test_responses_error_event_in_a_stream_keeps_its_class() -> None:
+    body = (
+        'event: response.created\ndata: {"type":"response.created","response":{"id":"resp_1","model":"gpt-4o"}}\n\n'
+        'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","output_index":0,"delta":"Hi"}\n\n'
+        'event: error\ndata: {"type":"error","code":"insufficient_quota","message":"You exceeded your current quota, '
+        'please check your plan and billing details.","param":null}\n\n'
+    )
+    provider = _responses(
+        lambda r: httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+    )
+    events = await _events(provider, _ask())
+    assert isinstance(events[-1], StreamError)
+    assert (events[-1].error_type, events[-1].retryable) == ("QuotaExceeded", False)

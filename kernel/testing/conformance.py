@@ -441,7 +441,7 @@ class ProviderConformance:
         self, conformance: ConformanceRun
     ) -> None:
         provider = conformance.provider
-        unknown = sorted(set(provider.unsupported_options) - set(REQUEST_OPTIONS))
+        unknown = sorted(set(provider.refused_options()) - set(REQUEST_OPTIONS))
         assert not unknown, f"unsupported_options names fields that are not request options: {unknown}"
         values: dict[str, Any] = {
             "temperature": 0.5,
@@ -459,7 +459,7 @@ class ProviderConformance:
             "cache": {"key": "k"},
             "provider_options": {provider.name: {}},
         }
-        for option in sorted(provider.unsupported_options):
+        for option in sorted(provider.refused_options()):
             request = conformance.request("An option it cannot honour", **{option: values[option]})
             with pytest.raises(UnsupportedCapability) as caught:
                 await provider.chat(request)
@@ -468,11 +468,11 @@ class ProviderConformance:
             assert getattr(prepared.request, option) is None, f"lenient mode kept {option!r}"
             assert any(option in warning for warning in prepared.warnings), prepared.warnings
         assert await conformance.requests_seen() == 0, "a request with an unsupported option was sent"
-        if provider.unsupported_options:
+        if provider.refused_options():
             lenient = conformance.request(
                 "Served without what it cannot honour",
                 lenient=True,
-                **{option: values[option] for option in provider.unsupported_options},
+                **{option: values[option] for option in provider.refused_options()},
             )
             response = await provider.chat(provider.prepare_chat(lenient).request)
             assert response.text
