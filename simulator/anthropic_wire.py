@@ -314,8 +314,8 @@ class AnthropicWire(Wire):
         frames = [_frame({"type": "message_start", "message": start_message})]
         for index, block in enumerate(content):
             if block["type"] == "thinking":
-                head = {"type": "thinking", "thinking": ""}
-                frames.append(_frame({"type": "content_block_start", "index": index, "content_block": head}))
+                opening: dict[str, Any] = {"type": "thinking", "thinking": ""}
+                frames.append(_frame({"type": "content_block_start", "index": index, "content_block": opening}))
                 for piece in _WORD.findall(block["thinking"]):
                     delta = {"type": "thinking_delta", "thinking": piece}
                     frames.append(_frame({"type": "content_block_delta", "index": index, "delta": delta}))

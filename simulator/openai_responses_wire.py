@@ -95,7 +95,7 @@ class OpenAIResponsesWire(OpenAIWire):
                     param=f"input[{index}].role",
                 )
             )
-        role = {"developer": "system"}.get(item["role"], item["role"])
+        role = "system" if item["role"] == "developer" else str(item["role"])
         content = item.get("content")
         if isinstance(content, list):
             text = "".join(str(p.get("text") or "") for p in content if isinstance(p, dict))
