@@ -315,7 +315,9 @@ class AnthropicWire(Wire):
         for index, block in enumerate(content):
             if block["type"] == "thinking":
                 opening: dict[str, Any] = {"type": "thinking", "thinking": ""}
-                frames.append(_frame({"type": "content_block_start", "index": index, "content_block": opening}))
+                frames.append(
+                    _frame({"type": "content_block_start", "index": index, "content_block": opening})
+                )
                 for piece in _WORD.findall(block["thinking"]):
                     delta = {"type": "thinking_delta", "thinking": piece}
                     frames.append(_frame({"type": "content_block_delta", "index": index, "delta": delta}))
