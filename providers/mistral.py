@@ -22,6 +22,7 @@ from kernel.contracts import (
     ChatResponse,
     FinishReason,
 )
+from kernel.errors import InvalidRequest
 from kernel.provider import Capabilities
 from providers.openai import OpenAIProvider
 
@@ -36,6 +37,7 @@ _FINISH_REASONS: dict[str | None, FinishReason] = {
     None: "stop",
 }
 _TOOL_CHOICES = {"required": "any"}
+_SERVICE_TIERS = {"auto": "auto", "default": "standard_only"}
 _TOOL_CALL_ID = re.compile(r"^[A-Za-z0-9]{9}$")
 _ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
@@ -65,9 +67,7 @@ class MistralProvider(OpenAIProvider):
     stream_usage: ClassVar[bool] = False
     finish_reasons: ClassVar[Mapping[str | None, FinishReason]] = _FINISH_REASONS
     dimensions_field: ClassVar[str] = "output_dimension"
-    unsupported_options: ClassVar[frozenset[str]] = frozenset(
-        {"user", "reasoning_effort", "thinking_budget", "service_tier", "cache"}
-    )
+    unsupported_options: ClassVar[frozenset[str]] = frozenset({"user", "thinking_budget"})
     option_ranges: ClassVar[Mapping[str, tuple[float | None, float | None]]] = {
         "temperature": (0, 1.5),
         "seed": (0, None),
@@ -85,6 +85,16 @@ class MistralProvider(OpenAIProvider):
             payload["max_tokens"] = payload.pop("max_completion_tokens")
         if "seed" in payload:
             payload["random_seed"] = payload.pop("seed")
+        if request.service_tier is not None:
+            tier = _SERVICE_TIERS.get(request.service_tier)
+            if tier is None:
+                raise InvalidRequest(
+                    f"service_tier={request.service_tier!r}: {self.name} offers auto and default "
+                    "(standard_only) only",
+                    provider=self.name,
+                    model=request.model,
+                )
+            payload["service_tier"] = tier
         choice = payload.get("tool_choice")
         if isinstance(choice, str):
             payload["tool_choice"] = _TOOL_CHOICES.get(choice, choice)

@@ -338,7 +338,7 @@ REFUSED: dict[str, set[str]] = {
     "gemini": set(),
     # images and documents by bytes only; no way to forbid tool calls over a tool history
     "bedrock": {"tool-choice-none-after-tools", "document-url", "image-url"},
-    "mistral": {"document", "document-url"},
+    "mistral": {"document", "document-url", "cache"},  # no documents here; no cache ttl
 }
 _REASONING_CASES = {"reasoning-effort", "thinking-budget"}
 
