@@ -16,16 +16,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from kernel.catalog import REQUEST_OPTIONS, ModelCatalog, ModelFacts, default_catalog
 from kernel.contracts import (
     AssistantMessage,
     ChatRequest,
     ChatResponse,
     Choice,
+    DeveloperMessage,
+    DocumentPart,
+    DocumentSource,
     EmbedRequest,
     EmbedResponse,
     FinishReason,
     ImagePart,
     Message,
+    PromptCache,
+    ProviderState,
+    ProviderStateEvent,
     StreamDone,
     StreamError,
     StreamEvent,
@@ -60,6 +67,7 @@ from kernel.errors import (
     PipelineError,
     PluginError,
     ProviderError,
+    QuotaExceeded,
     RateLimited,
     RetryableError,
     StreamInterrupted,
@@ -74,7 +82,7 @@ from kernel.pricing import Price, PriceTable
 from kernel.provider import KERNEL_API_VERSION, Capabilities, Provider, ProviderSettings, collect_stream
 from kernel.registry import Registry
 from kernel.steps import StepFailure, StepKind, StepSpec, register_step_kind
-from providers._http import HttpProvider, iter_ndjson, iter_sse
+from providers._http import HttpProvider, WireShapeError, as_list, as_object, as_text, iter_ndjson, iter_sse
 from worker.client import (
     PipelineSummary,
     approve,
@@ -115,6 +123,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KERNEL_API_VERSION",
+    "REQUEST_OPTIONS",
     "AgentResult",
     "ApprovalState",
     "AssistantMessage",
@@ -131,6 +140,9 @@ __all__ = [
     "ContextLengthExceeded",
     "ControlAnswer",
     "Conversation",
+    "DeveloperMessage",
+    "DocumentPart",
+    "DocumentSource",
     "EmbedRequest",
     "EmbedResponse",
     "FailureType",
@@ -143,6 +155,8 @@ __all__ = [
     "MalformedResponse",
     "Message",
     "MissingCredentials",
+    "ModelCatalog",
+    "ModelFacts",
     "ModelNotFound",
     "NonRetryableError",
     "Overloaded",
@@ -157,11 +171,15 @@ __all__ = [
     "PluginError",
     "Price",
     "PriceTable",
+    "PromptCache",
     "Provider",
     "ProviderConformance",
     "ProviderError",
     "ProviderSettings",
+    "ProviderState",
+    "ProviderStateEvent",
     "Query",
+    "QuotaExceeded",
     "RateLimited",
     "Registry",
     "RetryableError",
@@ -189,13 +207,18 @@ __all__ = [
     "UpstreamTimeout",
     "Usage",
     "UserMessage",
+    "WireShapeError",
     "__version__",
     "agent",
     "approve",
+    "as_list",
+    "as_object",
+    "as_text",
     "cancel",
     "chat",
     "collect_stream",
     "decide_with_start",
+    "default_catalog",
     "deliver_event",
     "error_from_status",
     "follow",
