@@ -139,3 +139,20 @@ async def test_documents_and_cache_breakpoints_reach_anthropic(
     result = await _run(client, spec, task_queue, topic="the contract", pdf=PDF)
     assert result.status == "completed"
     assert result.outputs["text"].startswith("Simulated reply from claude-sonnet-4-5")
+
+
+async def test_the_contract_review_example_runs_and_records_what_it_dropped(
+    client: Client, task_queue: str, sim: SimulatorServer
+) -> None:
+    from kernel.pipeline import load_pipeline
+
+    spec = load_pipeline("examples/contract-review.yaml")
+    handle = await start_pipeline(
+        client, spec, {"contract_pdf": PDF, "question": "Is liability capped?"}, task_queue=task_queue
+    )
+    result = await handle.result()
+    assert result.status == "completed"
+    assert result.outputs["review"] == "Simulated reply from o4-mini: Is liability capped?"
+    assert json.loads(result.outputs["dropped"]) == [
+        "dropped temperature: model openai/o4-mini refuses 'temperature'"
+    ]

@@ -120,6 +120,9 @@ class Recording:
 
 
 TICKET = "I was charged twice for my March invoice. Please refund the second charge."
+CONTRACT_PDF = (
+    "data:application/pdf;base64,JVBERi0xLjQKJcfsj6IKMSAwIG9iago8PD4+CmVuZG9iagp0cmFpbGVyCjw8Pj4KJSVFT0YK"
+)
 
 RECORDINGS: list[Recording] = [
     Recording(
@@ -133,6 +136,11 @@ RECORDINGS: list[Recording] = [
         "examples/approval-gate.yaml",
         {"customer": "ACME Corp", "amount": 120},
         drive=_approve_review,
+    ),
+    Recording(
+        "contract-review",
+        "examples/contract-review.yaml",
+        {"contract_pdf": CONTRACT_PDF, "question": "Is liability capped, and at what amount?"},
     ),
     Recording(
         "fan-out",
