@@ -86,6 +86,8 @@ class PriceTable:
             if exact is not None:
                 return exact
             base = model.rsplit("/", 1)[-1]
+            if provider == "bedrock" and base.count(".") >= 2:
+                base = base.split(".", 1)[1]  # a cross-region inference profile: us.anthropic.claude-...
             best: str | None = None
             for known in models:
                 if (base == known or base.startswith(known + "-")) and (

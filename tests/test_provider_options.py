@@ -364,3 +364,8 @@ async def test_simulator_answers_a_sent_temperature_with_openais_body(sim: Simul
         "param": "temperature",
         "code": "unsupported_value",
     }
+
+
+def test_bedrock_cross_region_profiles_are_priced_as_their_model() -> None:
+    price = PriceTable().lookup("bedrock", "us.anthropic.claude-sonnet-4-5-20250929-v1:0")
+    assert price is not None and price == DEFAULT_PRICES["bedrock"]["anthropic.claude-sonnet-4-5"]
