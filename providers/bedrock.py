@@ -33,6 +33,8 @@ from kernel.contracts import (
     ImagePart,
     Message,
     NamedToolChoice,
+    ProviderState,
+    ProviderStateEvent,
     ResponseFormatJsonObject,
     ResponseFormatJsonSchema,
     StreamDone,
@@ -104,6 +106,9 @@ _IMAGE_FORMATS = {
     "image/webp": "webp",
 }
 _JSON_OBJECT_TOOL = "json_object"
+_MIN_THINKING_BUDGET = 1024
+_DEFAULT_ANSWER_TOKENS = 4096
+"""Room left for the answer when thinking is on and the request sets no max_tokens."""
 _PROVIDER_OPTIONS = frozenset(
     {
         "additionalModelRequestFields",
@@ -148,9 +153,7 @@ class BedrockProvider(HttpProvider):
             "user",
             "parallel_tool_calls",
             "reasoning_effort",
-            "thinking_budget",
             "service_tier",
-            "cache",
         }
     )
     api_key_env: ClassVar[str | None] = "AWS_ACCESS_KEY_ID"
@@ -301,11 +304,13 @@ class BedrockProvider(HttpProvider):
         return None
 
     def _map_request(self, request: ChatRequest) -> dict[str, Any]:
-        system = [
-            {"text": message_text(m)}
-            for m in request.messages
-            if isinstance(m, SystemMessage | DeveloperMessage) and message_text(m)
-        ]
+        cache = _cache_point(request)
+        system: list[dict[str, Any]] = []
+        for position, m in enumerate(request.messages):
+            if isinstance(m, SystemMessage | DeveloperMessage) and message_text(m):
+                system.append({"text": message_text(m)})
+                if cache is not None and position in _breakpoints(request):
+                    system.append({"cachePoint": dict(cache)})
         payload: dict[str, Any] = {"messages": self._map_messages(request)}
         if system:
             payload["system"] = system
@@ -321,7 +326,7 @@ class BedrockProvider(HttpProvider):
         tool_config = self._map_tools(request, payload["messages"])
         if tool_config:
             payload["toolConfig"] = tool_config
-        options = (request.provider_options or {}).get(self.name) or {}
+        options = dict((request.provider_options or {}).get(self.name) or {})
         unknown = sorted(set(options) - _PROVIDER_OPTIONS)
         if unknown:
             raise InvalidRequest(
@@ -330,8 +335,44 @@ class BedrockProvider(HttpProvider):
                 provider=self.name,
                 model=request.model,
             )
+        thinking = self._thinking(request, payload)
+        if thinking is not None:
+            extra = dict(options.get("additionalModelRequestFields") or {})
+            options["additionalModelRequestFields"] = {**extra, "thinking": thinking}
         payload.update(options)
         return payload
+
+    def _thinking(self, request: ChatRequest, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """``thinking_budget`` as Claude's extended thinking (Converse passes it through
+        ``additionalModelRequestFields``); other model families on Bedrock have no such field."""
+        budget = request.thinking_budget
+        if budget is None:
+            return None
+        if "anthropic." not in request.model:
+            raise UnsupportedCapability(
+                f"thinking_budget: {self.name} passes a thinking budget to Anthropic models only, not "
+                f"{request.model!r}",
+                provider=self.name,
+                model=request.model,
+            )
+        if budget == 0:
+            return {"type": "disabled"}
+        if budget < _MIN_THINKING_BUDGET:
+            raise InvalidRequest(
+                f"thinking_budget={budget} is below Claude's minimum of {_MIN_THINKING_BUDGET} tokens (0 turns it off)",
+                provider=self.name,
+                model=request.model,
+            )
+        inference = payload.setdefault("inferenceConfig", {})
+        if "maxTokens" not in inference:
+            inference["maxTokens"] = budget + _DEFAULT_ANSWER_TOKENS
+        elif inference["maxTokens"] <= budget:
+            raise InvalidRequest(
+                f"max_tokens={inference['maxTokens']} must be above thinking_budget={budget} (the budget is part of it)",
+                provider=self.name,
+                model=request.model,
+            )
+        return {"type": "enabled", "budget_tokens": budget}
 
     def _map_tools(self, request: ChatRequest, messages: list[dict[str, Any]]) -> dict[str, Any] | None:
         tools = [
@@ -393,6 +434,7 @@ class BedrockProvider(HttpProvider):
         """Converse messages alternate user and assistant: consecutive turns of one role are merged and
         tool results travel as ``toolResult`` blocks of a user turn."""
         turns: list[dict[str, Any]] = []
+        cache = _cache_point(request)
         for index, message in enumerate(request.messages):
             if isinstance(message, SystemMessage | DeveloperMessage):
                 continue
@@ -400,6 +442,8 @@ class BedrockProvider(HttpProvider):
             blocks = self._map_blocks(message, index, request.model)
             if not blocks:
                 continue
+            if cache is not None and index in _breakpoints(request):
+                blocks.append({"cachePoint": dict(cache)})
             if turns and turns[-1]["role"] == role:
                 turns[-1]["content"].extend(blocks)
             else:
@@ -426,6 +470,9 @@ class BedrockProvider(HttpProvider):
             return blocks
         blocks = []
         if isinstance(message, AssistantMessage):
+            # Signed reasoning goes back first and unchanged, as Claude requires on a tool-use turn.
+            state = message.state_for(self.name) or {}
+            blocks.extend(dict(b) for b in state.get("reasoning") or [] if isinstance(b, dict))
             if message.content:
                 blocks.append({"text": message.content})
             for call in message.tool_calls or []:
@@ -463,9 +510,14 @@ class BedrockProvider(HttpProvider):
             message_data = as_object(as_object(data["output"], "output")["message"], "output.message")
             text: list[str] = []
             calls: list[ToolCall] = []
+            reasoning: list[dict[str, Any]] = []
             for raw_block in as_list(message_data["content"], "output.message.content"):
                 block = as_object(raw_block, "content[]")
-                if "text" in block:
+                if "reasoningContent" in block:
+                    reasoning.append(
+                        {"reasoningContent": as_object(block["reasoningContent"], "reasoningContent")}
+                    )
+                elif "text" in block:
                     text.append(str(block["text"]))
                 elif "toolUse" in block:
                     use = as_object(block["toolUse"], "content[].toolUse")
@@ -492,7 +544,10 @@ class BedrockProvider(HttpProvider):
                 provider=self.name,
                 model=request.model,
             )
-        message = AssistantMessage(content="".join(text) or None, tool_calls=calls or None)
+        state = ProviderState(provider=self.name, data={"reasoning": reasoning}) if reasoning else None
+        message = AssistantMessage(
+            content="".join(text) or None, tool_calls=calls or None, provider_state=state
+        )
         return ChatResponse(
             id=request_id or _fallback_id(data),
             model=request.model,
@@ -510,6 +565,7 @@ class BedrockProvider(HttpProvider):
         answer_blocks: set[int] = set()  # blocks carrying the structured-output tool's input
         finish: FinishReason | None = None
         started = False
+        reasoning: dict[int, dict[str, Any]] = {}  # content block index -> reasoning being built
         path = _model_path(request.model, "converse-stream")
         async with self._open_signed_stream(path, payload, model=request.model) as response:
             request_id = response.headers.get("x-amzn-requestid", "")
@@ -532,8 +588,13 @@ class BedrockProvider(HttpProvider):
                                 index=tool_index[block], id=str(use["toolUseId"]), name=str(use["name"])
                             )
                     elif kind == "contentBlockDelta":
-                        delta = body.get("delta") or {}
-                        if "text" in delta:
+                        delta = as_object(body.get("delta"), "contentBlockDelta.delta", optional=True)
+                        if "reasoningContent" in delta:
+                            _add_reasoning(
+                                reasoning.setdefault(block, {}),
+                                as_object(delta["reasoningContent"], "delta.reasoningContent"),
+                            )
+                        elif "text" in delta:
                             yield TextDelta(text=str(delta["text"]))
                         elif "toolUse" in delta:
                             fragment = str(delta["toolUse"].get("input") or "")
@@ -546,6 +607,11 @@ class BedrockProvider(HttpProvider):
                         if finish == "tool_calls" and not tool_index:
                             finish = "stop"
                     elif kind == "metadata" and finish is not None:
+                        if reasoning:
+                            blocks = [{"reasoningContent": reasoning[i]} for i in sorted(reasoning)]
+                            yield ProviderStateEvent(
+                                state=ProviderState(provider=self.name, data={"reasoning": blocks})
+                            )
                         yield StreamDone(finish_reason=finish, usage=self._map_usage(body.get("usage")))
                         return
         if decoder.pending:
@@ -585,6 +651,33 @@ def _model_path(model: str, action: str) -> str:
 def _error_type(header: str | None, body: Any) -> str:
     raw = header or (body.get("__type") if isinstance(body, dict) else None) or ""
     return str(raw).split(":", 1)[0].rsplit("#", 1)[-1].strip()
+
+
+def _cache_point(request: ChatRequest) -> dict[str, Any] | None:
+    """The ``cachePoint`` placed after each breakpoint (a cache key needs no field: Bedrock caches by
+    prefix)."""
+    if request.cache is None or not request.cache.breakpoints:
+        return None
+    point: dict[str, Any] = {"type": "default"}
+    if request.cache.ttl is not None:
+        point["ttl"] = request.cache.ttl
+    return point
+
+
+def _breakpoints(request: ChatRequest) -> set[int]:
+    return set(request.cache.breakpoints) if request.cache is not None else set()
+
+
+def _add_reasoning(block: dict[str, Any], delta: dict[str, Any]) -> None:
+    """Fold a streamed ``reasoningContent`` delta (text, signature or redacted bytes) into its block."""
+    if "redactedContent" in delta:
+        block["redactedContent"] = delta["redactedContent"]
+        return
+    text = block.setdefault("reasoningText", {})
+    if "text" in delta:
+        text["text"] = text.get("text", "") + str(delta["text"])
+    if "signature" in delta:
+        text["signature"] = str(delta["signature"])
 
 
 def _document_block(part: DocumentPart, position: int, where: str, model: str) -> dict[str, Any]:

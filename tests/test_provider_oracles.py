@@ -318,7 +318,7 @@ PROVIDERS: dict[
         lambda p, r, s: p._map_request(r),
         lambda body, r: bedrock_oracle(body, model=r.model),  # ConverseStream takes the same body
         "anthropic.claude-3-5-haiku-20241022-v1:0",
-        "anthropic.claude-3-5-haiku-20241022-v1:0",
+        "us.anthropic.claude-sonnet-4-5-20250929-v1:0",
     ),
     "mistral": (
         lambda: MistralProvider(settings=ProviderSettings(api_key="k")),

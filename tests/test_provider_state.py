@@ -295,3 +295,107 @@ async def test_simulator_refuses_temperature_with_top_p_for_recent_claude(
         "type": "invalid_request_error",
         "message": "`temperature` and `top_p` cannot both be specified for this model. Please use only one.",
     }
+
+
+# --- Bedrock: Claude's reasoning through Converse -------------------------------------------------------
+
+_CONVERSE_REASONING: dict[str, Any] = {
+    "output": {
+        "message": {
+            "role": "assistant",
+            "content": [
+                {
+                    "reasoningContent": {
+                        "reasoningText": {"text": "I should call the tool.", "signature": "ErcBCkgIAhAB"}
+                    }
+                },
+                {
+                    "toolUse": {
+                        "toolUseId": "tooluse_kZJMlvQmRJ6eAyJE5GIl7Q",
+                        "name": "get_weather",
+                        "input": {"city": "Oslo"},
+                    }
+                },
+            ],
+        }
+    },
+    "stopReason": "tool_use",
+    "usage": {"inputTokens": 400, "outputTokens": 120, "totalTokens": 520},
+    "metrics": {"latencyMs": 1200},
+}
+
+
+async def test_bedrock_reasoning_blocks_go_back_first_with_thinking_enabled() -> None:
+    from providers.bedrock import BedrockProvider
+    from tests.oracles import bedrock_oracle
+
+    bodies: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, json=_CONVERSE_REASONING)
+
+    provider = BedrockProvider(
+        environ={"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b", "AWS_REGION": "us-east-1"},
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+    )
+    model = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+    question = UserMessage(content="Weather in Oslo?")
+    request = ChatRequest(model=model, messages=[question], tools=[WEATHER], thinking_budget=2048)
+    first = await provider.chat(request)
+    assert bodies[0]["additionalModelRequestFields"] == {
+        "thinking": {"type": "enabled", "budget_tokens": 2048}
+    }
+    answer = AssistantMessage.model_validate_json(first.choices[0].message.model_dump_json())
+    result = ToolMessage(tool_call_id=answer.tool_calls[0].id, content="4 C")  # type: ignore[index]
+    await provider.chat(request.model_copy(update={"messages": [question, answer, result]}))
+    assistant = bodies[1]["messages"][1]
+    assert [next(iter(block)) for block in assistant["content"]] == ["reasoningContent", "toolUse"]
+    assert assistant["content"][0] == _CONVERSE_REASONING["output"]["message"]["content"][0]
+    bedrock_oracle(bodies[1], model=model)
+    await provider.aclose()
+
+
+async def test_bedrock_streamed_reasoning_is_kept_with_its_signature() -> None:
+    from providers.bedrock import BedrockProvider
+    from simulator.bedrock_wire import encode_event
+
+    events = [
+        ("messageStart", {"role": "assistant"}),
+        ("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"reasoningContent": {"text": "Let me "}}}),
+        ("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"reasoningContent": {"text": "think."}}}),
+        (
+            "contentBlockDelta",
+            {"contentBlockIndex": 0, "delta": {"reasoningContent": {"signature": "ErcBCkgIAhAB"}}},
+        ),
+        ("contentBlockStop", {"contentBlockIndex": 0}),
+        ("contentBlockDelta", {"contentBlockIndex": 1, "delta": {"text": "Sunny."}}),
+        ("contentBlockStop", {"contentBlockIndex": 1}),
+        ("messageStop", {"stopReason": "end_turn"}),
+        (
+            "metadata",
+            {"usage": {"inputTokens": 10, "outputTokens": 5, "totalTokens": 15}, "metrics": {"latencyMs": 1}},
+        ),
+    ]
+    body = b"".join(encode_event(name, payload) for name, payload in events)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, content=body, headers={"content-type": "application/vnd.amazon.eventstream"}
+        )
+
+    provider = BedrockProvider(
+        environ={"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b", "AWS_REGION": "us-east-1"},
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+    )
+    request = ChatRequest(
+        model="us.anthropic.claude-sonnet-4-5-20250929-v1:0", messages=[UserMessage(content="Hi")]
+    )
+    response = await collect_stream(provider.stream(request), provider="bedrock")
+    assert response.text == "Sunny."
+    state = response.choices[0].message.provider_state
+    assert state is not None
+    assert state.data["reasoning"] == [
+        {"reasoningContent": {"reasoningText": {"text": "Let me think.", "signature": "ErcBCkgIAhAB"}}}
+    ]
+    await provider.aclose()
