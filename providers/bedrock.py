@@ -153,7 +153,6 @@ class BedrockProvider(HttpProvider):
             "user",
             "parallel_tool_calls",
             "reasoning_effort",
-            "service_tier",
         }
     )
     api_key_env: ClassVar[str | None] = "AWS_ACCESS_KEY_ID"
@@ -335,6 +334,14 @@ class BedrockProvider(HttpProvider):
                 provider=self.name,
                 model=request.model,
             )
+        if request.service_tier is not None:
+            if request.service_tier == "auto":
+                raise InvalidRequest(
+                    f"service_tier='auto': {self.name} offers default, flex and priority (no automatic choice)",
+                    provider=self.name,
+                    model=request.model,
+                )
+            payload["serviceTier"] = {"type": request.service_tier}
         thinking = self._thinking(request, payload)
         if thinking is not None:
             extra = dict(options.get("additionalModelRequestFields") or {})

@@ -232,6 +232,7 @@ CASES: dict[str, dict[str, Any]] = {
         "max_tokens": 8192,
     },
     "service-tier": {"messages": [UserMessage(content="Hello")], "service_tier": "auto"},
+    "service-tier-flex": {"messages": [UserMessage(content="Hello")], "service_tier": "flex"},
     "cache": {
         "messages": [SystemMessage(content="A long shared preamble."), UserMessage(content="Question")],
         "cache": {"key": "tenant-7", "breakpoints": [0], "ttl": "1h"},
@@ -334,11 +335,11 @@ REFUSED: dict[str, set[str]] = {
     "openai": {"document-url", "cache"},  # documents by bytes or file id only; no cache ttl
     "openai_responses": {"cache"},  # no cache ttl
     "azure_openai": {"document", "document-url"},
-    "anthropic": set(),
+    "anthropic": {"service-tier-flex"},  # auto and standard_only only
     "gemini": set(),
     # images and documents by bytes only; no way to forbid tool calls over a tool history
-    "bedrock": {"tool-choice-none-after-tools", "document-url", "image-url"},
-    "mistral": {"document", "document-url", "cache"},  # no documents here; no cache ttl
+    "bedrock": {"tool-choice-none-after-tools", "document-url", "image-url", "service-tier"},  # no auto tier
+    "mistral": {"document", "document-url", "cache", "service-tier-flex"},  # no documents here; no cache ttl
 }
 _REASONING_CASES = {"reasoning-effort", "thinking-budget"}
 
