@@ -399,3 +399,51 @@ async def test_bedrock_streamed_reasoning_is_kept_with_its_signature() -> None:
         {"reasoningContent": {"reasoningText": {"text": "Let me think.", "signature": "ErcBCkgIAhAB"}}}
     ]
     await provider.aclose()
+
+
+async def test_gemini_streamed_text_keeps_the_signature_on_its_last_part() -> None:
+    """Gemini 3 signs an answer without calls in its last part, often an empty text part of its own."""
+    chunks = [
+        {
+            "candidates": [{"content": {"role": "model", "parts": [{"text": "Sunny "}]}, "index": 0}],
+            "responseId": "r1",
+        },
+        {
+            "candidates": [{"content": {"role": "model", "parts": [{"text": "in Oslo."}]}, "index": 0}],
+            "responseId": "r1",
+        },
+        {
+            "candidates": [
+                {
+                    "content": {"role": "model", "parts": [{"text": "", "thoughtSignature": "c2lnLXRleHQ="}]},
+                    "finishReason": "STOP",
+                    "index": 0,
+                }
+            ],
+            "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 4, "totalTokenCount": 9},
+            "responseId": "r1",
+        },
+    ]
+    body = "".join(f"data: {json.dumps(c)}\r\n\r\n" for c in chunks)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    provider = GeminiProvider(
+        settings=ProviderSettings(api_key="k"),
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+    )
+    request = ChatRequest(model="gemini-3-pro-preview", messages=[UserMessage(content="Weather?")])
+    response = await collect_stream(provider.stream(request), provider="gemini")
+    assert response.text == "Sunny in Oslo."
+    message = response.choices[0].message
+    assert message.provider_state is not None
+    assert message.provider_state.data["parts"] == [
+        {"text": "Sunny in Oslo."},
+        {"text": "", "thoughtSignature": "c2lnLXRleHQ="},
+    ]
+    sent = provider._map_request(
+        request.model_copy(update={"messages": [*request.messages, message, UserMessage(content="Thanks")]})
+    )
+    assert sent["contents"][1]["parts"][1] == {"text": "", "thoughtSignature": "c2lnLXRleHQ="}
+    await provider.aclose()
