@@ -103,6 +103,12 @@ EXPECTED_FACADE = {
     "message_text", "outputs", "parse_pipeline", "pause", "register_step_kind", "reject", "reroute",
     "resume", "send_event", "start_pipeline", "start_registered", "status",
 }  # fmt: skip
+# Provider fidelity: the model catalog, request options, provider state, vendor JSON readers.
+EXPECTED_FACADE |= {
+    "REQUEST_OPTIONS", "ModelCatalog", "ModelFacts", "default_catalog", "DeveloperMessage", "DocumentPart",
+    "DocumentSource", "PromptCache", "ProviderState", "ProviderStateEvent", "QuotaExceeded", "WireShapeError",
+    "as_list", "as_object", "as_text",
+}  # fmt: skip
 
 
 def test_the_facade_exports_exactly_its_public_names() -> None:
