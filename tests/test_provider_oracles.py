@@ -41,6 +41,7 @@ from providers.bedrock import BedrockProvider
 from providers.gemini import GeminiProvider
 from providers.mistral import MistralProvider
 from providers.openai import OpenAIProvider
+from providers.presets import builtin_presets
 from tests.oracles import (
     anthropic_oracle,
     bedrock_oracle,
@@ -247,6 +248,7 @@ def _options(provider: str) -> dict[str, Any]:
     return {
         "openai": {"openai": {"logprobs": True, "top_logprobs": 2, "metadata": {"run": "r1"}}},
         "openai_responses": {"openai": {"metadata": {"run": "r1"}, "truncation": "auto"}},
+        "openrouter": {"openrouter": {"models": ["openai/gpt-4.1-mini"]}},
         "azure_openai": {"azure_openai": {"logprobs": True}},
         "anthropic": {"anthropic": {"top_k": 5}},
         "gemini": {
@@ -260,6 +262,14 @@ def _options(provider: str) -> dict[str, Any]:
         },
         "mistral": {"mistral": {"safe_prompt": True}},
     }[provider]
+
+
+def _preset(name: str) -> Provider:
+    (cls,) = [c for c in builtin_presets() if c.name == name]
+    return cls(settings=ProviderSettings(api_key="k"))  # type: ignore[call-arg]
+
+
+_OPENROUTER_EXTRAS: frozenset[str] = _preset("openrouter").provider_option_names  # type: ignore[attr-defined]
 
 
 def _bedrock() -> BedrockProvider:
@@ -286,6 +296,15 @@ PROVIDERS: dict[
         lambda body, r: openai_responses_oracle(body),
         "gpt-4.1",
         "o4-mini",
+    ),
+    # An OpenAI-compatible preset, against OpenAI's own types (what "compatible" promises).
+    "openrouter": (
+        lambda: _preset("openrouter"),
+        lambda p, r, s: p._map_request(r, stream=s),
+        # OpenRouter's own fields (declared in its preset) are the only ones OpenAI's types may not know.
+        lambda body, r: openai_oracle({k: v for k, v in body.items() if k not in _OPENROUTER_EXTRAS}),
+        "openai/gpt-4.1",
+        "openai/o4-mini",
     ),
     "azure_openai": (
         lambda: AzureOpenAIProvider(
@@ -334,6 +353,7 @@ PROVIDERS: dict[
 REFUSED: dict[str, set[str]] = {
     "openai": {"document-url", "cache"},  # documents by bytes or file id only; no cache ttl
     "openai_responses": {"cache"},  # no cache ttl
+    "openrouter": {"document", "document-url"},  # the preset declares no documents
     "azure_openai": {"document", "document-url"},
     "anthropic": {"service-tier-flex"},  # auto and standard_only only
     "gemini": set(),
