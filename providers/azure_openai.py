@@ -181,6 +181,13 @@ class AzureOpenAIProvider(OpenAIProvider):
                 message = f"{message} (filtered: {categories})"
         return message, code
 
+    def _map_request(self, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
+        payload = super()._map_request(request, stream=stream)
+        for message in payload["messages"]:
+            if message.get("role") == "developer":
+                message["role"] = "system"  # the GA api-version predates the developer role
+        return payload
+
     def _parse_response(self, data: Any, model: str) -> ChatResponse:
         if isinstance(data, dict):
             for choice in data.get("choices") or []:
