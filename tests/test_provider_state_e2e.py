@@ -3,6 +3,7 @@ Temporal server against the simulator, which refuses the second call if the sign
 
 from __future__ import annotations
 
+import json
 import uuid
 
 from temporalio.client import Client
@@ -39,3 +40,55 @@ async def test_gemini_3_tool_loop_through_history_keeps_its_signature(
     )
     replayed = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     assert replayed.replay_failure is None
+
+
+async def test_a_gemini_3_agent_keeps_its_signatures_across_turns(client: Client, registry: Registry) -> None:
+    """The agent step's loop sends each answered turn back as it came, so Gemini 3 (in the simulator,
+    which refuses a current turn whose first call lost its signature) accepts every later turn."""
+    from kernel.pipeline import parse_pipeline
+    from worker.client import start_pipeline
+    from worker.pipelines import PipelineCatalog
+
+    measure = parse_pipeline(
+        {
+            "name": "measure",
+            "inputs": {"text": {"type": "string"}},
+            "steps": [{"id": "n", "type": "transform", "expression": "inputs.text | length"}],
+            "outputs": {"length": "{{ steps.n.output }}"},
+        }
+    )
+    turns = [
+        {"calls": [{"name": "measure", "arguments": {"text": "hello"}}]},
+        {"calls": [{"name": "measure", "arguments": {"text": "hello, world"}}]},
+        {"text": "done"},
+    ]
+    tool = {
+        "type": "pipeline",
+        "name": "measure",
+        "pipeline": "measure",
+        "parameters": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+    }
+    spec = {
+        "name": "signed-agent",
+        "steps": [
+            {
+                "id": "desk",
+                "type": "agent",
+                "model": "gemini/gemini-3-pro-preview",
+                "prompt": f"measure twice [[sim: script='{json.dumps(turns)}']]",
+                "tools": [tool],
+            }
+        ],
+        "outputs": {"answer": "{{ steps.desk.output }}", "messages": "{{ steps.desk.messages | tojson }}"},
+    }
+    queue = f"signed-agent-{uuid.uuid4().hex[:8]}"
+    async with build_worker(
+        client, task_queue=queue, registry=registry, pipelines=PipelineCatalog([measure])
+    ):
+        handle = await start_pipeline(client, parse_pipeline(spec), {}, task_queue=queue)
+        result = await handle.result()
+    assert result.outputs["answer"] == "done"
+    messages = json.loads(result.outputs["messages"])
+    signed = [m for m in messages if m["role"] == "assistant" and m.get("provider_state")]
+    assert len(signed) == 2 and all(m["provider_state"]["provider"] == "gemini" for m in signed)
+    assert [m["content"] for m in messages if m["role"] == "tool"] == ['{"length": "5"}', '{"length": "12"}']
