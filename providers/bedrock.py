@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar
@@ -61,6 +60,7 @@ from kernel.errors import (
     error_from_status,
 )
 from kernel.provider import Capabilities
+from providers._bedrock_content import add_reasoning, breakpoints, cache_point, document_block, image_block
 from providers._http import HttpProvider, as_list, as_object
 from providers._sigv4 import AwsCredentials, EventStreamDecoder, EventStreamMessage, sign
 
@@ -98,13 +98,6 @@ _ERROR_STATUS: dict[str, int] = {
     "ModelErrorException": 500,
     "ModelStreamErrorException": 500,
 }
-_IMAGE_FORMATS = {
-    "image/png": "png",
-    "image/jpeg": "jpeg",
-    "image/jpg": "jpeg",
-    "image/gif": "gif",
-    "image/webp": "webp",
-}
 _JSON_OBJECT_TOOL = "json_object"
 _MIN_THINKING_BUDGET = 1024
 _DEFAULT_ANSWER_TOKENS = 4096
@@ -121,18 +114,6 @@ _PROVIDER_OPTIONS = frozenset(
 )
 """Converse request fields the contract does not type, accepted under ``provider_options.bedrock``
 (https://docs.aws.amazon.com/bedrock/latest/APIReference/API_runtime_Converse.html)."""
-_DOCUMENT_FORMATS = {
-    "application/pdf": "pdf",
-    "text/csv": "csv",
-    "application/msword": "doc",
-    "application/vnd.openxmlformats-officedocument.wordprocessingml.document": "docx",
-    "application/vnd.ms-excel": "xls",
-    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": "xlsx",
-    "text/html": "html",
-    "text/plain": "txt",
-    "text/markdown": "md",
-}
-_DOCUMENT_NAME = re.compile(r"[^A-Za-z0-9\-()\[\] ]+")
 _CONTENT_FILTER_WORDING = "content filtering policy"
 
 
@@ -303,12 +284,12 @@ class BedrockProvider(HttpProvider):
         return None
 
     def _map_request(self, request: ChatRequest) -> dict[str, Any]:
-        cache = _cache_point(request)
+        cache = cache_point(request)
         system: list[dict[str, Any]] = []
         for position, m in enumerate(request.messages):
             if isinstance(m, SystemMessage | DeveloperMessage) and message_text(m):
                 system.append({"text": message_text(m)})
-                if cache is not None and position in _breakpoints(request):
+                if cache is not None and position in breakpoints(request):
                     system.append({"cachePoint": dict(cache)})
         payload: dict[str, Any] = {"messages": self._map_messages(request)}
         if system:
@@ -441,7 +422,7 @@ class BedrockProvider(HttpProvider):
         """Converse messages alternate user and assistant: consecutive turns of one role are merged and
         tool results travel as ``toolResult`` blocks of a user turn."""
         turns: list[dict[str, Any]] = []
-        cache = _cache_point(request)
+        cache = cache_point(request)
         for index, message in enumerate(request.messages):
             if isinstance(message, SystemMessage | DeveloperMessage):
                 continue
@@ -449,7 +430,7 @@ class BedrockProvider(HttpProvider):
             blocks = self._map_blocks(message, index, request.model)
             if not blocks:
                 continue
-            if cache is not None and index in _breakpoints(request):
+            if cache is not None and index in breakpoints(request):
                 blocks.append({"cachePoint": dict(cache)})
             if turns and turns[-1]["role"] == role:
                 turns[-1]["content"].extend(blocks)
@@ -471,9 +452,9 @@ class BedrockProvider(HttpProvider):
                     if part.text:
                         blocks.append({"text": part.text})
                 elif isinstance(part, ImagePart):
-                    blocks.append({"image": _image_block(part.image_url.url, where, model)})
+                    blocks.append({"image": image_block(part.image_url.url, where, model)})
                 elif isinstance(part, DocumentPart):
-                    blocks.append({"document": _document_block(part, len(blocks), where, model)})
+                    blocks.append({"document": document_block(part, len(blocks), where, model)})
             return blocks
         blocks = []
         if isinstance(message, AssistantMessage):
@@ -597,7 +578,7 @@ class BedrockProvider(HttpProvider):
                     elif kind == "contentBlockDelta":
                         delta = as_object(body.get("delta"), "contentBlockDelta.delta", optional=True)
                         if "reasoningContent" in delta:
-                            _add_reasoning(
+                            add_reasoning(
                                 reasoning.setdefault(block, {}),
                                 as_object(delta["reasoningContent"], "delta.reasoningContent"),
                             )
@@ -658,61 +639,6 @@ def _model_path(model: str, action: str) -> str:
 def _error_type(header: str | None, body: Any) -> str:
     raw = header or (body.get("__type") if isinstance(body, dict) else None) or ""
     return str(raw).split(":", 1)[0].rsplit("#", 1)[-1].strip()
-
-
-def _cache_point(request: ChatRequest) -> dict[str, Any] | None:
-    """The ``cachePoint`` placed after each breakpoint (a cache key needs no field: Bedrock caches by
-    prefix)."""
-    if request.cache is None or not request.cache.breakpoints:
-        return None
-    point: dict[str, Any] = {"type": "default"}
-    if request.cache.ttl is not None:
-        point["ttl"] = request.cache.ttl
-    return point
-
-
-def _breakpoints(request: ChatRequest) -> set[int]:
-    return set(request.cache.breakpoints) if request.cache is not None else set()
-
-
-def _add_reasoning(block: dict[str, Any], delta: dict[str, Any]) -> None:
-    """Fold a streamed ``reasoningContent`` delta (text, signature or redacted bytes) into its block."""
-    if "redactedContent" in delta:
-        block["redactedContent"] = delta["redactedContent"]
-        return
-    text = block.setdefault("reasoningText", {})
-    if "text" in delta:
-        text["text"] = text.get("text", "") + str(delta["text"])
-    if "signature" in delta:
-        text["signature"] = str(delta["signature"])
-
-
-def _document_block(part: DocumentPart, position: int, where: str, model: str) -> dict[str, Any]:
-    source = part.file
-    fmt = _DOCUMENT_FORMATS.get(source.media_type)
-    if source.file_data is None or fmt is None:
-        raise UnsupportedCapability(
-            f"{where}: bedrock takes documents as file_data of a known type "
-            f"({', '.join(sorted(_DOCUMENT_FORMATS))}), not by url or file_id or as {source.media_type}",
-            provider="bedrock",
-            model=model,
-        )
-    stem = (source.filename or f"document {position + 1}").rsplit(".", 1)[0]
-    name = " ".join(_DOCUMENT_NAME.sub(" ", stem).split()) or f"document {position + 1}"
-    return {"format": fmt, "name": name, "source": {"bytes": source.file_data.split(",", 1)[1]}}
-
-
-def _image_block(url: str, where: str, model: str) -> dict[str, Any]:
-    media_type, sep, data = url.partition(";base64,")
-    image_format = _IMAGE_FORMATS.get(media_type.removeprefix("data:").lower()) if sep else None
-    if not url.startswith("data:") or image_format is None:
-        raise InvalidRequest(
-            f"{where}: Bedrock takes images as base64 bytes, so an image_url must be a data: URL of a "
-            f"png, jpeg, gif or webp image, not {url[:60]!r}",
-            provider="bedrock",
-            model=model,
-        )
-    return {"format": image_format, "source": {"bytes": data}}
 
 
 def _dumps(value: Any) -> str:

@@ -56,6 +56,7 @@ from kernel.errors import (
     error_from_status,
 )
 from kernel.provider import Capabilities
+from providers._google import LEGACY_SCHEMA_MODELS, error_details, google_error, legacy_schema, retry_delay
 from providers._http import HttpProvider, as_list, as_object, iter_sse
 
 __all__ = ["GeminiProvider"]
@@ -89,13 +90,6 @@ _STATUS_CODES = {
     "UNAVAILABLE": 503,
     "DEADLINE_EXCEEDED": 504,
 }
-_LEGACY_SCHEMA_MODELS = re.compile(r"^(models/)?gemini-(1\.0|1\.5|2\.0|pro\b)")
-"""Models older than Gemini 2.5 accept only the OpenAPI-subset ``responseSchema``/``parameters``."""
-_LEGACY_KEYWORDS = (
-    "type format title description nullable enum items properties required minItems maxItems minProperties "
-    "maxProperties minLength maxLength pattern minimum maximum anyOf propertyOrdering default example"
-)
-_LEGACY_SCHEMA_KEYS = frozenset(_LEGACY_KEYWORDS.split())
 _TOP_OPTIONS = frozenset({"safetySettings", "cachedContent", "labels"})
 _CONFIG_OPTIONS = frozenset(
     {
@@ -110,7 +104,6 @@ _CONFIG_OPTIONS = frozenset(
 )
 """Keys accepted under ``provider_options.gemini``: request fields, and ``generationConfig`` fields
 (https://ai.google.dev/api/generate-content)."""
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
 _DATA_URL = re.compile(r"^data:([^;,]+)(?:;[^,]*)?;base64,(.*)$", re.DOTALL)
 
 
@@ -208,7 +201,7 @@ class GeminiProvider(HttpProvider):
 
     def _error_details(self, body: Any, text: str) -> tuple[str, str | None]:
         """Google's ``{"error": {"code", "message", "status"}}``, alone or wrapped in a list."""
-        error = _google_error(body)
+        error = google_error(body)
         if error is None:
             return super()._error_details(body, text)
         message = str(error.get("message") or text[:300] or "(empty body)")
@@ -231,8 +224,8 @@ class GeminiProvider(HttpProvider):
         headers: Mapping[str, str] | None = None,
     ) -> ProviderError:
         message, code = self._error_details(body, text)
-        error = _google_error(body) or {}
-        reasons = {d.get("reason") for d in _details(error)}
+        error = google_error(body) or {}
+        reasons = {d.get("reason") for d in error_details(error)}
         if "API_KEY_INVALID" in reasons or "API key not valid" in message:
             status_code = 401  # Google answers 400 INVALID_ARGUMENT for a wrong key
         exc = error_from_status(
@@ -245,13 +238,13 @@ class GeminiProvider(HttpProvider):
             body=text[:2000],
         )
         if exc.retry_after is None:
-            exc.retry_after = _retry_delay(error)
+            exc.retry_after = retry_delay(error)
         return exc
 
     # --- mapping: request ------------------------------------------------------------------------
 
     def _map_request(self, request: ChatRequest) -> dict[str, Any]:
-        legacy = bool(_LEGACY_SCHEMA_MODELS.match(request.model))
+        legacy = bool(LEGACY_SCHEMA_MODELS.match(request.model))
         system: list[dict[str, Any]] = []
         contents: list[dict[str, Any]] = []
         call_names: dict[str, str] = {}
@@ -363,7 +356,7 @@ class GeminiProvider(HttpProvider):
         parameters: dict[str, Any] = function.parameters
         if parameters.get("properties"):
             if legacy:
-                declaration["parameters"] = _legacy_schema(parameters)
+                declaration["parameters"] = legacy_schema(parameters)
             else:
                 declaration["parametersJsonSchema"] = parameters
         return declaration
@@ -396,7 +389,7 @@ class GeminiProvider(HttpProvider):
             config["responseMimeType"] = "application/json"
             schema = response_format.json_schema.json_schema
             if legacy:
-                config["responseSchema"] = _legacy_schema(schema)
+                config["responseSchema"] = legacy_schema(schema)
             else:
                 config["responseJsonSchema"] = schema
         elif isinstance(response_format, ResponseFormatJsonObject):
@@ -514,8 +507,8 @@ class GeminiProvider(HttpProvider):
         async with self._open_stream(path, payload, model=request.model) as response:
             async for sse in iter_sse(response):
                 chunk = _loads(sse.data)
-                if _google_error(chunk) is not None:
-                    error = _google_error(chunk) or {}
+                if google_error(chunk) is not None:
+                    error = google_error(chunk) or {}
                     status = _STATUS_CODES.get(str(error.get("status")), int(error.get("code") or 500))
                     raise self._classify(status, chunk, sse.data, request.model)
                 self._check_blocked(chunk, request.model)
@@ -638,74 +631,6 @@ def _document_part(part: DocumentPart) -> dict[str, Any]:
     if source.file_data is not None:
         return {"inlineData": {"mimeType": source.media_type, "data": source.file_data.split(",", 1)[1]}}
     return {"fileData": {"mimeType": source.media_type, "fileUri": source.url or source.file_id}}
-
-
-def _legacy_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON Schema -> the OpenAPI subset of ``responseSchema``: local ``$ref`` inlined, ``null``
-    types turned into ``nullable``, ``const`` into a one-value enum, unknown keywords dropped."""
-    return _convert(schema, schema, 0)
-
-
-def _convert(schema: Mapping[str, Any], root: Mapping[str, Any], depth: int) -> dict[str, Any]:
-    if depth > 16:
-        return {"type": "OBJECT"}
-    ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/"):
-        node: Any = root
-        for key in ref[2:].split("/"):
-            node = node.get(key, {}) if isinstance(node, Mapping) else {}
-        return _convert(node, root, depth + 1)
-    out: dict[str, Any] = {k: v for k, v in schema.items() if k in _LEGACY_SCHEMA_KEYS}
-    if "const" in schema:
-        out["enum"] = [schema["const"]]
-    if "enum" in out and not all(isinstance(v, str) for v in out["enum"]):
-        del out["enum"]
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        out["nullable"] = "null" in kind or None
-        kind = next((k for k in kind if k != "null"), None)
-    if isinstance(kind, str):
-        out["type"] = kind.upper()
-    if "enum" in out:
-        out["type"] = "STRING"
-    branches = [b for b in schema.get("anyOf") or schema.get("oneOf") or [] if isinstance(b, Mapping)]
-    if branches:
-        real = [b for b in branches if b.get("type") != "null"]
-        if len(real) < len(branches):
-            out["nullable"] = True
-        out.pop("anyOf", None)
-        if len(real) == 1:
-            out.update(_convert(real[0], root, depth + 1))
-        elif real:
-            out["anyOf"] = [_convert(b, root, depth + 1) for b in real]
-    if isinstance(schema.get("properties"), Mapping):
-        out["properties"] = {k: _convert(v, root, depth + 1) for k, v in schema["properties"].items()}
-        out["required"] = [k for k in schema.get("required") or [] if k in out["properties"]] or None
-    if isinstance(schema.get("items"), Mapping):
-        out["items"] = _convert(schema["items"], root, depth + 1)
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def _google_error(body: Any) -> dict[str, Any] | None:
-    if isinstance(body, list) and len(body) == 1:
-        body = body[0]
-    error = body.get("error") if isinstance(body, dict) else None
-    return error if isinstance(error, dict) else None
-
-
-def _details(error: Mapping[str, Any]) -> list[dict[str, Any]]:
-    details = error.get("details")
-    return [d for d in details if isinstance(d, dict)] if isinstance(details, list) else []
-
-
-def _retry_delay(error: Mapping[str, Any]) -> float | None:
-    """``google.rpc.RetryInfo.retryDelay`` (``"30s"``, ``"1.5s"``) from an error's details."""
-    for detail in _details(error):
-        if str(detail.get("@type", "")).endswith("google.rpc.RetryInfo"):
-            match = _DURATION.match(str(detail.get("retryDelay", "")))
-            if match:
-                return float(match.group(1))
-    return None
 
 
 def _loads(data: str) -> dict[str, Any]:
