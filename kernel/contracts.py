@@ -258,9 +258,12 @@ ResponseFormat = Annotated[
 
 
 class PromptCache(_Strict):
-    """Prompt caching. ``key`` groups requests that share a prefix (OpenAI ``prompt_cache_key``);
-    ``breakpoints`` are positions in ``messages`` whose end closes a cached prefix (Anthropic
-    ``cache_control``, at most 4); ``ttl`` is Anthropic's cache lifetime."""
+    """Prompt caching hints. ``key`` groups requests that share a prefix (OpenAI and Mistral
+    ``prompt_cache_key``); ``breakpoints`` are positions in ``messages`` whose end closes a cached prefix
+    (Anthropic ``cache_control``, Bedrock ``cachePoint``; at most 4); ``ttl`` is that cache's lifetime.
+    Each provider uses the hints it has a field for: a hint without one changes nothing in the answer
+    (OpenAI and Gemini cache prefixes on their own, Anthropic and Bedrock need no key), except a
+    ``ttl`` a provider cannot set, which is refused."""
 
     key: str | None = Field(default=None, min_length=1, max_length=1024)
     breakpoints: list[int] = Field(default_factory=list, max_length=4)
