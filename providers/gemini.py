@@ -53,6 +53,7 @@ from kernel.errors import (
     MalformedResponse,
     MissingCredentials,
     ProviderError,
+    UnsupportedCapability,
     error_from_status,
 )
 from kernel.provider import Capabilities
@@ -285,6 +286,13 @@ class GeminiProvider(HttpProvider):
             payload["tools"] = [{"functionDeclarations": declarations}]
             if request.tool_choice is not None:
                 payload["toolConfig"] = {"functionCallingConfig": _calling_config(request)}
+        if request.cache is not None and request.cache.ttl is not None:
+            raise UnsupportedCapability(
+                f"{self.name} caches repeated prefixes on its own and has no cache ttl; remove cache.ttl "
+                "(explicit cached content goes in provider_options.gemini.cachedContent)",
+                provider=self.name,
+                model=request.model,
+            )
         config = self._generation_config(request, legacy=legacy)
         options = dict((request.provider_options or {}).get(self.name) or {})
         unknown = sorted(set(options) - _TOP_OPTIONS - _CONFIG_OPTIONS)

@@ -356,7 +356,7 @@ REFUSED: dict[str, set[str]] = {
     "openrouter": {"document", "document-url"},  # the preset declares no documents
     "azure_openai": {"document", "document-url"},
     "anthropic": {"service-tier-flex"},  # auto and standard_only only
-    "gemini": set(),
+    "gemini": {"cache"},  # no cache ttl
     # images and documents by bytes only; no way to forbid tool calls over a tool history
     "bedrock": {"tool-choice-none-after-tools", "document-url", "image-url", "service-tier"},  # no auto tier
     "mistral": {"document", "document-url", "cache", "service-tier-flex"},  # no documents here; no cache ttl
