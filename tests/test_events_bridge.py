@@ -1,0 +1,256 @@
+"""The bridge against a real NATS JetStream server and the real Temporal dev server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from temporalio.client import Client, WorkflowExecutionStatus
+
+from brokers.nats import NatsBroker
+from kernel.cloudevents import CloudEvent, decode_event, encode_binary, encode_structured
+from kernel.pipeline import PipelineSpec
+from kernel.registry import Registry
+from kernel.triggers import EventsConfig
+from worker.app import build_worker
+from worker.bridge import Bridge
+from worker.pipelines import PipelineCatalog
+
+ORDER_PIPELINE = PipelineSpec.model_validate(
+    {
+        "name": "order-flow",
+        "inputs": {"order_id": {"type": "string"}, "amount": {"type": "number"}},
+        "steps": [
+            {"id": "shipped", "type": "wait_event", "event": "order.shipped", "timeout_s": 600},
+            {"id": "done", "type": "transform", "expression": "{'carrier': steps.shipped.output.carrier}"},
+        ],
+        "outputs": {"carrier": "{{ steps.done.output.carrier }}", "amount": "{{ inputs.amount }}"},
+    }
+)
+
+
+def triggers(prefix: str, **extra: Any) -> EventsConfig:
+    return EventsConfig.model_validate(
+        {
+            "stream": f"IN_{prefix}",
+            "consumer": f"bridge-{prefix}",
+            "dead_letter_stream": f"DLQ_{prefix}",
+            "dead_letter_subject": f"dlq.{prefix}",
+            "retry_delay_s": 0.2,
+            "triggers": [
+                {
+                    "name": "paid",
+                    "subject": f"{prefix}.orders.paid",
+                    "type": "com.shop.order.paid",
+                    "filter": "data.amount != 0",
+                    "start": {
+                        "pipeline": "order-flow",
+                        "workflow_id": f"{prefix}-order-{{{{ data.order_id }}}}",
+                        "inputs": {"order_id": "{{ data.order_id }}", "amount": "{{ data.amount }}"},
+                    },
+                },
+                {
+                    "name": "shipped",
+                    "subject": f"{prefix}.orders.shipped",
+                    "type": "com.shop.order.shipped",
+                    "signal": {
+                        "workflow_id": f"{prefix}-order-{{{{ data.order_id }}}}",
+                        "event": "order.shipped",
+                    },
+                },
+            ],
+            **extra,
+        }
+    )
+
+
+def event(type_: str, data: Any, *, id_: str | None = None) -> CloudEvent:
+    return CloudEvent(id=id_ or uuid.uuid4().hex, source="/shop", type=type_, data=data)
+
+
+@pytest.fixture
+async def broker(nats_server: str) -> AsyncIterator[NatsBroker]:
+    async with NatsBroker(nats_server) as connected:
+        yield connected
+
+
+@pytest.fixture
+async def worker_queue(client: Client, registry: Registry) -> AsyncIterator[str]:
+    queue = f"events-{uuid.uuid4().hex[:8]}"
+    async with build_worker(
+        client, task_queue=queue, registry=registry, pipelines=PipelineCatalog([ORDER_PIPELINE])
+    ):
+        yield queue
+
+
+class RunningBridge:
+    def __init__(self, bridge: Bridge, task: asyncio.Task[None], stop: asyncio.Event) -> None:
+        self.bridge, self.task, self.stop = bridge, task, stop
+
+    async def until(self, predicate: Callable[[], bool], within: float = 60) -> None:
+        async with asyncio.timeout(within):
+            while not predicate():
+                if self.task.done():
+                    self.task.result()
+                await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def run_bridge(client: Client, broker: NatsBroker) -> AsyncIterator[Callable[..., Any]]:
+    running: list[RunningBridge] = []
+
+    async def start(
+        config: EventsConfig, task_queue: str, *, temporal: Client | None = None
+    ) -> RunningBridge:
+        bridge = Bridge(
+            temporal or client,
+            broker,
+            config,
+            task_queue=task_queue,
+            catalog=PipelineCatalog([ORDER_PIPELINE]),
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(bridge.run(stop))
+        async with asyncio.timeout(30):
+            await bridge.ready.wait()
+        running.append(RunningBridge(bridge, task, stop))
+        return running[-1]
+
+    yield start
+    for item in running:
+        item.stop.set()
+        await asyncio.wait_for(item.task, timeout=30)
+
+
+async def publish(broker: NatsBroker, subject: str, ce: CloudEvent, *, binary: bool = False) -> None:
+    body, headers = encode_binary(ce) if binary else encode_structured(ce)
+    await broker.publish(subject, body, headers=headers)
+
+
+async def test_paid_starts_shipped_resumes_duplicates_start_nothing(
+    client: Client, broker: NatsBroker, worker_queue: str, run_bridge: Any
+) -> None:
+    p = "t1" + uuid.uuid4().hex[:6]
+    running = await run_bridge(triggers(p), worker_queue)
+    paid = event("com.shop.order.paid", {"order_id": "42", "amount": 120})
+    await publish(broker, f"{p}.orders.paid", paid)
+    await publish(broker, f"{p}.orders.paid", paid)  # the same event again (a producer's retry)
+    await running.until(lambda: running.bridge.stats["started"] + running.bridge.stats["duplicate"] == 2)
+    assert running.bridge.stats["started"] == 1
+    assert running.bridge.stats["duplicate"] == 1
+
+    shipped = event("com.shop.order.shipped", {"order_id": "42", "carrier": "DHL"}, id_="ship-1")
+    await publish(broker, f"{p}.orders.shipped", shipped, binary=True)
+    handle = client.get_workflow_handle(f"{p}-order-42")
+    result = await asyncio.wait_for(handle.result(), timeout=60)
+    assert result["outputs"] == {"carrier": "DHL", "amount": "120"}
+
+    # A new event with the same business key after the pipeline closed: refused as a duplicate.
+    await publish(broker, f"{p}.orders.paid", event("com.shop.order.paid", {"order_id": "42", "amount": 5}))
+    await running.until(lambda: running.bridge.stats["duplicate"] == 2)
+    runs = [w async for w in client.list_workflows(f"WorkflowId = '{p}-order-42'")]
+    assert len(runs) == 1
+    assert runs[0].status == WorkflowExecutionStatus.COMPLETED
+
+
+async def test_second_event_first_waits_for_the_pipeline(
+    client: Client, broker: NatsBroker, worker_queue: str, run_bridge: Any
+) -> None:
+    p = "t2" + uuid.uuid4().hex[:6]
+    running = await run_bridge(triggers(p), worker_queue)
+    await publish(
+        broker, f"{p}.orders.shipped", event("com.shop.order.shipped", {"order_id": "7", "carrier": "UPS"})
+    )
+    await running.until(lambda: running.bridge.stats["retry"] >= 1)
+    await publish(broker, f"{p}.orders.paid", event("com.shop.order.paid", {"order_id": "7", "amount": 3}))
+    await running.until(lambda: running.bridge.stats["signalled"] == 1)
+    result = await asyncio.wait_for(client.get_workflow_handle(f"{p}-order-7").result(), timeout=60)
+    assert result["outputs"]["carrier"] == "UPS"
+    assert running.bridge.stats["signalled"] == 1
+
+
+async def dead_letters(
+    broker: NatsBroker, stream: str, count: int
+) -> list[tuple[str, bytes, dict[str, str]]]:
+    subscription = await broker.subscribe(stream, f"reader-{uuid.uuid4().hex[:6]}")
+    found: list[tuple[str, bytes, dict[str, str]]] = []
+    async with asyncio.timeout(30):
+        while len(found) < count:
+            for delivery in await subscription.fetch(count, timeout_s=1):
+                found.append((delivery.subject, delivery.data, dict(delivery.headers)))
+                await delivery.ack()
+    await subscription.close()
+    return found
+
+
+async def test_bad_events_are_dead_lettered_with_reason_and_bytes(
+    client: Client, broker: NatsBroker, worker_queue: str, run_bridge: Any
+) -> None:
+    p = "t3" + uuid.uuid4().hex[:6]
+    config = triggers(p)
+    config.triggers.append(
+        config.triggers[0].model_copy(
+            update={
+                "name": "ghost",
+                "subject": f"{p}.ghost",
+                "start": config.triggers[0].start.model_copy(update={"pipeline": "no-such-pipeline"}),  # type: ignore[union-attr]
+            }
+        )
+    )
+    running = await run_bridge(config, worker_queue)
+    not_json = b"\x00this is not a cloud event"
+    await broker.publish(f"{p}.orders.paid", not_json)
+    no_key = event("com.shop.order.paid", {"amount": 3})  # the workflow id template reads data.order_id
+    await publish(broker, f"{p}.orders.paid", no_key)
+    bad_input = event("com.shop.order.paid", {"order_id": "9", "amount": "lots"})  # amount must be a number
+    await publish(broker, f"{p}.orders.paid", bad_input)
+    await publish(broker, f"{p}.ghost", event("com.shop.order.paid", {"order_id": "9", "amount": 1}))
+    await running.until(lambda: running.bridge.stats["dead_lettered"] == 4)
+    letters = await dead_letters(broker, f"DLQ_{p}", 4)
+    reasons = {data: headers["Kernelflow-Dead-Letter-Reason"] for _, data, headers in letters}
+    assert "not a CloudEvents 1.0 event" in reasons[not_json]
+    assert "order_id" in reasons[encode_structured(no_key)[0]]
+    assert (
+        "amount" in reasons[encode_structured(bad_input)[0]]
+        and "number" in reasons[encode_structured(bad_input)[0]]
+    )
+    assert any("no pipeline 'no-such-pipeline'" in r for r in reasons.values())
+    assert {s for s, _, _ in letters} == {f"dlq.{p}.{p}.orders.paid", f"dlq.{p}.{p}.ghost"}
+    assert running.bridge.stats["started"] == 0
+    runs = [w async for w in client.list_workflows(f"WorkflowId STARTS_WITH '{p}-'")]
+    assert runs == []
+
+
+async def test_in_flight_is_bounded(
+    client: Client, broker: NatsBroker, worker_queue: str, run_bridge: Any
+) -> None:
+    p = "t4" + uuid.uuid4().hex[:6]
+    running = await run_bridge(triggers(p, max_in_flight=3), worker_queue)
+    for n in range(40):
+        await publish(
+            broker, f"{p}.orders.paid", event("com.shop.order.paid", {"order_id": str(n), "amount": 1})
+        )
+    await running.until(lambda: running.bridge.stats["started"] == 40)
+    assert 1 <= running.bridge.peak_in_flight <= 3
+
+
+async def test_filter_and_unmatched_events_are_acked_without_action(
+    broker: NatsBroker, worker_queue: str, run_bridge: Any
+) -> None:
+    p = "t5" + uuid.uuid4().hex[:6]
+    running = await run_bridge(triggers(p), worker_queue)
+    await publish(broker, f"{p}.orders.paid", event("com.shop.order.paid", {"order_id": "1", "amount": 0}))
+    await publish(broker, f"{p}.orders.paid", event("com.shop.order.refunded", {"order_id": "1"}))
+    await running.until(lambda: running.bridge.stats["unmatched"] == 2)
+    assert running.bridge.stats["started"] == 0
+
+
+def test_event_round_trip_binary_and_structured() -> None:
+    ce = CloudEvent(id="1", source="/shop", type="t", data={"a": [1, 2]}, traceparent="00-abc-def-01")
+    assert decode_event(*encode_structured(ce)) == ce
+    assert decode_event(*encode_binary(ce)) == ce.model_copy(update={"datacontenttype": "application/json"})
+    assert json.loads(encode_structured(ce)[0])["specversion"] == "1.0"
