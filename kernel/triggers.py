@@ -240,6 +240,11 @@ class EventsConfig(BaseModel):
     retry_delay_s: float = Field(
         default=1.0, gt=0, description="Redelivery delay while Temporal is unreachable."
     )
+    temporal_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Per Temporal call; keep it below ack_wait_s, or a slow call is redelivered.",
+    )
     triggers: list[TriggerSpec] = Field(default_factory=list)
     ingress: IngressConfig | None = None
     outbound: OutboundConfig = Field(default_factory=OutboundConfig)

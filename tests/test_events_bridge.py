@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -254,3 +256,46 @@ def test_event_round_trip_binary_and_structured() -> None:
     assert decode_event(*encode_structured(ce)) == ce
     assert decode_event(*encode_binary(ce)) == ce.model_copy(update={"datacontenttype": "application/json"})
     assert json.loads(encode_structured(ce)[0])["specversion"] == "1.0"
+
+
+async def test_temporal_outage_loses_nothing_and_starts_nothing_twice(
+    tmp_path: Any, broker: NatsBroker, run_bridge: Any
+) -> None:
+    """Kill -9 the Temporal server while events flow, restart it on the same data, count."""
+    from worker.app import connect
+    from worker.devserver import DevServer, free_port
+
+    p = "t6" + uuid.uuid4().hex[:6]
+    port = free_port()
+    server = DevServer(state_dir=tmp_path, port=port, headless=True)
+    await server.start()
+    try:
+        temporal = await connect(server.target)
+        running = await run_bridge(
+            triggers(p, retry_delay_s=0.3, temporal_timeout_s=2), "no-worker-needed", temporal=temporal
+        )
+        total = 30
+        for n in range(10):
+            await publish(
+                broker, f"{p}.orders.paid", event("com.shop.order.paid", {"order_id": str(n), "amount": 1})
+            )
+        await running.until(lambda: running.bridge.stats["started"] == 10)
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGKILL)  # no goodbye
+        for n in range(10, total):
+            await publish(
+                broker, f"{p}.orders.paid", event("com.shop.order.paid", {"order_id": str(n), "amount": 1})
+            )
+        await running.until(lambda: running.bridge.stats["retry"] >= 3)
+        assert running.bridge.stats["started"] + running.bridge.stats["duplicate"] == 10
+
+        server = DevServer(state_dir=tmp_path, port=port, headless=True)
+        await server.start()
+        await running.until(
+            lambda: running.bridge.stats["started"] + running.bridge.stats["duplicate"] == total, 90
+        )
+        fresh = await connect(server.target)
+        ids = [w.id async for w in fresh.list_workflows(f"WorkflowId STARTS_WITH '{p}-'")]
+        assert sorted(ids) == sorted(f"{p}-order-{n}" for n in range(total))  # each once, none lost
+    finally:
+        await server.stop()

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
+from datetime import timedelta
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -98,6 +99,7 @@ class Bridge:
         self.peak_in_flight = 0
         self.ready = asyncio.Event()
         self._slots = asyncio.Semaphore(config.max_in_flight)
+        self._rpc_timeout = timedelta(seconds=config.temporal_timeout_s)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def setup(self) -> Subscription:
@@ -267,9 +269,11 @@ class Bridge:
             return await self._start(action)
         handle: WorkflowHandle[Any, Any] = self.client.get_workflow_handle(action.workflow_id)
         if action.kind == "signal":
-            await handle.signal(action.name or "event", action.args)
+            await handle.signal(action.name or "event", action.args, rpc_timeout=self._rpc_timeout)
             return Outcome("signalled", action.name or "event", action.workflow_id)
-        await handle.execute_update(action.name or "", action.args, id=_update_id(action.event_key))
+        await handle.execute_update(
+            action.name or "", action.args, id=_update_id(action.event_key), rpc_timeout=self._rpc_timeout
+        )
         return Outcome("updated", action.name or "", action.workflow_id)
 
     async def _start(self, action: Action) -> Outcome:
@@ -293,7 +297,10 @@ class Bridge:
                 id=action.workflow_id,
                 task_queue=self.task_queue,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING
+                if signal
+                else WorkflowIDConflictPolicy.FAIL,
+                rpc_timeout=self._rpc_timeout,
                 static_summary=f"pipeline {action.pipeline} · event {action.event_key}"[:400],
                 **signal,
             )
