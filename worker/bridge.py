@@ -27,10 +27,10 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from datetime import timedelta
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Literal
 
 import structlog
