@@ -51,7 +51,10 @@ def test_signatures_agree_with_the_reference_implementation() -> None:
 
 
 async def test_ingress_starts_pipelines_and_refuses_bad_signatures(
-    client: Client, broker: Any, worker_queue: str, run_bridge: Any
+    client: Client,
+    broker: Any,  # noqa: F811  (fixtures shared with test_events_bridge)
+    worker_queue: str,  # noqa: F811
+    run_bridge: Any,  # noqa: F811
 ) -> None:
     p = "w1" + uuid.uuid4().hex[:6]
     port = free_port()
