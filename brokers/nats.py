@@ -107,6 +107,9 @@ class NatsBroker(Broker):
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
+                # No buffering while reconnecting: a publication the caller already gave up on must
+                # not reach the stream later, after its duplicate window (it would be stored twice).
+                pending_size=0,
                 error_cb=_quiet,
                 disconnected_cb=_noop,
                 reconnected_cb=_noop,
