@@ -9,7 +9,8 @@ stream's duplicate window; a consumer group is a durable pull consumer with expl
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import nats
@@ -92,10 +93,14 @@ class NatsBroker(Broker):
         self._nc: NatsClient | None = None
 
     @property
-    def _js(self) -> Any:
+    def _connection(self) -> NatsClient:
         if self._nc is None:
             raise BrokerError("NATS: connect() first")
-        return self._nc.jetstream()
+        return self._nc
+
+    @property
+    def _js(self) -> Any:
+        return self._connection.jetstream()
 
     async def connect(self) -> None:
         if self._nc is not None:
@@ -174,6 +179,28 @@ class NatsBroker(Broker):
         except _UNAVAILABLE as exc:
             raise BrokerUnavailable(f"NATS: publication to {subject!r} not confirmed: {exc!r}") from exc
         return Published(stream=ack.stream, sequence=ack.seq, duplicate=bool(ack.duplicate))
+
+    async def watch(
+        self, subject: str, *, from_start: bool = False
+    ) -> AsyncIterator[tuple[str, bytes, dict[str, str]]]:
+        try:
+            try:
+                stream = await self._js.find_stream_name_by_subject(subject)
+            except nats.js.errors.NotFoundError:
+                sub = await self._connection.subscribe(subject)  # not stored: live messages only
+            else:
+                policy = DeliverPolicy.ALL if from_start else DeliverPolicy.NEW
+                sub = await self._js.subscribe(
+                    subject, stream=stream, ordered_consumer=True, deliver_policy=policy
+                )
+        except _UNAVAILABLE as exc:
+            raise BrokerUnavailable(f"NATS: cannot watch {subject!r}: {exc!r}") from exc
+        try:
+            async for msg in sub.messages:
+                yield msg.subject, msg.data, dict(msg.headers or {})
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
 
     async def subscribe(
         self,

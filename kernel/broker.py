@@ -19,7 +19,7 @@ topics by other plugins). The conformance kit (``kernel.testing.brokers``) check
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -127,6 +127,14 @@ class Broker(ABC):
     ) -> Subscription:
         """Join consumer group ``group`` on ``stream`` (created if missing), restricted to ``subjects``
         when given. Subscribers of one group share its messages; each message goes to one of them."""
+
+    def watch(
+        self, subject: str, *, from_start: bool = False
+    ) -> AsyncIterator[tuple[str, bytes, dict[str, str]]]:
+        """Messages on ``subject`` as they come (from the start of the stream holding it when
+        ``from_start``), without acknowledging anything: for people debugging (``kernelflow events
+        tail``). Optional for plugins."""
+        raise BrokerError(f"the {self.name} broker cannot tail subjects")
 
     async def __aenter__(self) -> Broker:
         await self.connect()

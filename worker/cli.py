@@ -1,4 +1,4 @@
-"""The ``kernelflow`` command: worker, dev, run, watch, demo, providers."""
+"""The ``kernelflow`` command: worker, dev, run, watch, demo, providers, bridge, events."""
 
 from __future__ import annotations
 
@@ -250,6 +250,7 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
     from worker.app import build_registry, build_worker, connect, simulator_settings
     from worker.devserver import DevServer
     from worker.observability import DevObservability
+    from worker.events_cli import dev_events
     from worker.pipelines import load_catalog, pipelines_dir
     from worker.search_attributes import ensure_search_attributes
 
@@ -286,7 +287,11 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
                 llm_activities=ops.activities(registry, config),
                 pipelines=catalog,
             )
-            async with worker, ops.serving(client):
+            events = dev_events(
+                client, config, state_dir=args.state_dir, port=args.nats_port, task_queue=settings.task_queue,
+                catalog=catalog,
+            )  # fmt: skip
+            async with worker, ops.serving(client), events as embedded:
                 print(f"Temporal   {server.target}  (namespace {settings.namespace}, data {server.db_path})")
                 print(f"Web UI     {server.ui_url}")
                 _print_encryption(payloads, codec, args.state_dir)
@@ -301,6 +306,7 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
                 print(f"Worker     task queue {settings.task_queue}, providers: {', '.join(registry.names)}")
                 print(f"Pipelines  registered by name: {', '.join(catalog.names) or 'none'}")
                 print(f"Metrics    {ops.url}/metrics  (health: /healthz, /readyz)")
+                print("\n".join(embedded.lines))
                 print("Ctrl-C stops everything.", flush=True)
                 await stop.wait()
             await registry.aclose()
@@ -406,6 +412,12 @@ async def _cmd_keys(args: argparse.Namespace) -> int:
     from worker.keys_cli import keys_command
 
     return await keys_command(args)
+
+
+async def _cmd_events(args: argparse.Namespace) -> int:
+    from worker.events_cli import run_command
+
+    return await run_command(args)
 
 
 def _on_signals(stop: asyncio.Event) -> None:
@@ -531,6 +543,11 @@ def _parser() -> argparse.ArgumentParser:
 
     providers = sub.add_parser("providers", help="list provider plugins, capabilities and credentials")
     providers.add_argument("--json", action="store_true")
+
+    from worker.events_cli import add_commands as add_event_commands
+
+    add_event_commands(sub, temporal_options)
+    dev.add_argument("--nats-port", type=int, default=4222, help="embedded NATS JetStream server")
     return parser
 
 
@@ -548,6 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "demo": _cmd_demo,
             "codec-server": _cmd_codec_server,
             "keys": _cmd_keys,
+            "bridge": _cmd_events,
+            "events": _cmd_events,
         }[args.command]
         return asyncio.run(handler(args))
     except KeyboardInterrupt:

@@ -24,6 +24,8 @@ Provider set-up comes from an optional YAML file (``KERNELFLOW_CONFIG``)::
       compression: {enabled: true, min_bytes: 1024}   # zlib before encryption
     routing:
       breaker: {failure_threshold: 5, cooldown_s: 30}   # per provider/model; enabled: false turns off
+    events:                        # the bridge's triggers and outbound lifecycle events: docs/events.md
+      broker: nats://127.0.0.1:4222
 
 A running worker re-reads the file when it changes (polled) or on SIGHUP: ``aliases``, ``providers``,
 ``presets``, ``prices`` and ``routing`` apply to the following model calls, including the next steps
@@ -53,6 +55,7 @@ from kernel.pipeline import format_validation_error
 from kernel.pricing import Price
 from kernel.provider import ProviderSettings
 from kernel.routing import BreakerSettings
+from kernel.triggers import EventsConfig
 
 __all__ = [
     "CompressionSettings",
@@ -177,6 +180,9 @@ class KernelflowConfig(BaseModel):
     )
     payloads: PayloadSettings = Field(default_factory=PayloadSettings)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    events: EventsConfig | None = Field(
+        default=None, description="Broker, triggers, webhook ingress, lifecycle events (docs/events.md)."
+    )
 
 
 class WorkerSettings(BaseModel):
