@@ -25,6 +25,7 @@ event's data) and ``message`` (``subject`` and ``headers`` of the broker message
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -384,5 +385,10 @@ def _signal_args(
     return {
         "name": _text(name, context, f"{location}.event") if name else event.type,
         "payload": rendered,
-        "id": event.key,
+        "id": _event_id(event.key),
     }
+
+
+def _event_id(key: str) -> str:
+    """The ``event`` signal's id holds at most 200 characters; longer keys are shortened to a digest."""
+    return key if len(key) <= 200 else "sha256:" + hashlib.sha256(key.encode()).hexdigest()

@@ -34,6 +34,18 @@ ORDER_PIPELINE = PipelineSpec.model_validate(
     }
 )
 
+TWO_WAITS = PipelineSpec.model_validate(
+    {
+        "name": "two-waits",
+        "inputs": {"order_id": {"type": "string"}, "amount": {"type": "number"}},
+        "steps": [
+            {"id": "shipped", "type": "wait_event", "event": "order.shipped", "timeout_s": 600},
+            {"id": "delivered", "type": "wait_event", "event": "order.delivered", "timeout_s": 600},
+        ],
+    }
+)
+CATALOG = [ORDER_PIPELINE, TWO_WAITS]
+
 
 def triggers(prefix: str, **extra: Any) -> EventsConfig:
     return EventsConfig.model_validate(
@@ -83,9 +95,7 @@ async def broker(nats_server: str) -> AsyncIterator[NatsBroker]:
 @pytest.fixture
 async def worker_queue(client: Client, registry: Registry) -> AsyncIterator[str]:
     queue = f"events-{uuid.uuid4().hex[:8]}"
-    async with build_worker(
-        client, task_queue=queue, registry=registry, pipelines=PipelineCatalog([ORDER_PIPELINE])
-    ):
+    async with build_worker(client, task_queue=queue, registry=registry, pipelines=PipelineCatalog(CATALOG)):
         yield queue
 
 
@@ -113,7 +123,7 @@ async def run_bridge(client: Client, broker: NatsBroker) -> AsyncIterator[Callab
             broker,
             config,
             task_queue=task_queue,
-            catalog=PipelineCatalog([ORDER_PIPELINE]),
+            catalog=PipelineCatalog(CATALOG),
         )
         stop = asyncio.Event()
         task = asyncio.create_task(bridge.run(stop))
@@ -299,3 +309,36 @@ async def test_temporal_outage_loses_nothing_and_starts_nothing_twice(
         assert sorted(ids) == sorted(f"{p}-order-{n}" for n in range(total))  # each once, none lost
     finally:
         await server.stop()
+
+
+async def test_a_redelivered_event_is_applied_once(
+    client: Client, broker: NatsBroker, worker_queue: str, run_bridge: Any
+) -> None:
+    p = "t7" + uuid.uuid4().hex[:6]
+    config = triggers(p)
+    start = config.triggers[0].start
+    assert start is not None
+    start.pipeline = "two-waits"
+    config.triggers.append(
+        config.triggers[1].model_copy(
+            update={
+                "name": "delivered",
+                "subject": f"{p}.orders.delivered",
+                "type": "com.shop.order.delivered",
+                "signal": config.triggers[1].signal.model_copy(update={"event": "order.delivered"}),  # type: ignore[union-attr]
+            }
+        )
+    )
+    running = await run_bridge(config, worker_queue)
+    await publish(broker, f"{p}.orders.paid", event("com.shop.order.paid", {"order_id": "3", "amount": 1}))
+    await running.until(lambda: running.bridge.stats["started"] == 1)
+    shipped = event("com.shop.order.shipped", {"order_id": "3"}, id_="ship-3")
+    await publish(broker, f"{p}.orders.shipped", shipped)
+    await publish(broker, f"{p}.orders.shipped", shipped)  # stored twice: the bridge sees it twice
+    await running.until(lambda: running.bridge.stats["signalled"] == 2)
+    await publish(broker, f"{p}.orders.delivered", event("com.shop.order.delivered", {"order_id": "3"}))
+    handle = client.get_workflow_handle(f"{p}-order-3")
+    result = await asyncio.wait_for(handle.result(), timeout=60)
+    assert result["status"] == "completed"
+    status = await handle.query("status")
+    assert status["pending_events"] == {}  # the second copy was recognised by its id, not kept

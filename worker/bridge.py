@@ -48,8 +48,7 @@ from kernel.cloudevents import InvalidEvent, decode_event
 from kernel.errors import PipelineError
 from kernel.triggers import Action, EventsConfig, MappingFailed, match_trigger
 from worker.pipelines import PipelineCatalog
-from workflows.engine.models import PipelineRequest
-from workflows.pipeline import PIPELINE_WORKFLOW
+from workflows.contract import PIPELINE_WORKFLOW, PipelineRequest
 
 __all__ = ["Bridge", "Outcome"]
 
