@@ -42,6 +42,7 @@ from kernel.triggers import OutboundConfig, WebhookSubscriber
 from kernel.webhooks import signature_headers
 
 __all__ = [
+    "PUBLISH_ATTEMPT_TIMEOUT",
     "PUBLISH_EVENTS",
     "PUBLISH_RETRY",
     "PUBLISH_RETRY_SPAN",
@@ -49,6 +50,7 @@ __all__ = [
     "LifecycleRecord",
     "PublishEventsInput",
     "PublishEventsResult",
+    "publish_events_unconfigured",
     "to_cloudevent",
 ]
 
@@ -58,6 +60,9 @@ PUBLISH_EVENTS = "publish_events"
 PUBLISH_RETRY_SPAN = timedelta(minutes=15)
 """Schedule-to-close of ``publish_events``: the longest a bus outage can hold an event (and delay the
 close of a pipeline that drains its final events). Must be shorter than the duplicate window."""
+
+PUBLISH_ATTEMPT_TIMEOUT = timedelta(seconds=30)
+"""Start-to-close of one attempt."""
 
 PUBLISH_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(seconds=60)
@@ -133,6 +138,7 @@ class EventPublisher:
         environ: Mapping[str, str] | None = None,
         http_client: httpx.AsyncClient | None = None,
         retry_span: timedelta = PUBLISH_RETRY_SPAN,
+        close_broker: bool = False,
     ) -> None:
         if config.duplicate_window_s < retry_span.total_seconds():
             raise ConfigurationError(
@@ -147,10 +153,13 @@ class EventPublisher:
         self.environ = os.environ if environ is None else environ
         self._http = http_client
         self._stream_ready = False
+        self._close_broker = close_broker
 
     async def aclose(self) -> None:
         if self._http is not None:
             await self._http.aclose()
+        if self._close_broker:
+            await self.broker.close()
 
     async def _ensure_stream(self) -> None:
         if not self._stream_ready:
@@ -215,3 +224,15 @@ class EventPublisher:
                 )
             sent += 1
         return sent
+
+
+@activity.defn(name=PUBLISH_EVENTS)
+async def publish_events_unconfigured(request: PublishEventsInput) -> PublishEventsResult:
+    """What a worker without an ``events:`` section answers: a refusal, not retried, so a pipeline
+    that opted in goes on without waiting out the retry span."""
+    raise ApplicationError(
+        f"this worker publishes no lifecycle events ({len(request.events)} dropped): add an events: section "
+        "with a broker to its config file",
+        type="EventsNotConfigured",
+        non_retryable=True,
+    )

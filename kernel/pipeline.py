@@ -57,6 +57,7 @@ __all__ = [
     "ApprovalStep",
     "BudgetSpec",
     "EmbedStep",
+    "EventsSpec",
     "InputSpec",
     "LlmStep",
     "MapStep",
@@ -140,6 +141,37 @@ class _StepTypes(dict[str, type[StepSpec]]):
 STEP_TYPES: dict[str, type[StepSpec]] = _StepTypes()
 
 
+class EventsSpec(_Spec):
+    """Outbound lifecycle events of a pipeline (docs/events.md). ``events: true`` is short for
+    ``{enabled: true}``; without an ``events:`` field the worker's default applies to pipelines
+    registered on it by name."""
+
+    enabled: bool = True
+    types: list[str] | None = Field(
+        default=None, description="Lifecycle event types to publish (default: all), e.g. pipeline.completed."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+    @field_validator("types")
+    @classmethod
+    def _known_types(cls, types: list[str] | None) -> list[str] | None:
+        from kernel.engine import LIFECYCLE_TYPES
+
+        for name in types or []:
+            if name not in LIFECYCLE_TYPES:
+                raise ValueError(
+                    f"unknown lifecycle event type {name!r}; known: {', '.join(LIFECYCLE_TYPES)}"
+                )
+        return types
+
+    def wants(self, event_type: str) -> bool:
+        return self.enabled and (self.types is None or event_type in self.types)
+
+
 class PipelineSpec(_Spec):
     name: str = Field(pattern=NAME_PATTERN)
     description: str | None = None
@@ -149,6 +181,9 @@ class PipelineSpec(_Spec):
     outputs: dict[str, str] = Field(default_factory=dict)
     retry: RetrySpec = Field(default_factory=RetrySpec, description="Default retry policy of steps.")
     budget: BudgetSpec | None = None
+    events: EventsSpec | None = Field(
+        default=None, description="Publish lifecycle events (true/false, or {enabled, types})."
+    )
 
     @field_validator("inputs")
     @classmethod

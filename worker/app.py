@@ -17,6 +17,7 @@ from temporalio.client import Client, Interceptor
 from temporalio.runtime import Runtime
 from temporalio.worker import Worker, WorkflowRunner
 
+from activities.events import EventPublisher
 from activities.llm import LlmActivities
 from activities.mcp import mcp_servers_from_env
 from activities.tool import parse_allow_list
@@ -151,6 +152,7 @@ def build_worker(
     tool_allow: Sequence[str] = (),
     graceful_shutdown_s: float = 20.0,
     mcp_servers: Mapping[str, Any] | None = None,
+    events: EventPublisher | None = None,
 ) -> Worker:
     """A worker on ``task_queue`` with ``KernelflowPlugin``. It converts payloads with ``client``'s
     converter, or with one built from ``payloads`` when given (which must match the clients')."""
@@ -170,6 +172,7 @@ def build_worker(
         tool_allow=tool_allow,
         mcp_servers=mcp_servers,
         extra_activities=extra_activities,
+        events=events,
     )
     return Worker(
         client,
@@ -182,6 +185,18 @@ def build_worker(
         graceful_shutdown_timeout=timedelta(seconds=graceful_shutdown_s),
         max_cached_workflows=max_cached_workflows,
     )
+
+
+def event_publisher(config: KernelflowConfig, *, broker_url: str | None = None) -> EventPublisher | None:
+    """The ``publish_events`` activity's publisher when the config has an ``events:`` section (the
+    broker is connected at the first publication)."""
+    if config.events is None and broker_url is None:
+        return None
+    from brokers import broker_for_url
+    from kernel.triggers import EventsConfig
+
+    events = config.events or EventsConfig()
+    return EventPublisher(broker_for_url(broker_url or events.broker), events.outbound, close_broker=True)
 
 
 def default_breakers(
@@ -301,15 +316,20 @@ async def run_worker(
     added = await ensure_search_attributes(client, connection.namespace)
     if added:
         _log.info("registered search attributes", names=added, namespace=connection.namespace)
+    publisher = event_publisher(config)
     worker = build_worker(
         client,
         task_queue=settings.task_queue,
         llm_activities=activities,
+        events=publisher,
         max_concurrent_activities=settings.max_concurrent_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
         max_cached_workflows=settings.max_cached_workflows,
         graceful_shutdown_s=settings.shutdown_grace_s,
-        pipelines=load_catalog(pipelines_dir(config.pipelines_dir)),
+        pipelines=load_catalog(
+            pipelines_dir(config.pipelines_dir),
+            events_default=bool(config.events and config.events.outbound.default),
+        ),
         tool_allow=[*config.tool_allow, *parse_allow_list(os.environ.get("KERNELFLOW_TOOL_ALLOWLIST"))],
         mcp_servers={**config.mcp_servers, **mcp_servers_from_env()},
     )
@@ -373,6 +393,8 @@ async def run_worker(
             await health.stop()
         await reloader.aclose()
         await activities.registry.aclose()
+        if publisher is not None:
+            await publisher.aclose()
         _log.info("worker stopped")
 
 

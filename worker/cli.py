@@ -281,17 +281,14 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
             config = load_config(settings.config_file)
             registry = build_registry(config, provider_settings=overrides)
             catalog = load_catalog(pipelines_dir(config.pipelines_dir) or DEMO_PIPELINE.parent)
-            worker = build_worker(
-                client,
-                task_queue=settings.task_queue,
-                llm_activities=ops.activities(registry, config),
-                pipelines=catalog,
-            )
             events = dev_events(
                 client, config, state_dir=args.state_dir, port=args.nats_port, task_queue=settings.task_queue,
                 catalog=catalog,
             )  # fmt: skip
-            async with worker, ops.serving(client), events as embedded:
+            async with events as embedded, build_worker(
+                client, task_queue=settings.task_queue, llm_activities=ops.activities(registry, config),
+                pipelines=catalog, events=embedded.publisher,
+            ), ops.serving(client):  # fmt: skip
                 print(f"Temporal   {server.target}  (namespace {settings.namespace}, data {server.db_path})")
                 print(f"Web UI     {server.ui_url}")
                 _print_encryption(payloads, codec, args.state_dir)

@@ -189,6 +189,8 @@ class DevEvents:
     """What ``kernelflow dev`` runs for events: a NATS server, and a bridge when triggers exist."""
 
     broker_url: str
+    publisher: Any = None
+    """The worker's ``publish_events`` publisher, on the embedded server."""
     lines: list[str] = field(default_factory=list)
 
 
@@ -201,8 +203,11 @@ async def dev_events(
     from worker.webhook_ingress import WebhookIngress
 
     with NatsServer(state_dir=state_dir, port=port) as server:
+        from worker.app import event_publisher
+
         events = (config.events or EventsConfig()).model_copy(update={"broker": server.url})
-        info = DevEvents(broker_url=server.url)
+        catalog.events_default = events.outbound.default
+        info = DevEvents(broker_url=server.url, publisher=event_publisher(config, broker_url=server.url))
         info.lines.append(
             f"NATS       {server.url}  (JetStream; `kernelflow events tail '>' --broker {server.url}`)"
         )
@@ -233,3 +238,4 @@ async def dev_events(
                     await ingress.stop()
                 if task is not None:
                     await asyncio.gather(task, return_exceptions=True)
+                await info.publisher.aclose()

@@ -29,7 +29,9 @@ PIPELINES_DIR_ENV = "KERNELFLOW_PIPELINES_DIR"
 class PipelineCatalog:
     """Pipelines by name and version; its bound ``load`` method is the ``load_pipeline`` activity."""
 
-    def __init__(self, specs: Iterable[PipelineSpec] = ()) -> None:
+    def __init__(self, specs: Iterable[PipelineSpec] = (), *, events_default: bool = False) -> None:
+        self.events_default = events_default
+        """Publish lifecycle events for pipelines whose spec has no ``events:`` field."""
         self._specs: dict[str, dict[int, PipelineSpec]] = {}
         for spec in specs:
             self.add(spec)
@@ -71,12 +73,15 @@ class PipelineCatalog:
             spec = self.get(request.name, request.version)
         except PipelineError as exc:
             raise ApplicationError(str(exc), type=FailureType.UNKNOWN_PIPELINE, non_retryable=True) from exc
-        return spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+        data = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if self.events_default and spec.events is None:
+            data["events"] = {"enabled": True}  # recorded in the history with the rest of the spec
+        return data
 
 
-def load_catalog(folder: Path | str | None) -> PipelineCatalog:
+def load_catalog(folder: Path | str | None, *, events_default: bool = False) -> PipelineCatalog:
     """Every ``*.yaml`` / ``*.yml`` / ``*.json`` file in ``folder`` (not recursive)."""
-    catalog = PipelineCatalog()
+    catalog = PipelineCatalog(events_default=events_default)
     if folder is None:
         return catalog
     path = Path(folder)

@@ -30,6 +30,7 @@ from temporalio.worker import WorkerConfig, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.embed import EmbedActivities
+from activities.events import EventPublisher, publish_events_unconfigured
 from activities.live import LiveProviders
 from activities.llm import LlmActivities
 from activities.mcp import McpActivities, McpServerConfig
@@ -136,7 +137,8 @@ class KernelflowPlugin(SimplePlugin):
     """Adds Kernelflow to a Temporal client and its workers.
 
     With ``registry`` (or ``providers``), workers get the activities (``llm_chat``, ``llm_embed``,
-    ``http_tool``, ``load_pipeline``) and update validators check reroute targets against it.
+    ``http_tool``, ``load_pipeline``, ``publish_events`` on ``events``' broker, or a refusal without
+    one) and update validators check reroute targets against it.
     ``payloads`` must match on the client and every worker (default: the environment's
     ``KERNELFLOW_PAYLOADS_*`` / ``payloads:`` settings).
     """
@@ -154,6 +156,7 @@ class KernelflowPlugin(SimplePlugin):
         mcp_servers: Mapping[str, McpServerConfig] | None = None,
         chat: LlmActivities | None = None,
         extra_activities: Sequence[Callable[..., Any]] = (),
+        events: EventPublisher | None = None,
     ) -> None:
         if chat is not None:
             providers = chat.live
@@ -170,6 +173,7 @@ class KernelflowPlugin(SimplePlugin):
                 ToolActivities(tool_allow).call,
                 *_mcp_activities(McpActivities(mcp_servers)),
                 (pipelines or PipelineCatalog()).load,
+                events.publish_events if events is not None else publish_events_unconfigured,
                 *extra_activities,
             ]
         self.chat_activities = chat

@@ -56,6 +56,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.engine.checks import check_model
     from workflows.engine.effects import TemporalEffects
+    from workflows.engine.outbox import LIFECYCLE_EVENTS_PATCH, Outbox
 
 __all__ = [
     "CONTINUE_AS_NEW_AFTER",
@@ -437,12 +438,22 @@ class PipelineWorkflow:
 
     @workflow.run
     async def run(self, request: Any) -> PipelineResult:
+        try:
+            return await self._run()
+        finally:
+            # The final events (completed, failed, cancelled, before a continue-as-new) go out first.
+            if self._effects.outbox is not None:
+                await self._effects.outbox.drain()
+
+    async def _run(self) -> PipelineResult:
         if self._request_error is not None:
             raise self._fail(self._request_error, FailureType.PIPELINE_ERROR)
         if self._engine is None:
             await self._load()
         engine = self._require_engine()
         spec = engine.spec
+        if spec.events is not None and spec.events.enabled and workflow.patched(LIFECYCLE_EVENTS_PATCH):
+            self._effects.outbox = Outbox(spec.events, pipeline=spec.name, tenant=self._request.tenant)
         carry = self._request.carry_over
         if carry is None:
             try:

@@ -51,6 +51,7 @@ with workflow.unsafe.imports_passed_through():
         PipelineRequest,
         PipelineResult,
     )
+    from workflows.engine.outbox import Outbox
 
 __all__ = ["TemporalEffects", "failure_cause"]
 
@@ -75,6 +76,8 @@ class TemporalEffects:
         self.v2 = v2
         self.continue_as_new_after = continue_as_new_after
         self.lifecycle_events: list[LifecycleEvent] = []
+        self.outbox: Outbox | None = None
+        """Set for runs whose pipeline publishes lifecycle events."""
 
     def now(self) -> datetime:
         return workflow.now()
@@ -266,6 +269,8 @@ class TemporalEffects:
     def lifecycle(self, event: LifecycleEvent) -> None:
         self.lifecycle_events.append(event)
         del self.lifecycle_events[:-100]
+        if self.outbox is not None:
+            self.outbox.add(event)
 
 
 def _cause_type(exc: ActivityError) -> str:

@@ -1,0 +1,170 @@
+"""Lifecycle events published by PipelineWorkflow itself (opt-in `events:`), on real NATS and Temporal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+
+from activities.events import EventPublisher
+from brokers.nats import NatsBroker
+from kernel.cloudevents import decode_event
+from kernel.pipeline import PipelineSpec
+from kernel.registry import Registry
+from kernel.triggers import OutboundConfig
+from simulator.server import SimulatorServer
+from worker.app import build_worker, workflow_runner
+from worker.client import start_pipeline
+from worker.nats_server import NatsServer
+from worker.pipelines import PipelineCatalog
+from workflows.pipeline import PipelineWorkflow
+
+
+def spec(events: Any = True, name: str = "evented") -> PipelineSpec:
+    data: dict[str, Any] = {
+        "name": name,
+        "inputs": {"who": {"type": "string"}},
+        "steps": [
+            {"id": "greet", "model": "openai/gpt-4o-mini", "prompt": "Say hello to {{ inputs.who }}"},
+            {"id": "shape", "type": "transform", "expression": "steps.greet.output | length"},
+        ],
+        "outputs": {"greeting": "{{ steps.greet.output }}"},
+    }
+    if events is not None:
+        data["events"] = events
+    return PipelineSpec.model_validate(data)
+
+
+async def read_all(broker: NatsBroker, stream: str) -> list[Any]:
+    subscription = await broker.subscribe(stream, f"reader-{uuid.uuid4().hex[:6]}")
+    events = []
+    while batch := await subscription.fetch(100, timeout_s=1.0):
+        for delivery in batch:
+            events.append((delivery.subject, decode_event(delivery.data, delivery.headers)))
+            await delivery.ack()
+    await subscription.close()
+    return events
+
+
+@pytest.fixture
+async def broker(nats_server: str) -> AsyncIterator[NatsBroker]:
+    async with NatsBroker(nats_server) as connected:
+        yield connected
+
+
+async def test_an_opted_in_pipeline_publishes_its_lifecycle_in_order(
+    client: Client, broker: NatsBroker, registry: Registry
+) -> None:
+    prefix = "lc" + uuid.uuid4().hex[:6]
+    config = OutboundConfig(stream=prefix.upper(), subject_prefix=prefix)
+    publisher = EventPublisher(broker, config)
+    queue = f"lc-{uuid.uuid4().hex[:8]}"
+    async with build_worker(client, task_queue=queue, registry=registry, events=publisher):
+        handle = await start_pipeline(client, spec(), {"who": "Ada"}, task_queue=queue, tenant="acme")
+        result = await handle.result()
+    assert result.status == "completed"
+    published = await read_all(broker, config.stream)
+    types = [e.type for _, e in published]
+    assert types == [
+        "kernelflow.pipeline.started",
+        "kernelflow.step.completed",
+        "kernelflow.step.completed",
+        "kernelflow.pipeline.completed",
+    ]
+    assert [e.id for _, e in published] == [f"{handle.id}:{n}" for n in range(1, 5)]
+    subject, completed = published[-1]
+    assert subject == f"{prefix}.acme.evented.pipeline.completed"
+    assert completed.data["usage"]["total_tokens"] == result.usage.total_tokens > 0
+    assert completed.data["cost_usd"] == result.cost_usd
+    assert completed.extensions["kftenant"] == "acme" and completed.subject == handle.id
+    assert "Hello" not in str([e.data for _, e in published])  # summaries, never the model's output
+
+    # The run replays on today's code (tests/histories/lifecycle-events.json keeps one such run).
+    history = await handle.fetch_history()
+    replayer = Replayer(
+        workflows=[PipelineWorkflow],
+        data_converter=pydantic_data_converter,
+        workflow_runner=workflow_runner(),
+    )
+    assert (await replayer.replay_workflow(history, raise_on_replay_failure=False)).replay_failure is None
+    if os.environ.get("KERNELFLOW_RECORD_HISTORY"):
+        Path(os.environ["KERNELFLOW_RECORD_HISTORY"]).write_text(history.to_json(), encoding="utf-8")
+
+
+async def test_without_opt_in_nothing_is_published_and_without_a_broker_nothing_waits(
+    client: Client, broker: NatsBroker, registry: Registry
+) -> None:
+    prefix = "lo" + uuid.uuid4().hex[:6]
+    config = OutboundConfig(stream=prefix.upper(), subject_prefix=prefix)
+    publisher = EventPublisher(broker, config)
+    await broker.ensure_stream(config.stream, [prefix + ".>"])
+    queue = f"lc-{uuid.uuid4().hex[:8]}"
+    async with build_worker(client, task_queue=queue, registry=registry, events=publisher):
+        quiet = await start_pipeline(client, spec(events=None), {"who": "Bo"}, task_queue=queue)
+        assert (await quiet.result()).status == "completed"
+    assert await read_all(broker, config.stream) == []
+    queue = f"lc-{uuid.uuid4().hex[:8]}"
+    async with build_worker(client, task_queue=queue, registry=registry):  # no events: section
+        handle = await start_pipeline(client, spec(), {"who": "Cy"}, task_queue=queue)
+        assert (await handle.result()).status == "completed"
+
+
+async def test_registered_pipelines_follow_the_worker_default(
+    client: Client, broker: NatsBroker, registry: Registry
+) -> None:
+    from worker.client import start_registered
+
+    prefix = "ld" + uuid.uuid4().hex[:6]
+    config = OutboundConfig(stream=prefix.upper(), subject_prefix=prefix, default=True)
+    publisher = EventPublisher(broker, config)
+    catalog = PipelineCatalog(
+        [spec(events=None, name="plain"), spec(events=False, name="silent")], events_default=True
+    )
+    queue = f"lc-{uuid.uuid4().hex[:8]}"
+    async with build_worker(client, task_queue=queue, registry=registry, events=publisher, pipelines=catalog):
+        for name in ("plain", "silent"):
+            handle = await start_registered(client, name, {"who": "Di"}, task_queue=queue)
+            assert (await handle.result()).status == "completed"
+    published = await read_all(broker, config.stream)
+    assert {e.extensions["kfpipeline"] for _, e in published} == {"plain"}
+    assert len(published) == 4
+
+
+async def test_a_bus_outage_neither_fails_nor_stalls_the_steps_and_final_events_are_drained(
+    client: Client, sim: SimulatorServer, registry: Registry, tmp_path: Path
+) -> None:
+    server = NatsServer(state_dir=tmp_path, port=None).start()
+    try:
+        async with NatsBroker(server.url) as broker:
+            config = OutboundConfig(stream="OUTAGE_LC", subject_prefix="outage")
+            await broker.ensure_stream(
+                config.stream, ["outage.>"], duplicate_window_s=config.duplicate_window_s
+            )
+            publisher = EventPublisher(broker, config)
+            server.kill()
+            queue = f"lc-{uuid.uuid4().hex[:8]}"
+            async with build_worker(client, task_queue=queue, registry=registry, events=publisher):
+                handle = await start_pipeline(client, spec(), {"who": "Ed"}, task_queue=queue)
+                # The steps run while the bus is down ...
+                async with asyncio.timeout(60):
+                    while True:
+                        status = await handle.query("status")
+                        if all(step["status"] == "completed" for step in status["steps"]):
+                            break
+                        await asyncio.sleep(0.1)
+                # ... and the close waits for the final events, which go out once the bus is back.
+                server.start()
+                result = await asyncio.wait_for(handle.result(), timeout=120)
+            assert result.status == "completed"
+            published = await read_all(broker, config.stream)
+        assert [e.id for _, e in published] == [f"{handle.id}:{n}" for n in range(1, 5)]
+    finally:
+        server.stop()

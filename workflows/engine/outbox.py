@@ -1,0 +1,96 @@
+"""Lifecycle events out of a pipeline: the engine's ``lifecycle`` hook hands each event here, and one
+``publish_events`` activity at a time carries everything queued so far to the broker (in sequence
+order, deduplicated there by ``<workflow id>:<sequence>``).
+
+A bus outage never fails or stalls the pipeline: steps go on while a batch is retried, and a batch
+the activity gives up on (after ``PUBLISH_RETRY_SPAN``) is dropped with a warning. The pipeline
+drains the outbox before it closes or continues as new, so its final events are sent (a close waits
+at most ``PUBLISH_RETRY_SPAN`` during an outage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.events import (
+        PUBLISH_ATTEMPT_TIMEOUT,
+        PUBLISH_EVENTS,
+        PUBLISH_RETRY,
+        PUBLISH_RETRY_SPAN,
+        LifecycleRecord,
+        PublishEventsInput,
+    )
+    from kernel.engine import LifecycleEvent
+    from kernel.pipeline import EventsSpec
+
+__all__ = ["LIFECYCLE_EVENTS_PATCH", "Outbox"]
+
+LIFECYCLE_EVENTS_PATCH = "kernelflow-lifecycle-events"
+"""Patch marker of runs that publish lifecycle events (only pipelines that opt in record it)."""
+
+_BATCH = 100
+
+
+class Outbox:
+    def __init__(self, spec: EventsSpec, *, pipeline: str, tenant: str | None) -> None:
+        self.spec = spec
+        self.pipeline = pipeline
+        self.tenant = tenant
+        self.given_up = 0
+        """Events dropped after the publisher's retry span (a long bus outage)."""
+        self._pending: list[LifecycleRecord] = []
+        self._sending = False
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, event: LifecycleEvent) -> None:
+        if not self.spec.wants(event.type):
+            return
+        info = workflow.info()
+        self._pending.append(
+            LifecycleRecord(
+                type=event.type,
+                sequence=event.sequence,
+                workflow_id=info.workflow_id,
+                run_id=info.run_id,
+                pipeline=self.pipeline,
+                tenant=self.tenant,
+                step_id=event.step_id,
+                time=event.time,
+                data=event.data,
+            )
+        )
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._send_forever())
+
+    async def drain(self) -> None:
+        """Return once everything queued has been published or given up on."""
+        await workflow.wait_condition(lambda: not self._pending and not self._sending)
+
+    async def _send_forever(self) -> None:
+        while True:
+            await workflow.wait_condition(lambda: bool(self._pending))
+            batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
+            self._sending = True
+            try:
+                await workflow.execute_activity(
+                    PUBLISH_EVENTS,
+                    PublishEventsInput(events=batch),
+                    schedule_to_close_timeout=PUBLISH_RETRY_SPAN,
+                    start_to_close_timeout=PUBLISH_ATTEMPT_TIMEOUT,
+                    retry_policy=PUBLISH_RETRY,
+                    summary=", ".join(sorted({r.type for r in batch})),
+                )
+            except ActivityError as exc:
+                self.given_up += len(batch)
+                workflow.logger.warning(
+                    "lifecycle events %s..%s not published: %s",
+                    batch[0].sequence,
+                    batch[-1].sequence,
+                    exc.cause or exc,
+                )
+            finally:
+                self._sending = False
