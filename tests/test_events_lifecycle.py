@@ -96,7 +96,8 @@ async def test_an_opted_in_pipeline_publishes_its_lifecycle_in_order(
     )
     assert (await replayer.replay_workflow(history, raise_on_replay_failure=False)).replay_failure is None
     if os.environ.get("KERNELFLOW_RECORD_HISTORY"):
-        Path(os.environ["KERNELFLOW_RECORD_HISTORY"]).write_text(history.to_json(), encoding="utf-8")
+        target = Path(os.environ["KERNELFLOW_RECORD_HISTORY"])
+        await asyncio.to_thread(target.write_text, history.to_json(), encoding="utf-8")
 
 
 async def test_without_opt_in_nothing_is_published_and_without_a_broker_nothing_waits(
