@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -10,19 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowFailureError
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from activities.events import EventPublisher
 from brokers.nats import NatsBroker
-from kernel.cloudevents import decode_event
+from kernel.cloudevents import decode_event, encode_structured
 from kernel.pipeline import PipelineSpec
 from kernel.registry import Registry
 from kernel.triggers import OutboundConfig
 from simulator.server import SimulatorServer
 from worker.app import build_worker, workflow_runner
-from worker.client import start_pipeline
+from worker.client import approve, start_pipeline
 from worker.nats_server import NatsServer
 from worker.pipelines import PipelineCatalog
 from workflows.pipeline import PipelineWorkflow
@@ -169,3 +170,80 @@ async def test_a_bus_outage_neither_fails_nor_stalls_the_steps_and_final_events_
         assert [e.id for _, e in published] == [f"{handle.id}:{n}" for n in range(1, 5)]
     finally:
         server.stop()
+
+
+SCHEMAS = Path(__file__).resolve().parents[1] / "docs" / "events"
+
+
+def validator(event_type: str) -> Any:
+    import jsonschema
+
+    schema = json.loads((SCHEMAS / f"{event_type}.json").read_text(encoding="utf-8"))
+    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+
+
+def test_every_lifecycle_type_has_a_schema_whose_example_validates() -> None:
+    from kernel.engine import LIFECYCLE_TYPES
+
+    assert sorted(p.stem for p in SCHEMAS.glob("kernelflow.*.json")) == sorted(
+        f"kernelflow.{t}" for t in LIFECYCLE_TYPES
+    )
+    for event_type in LIFECYCLE_TYPES:
+        check = validator(f"kernelflow.{event_type}")
+        for example in check.schema["examples"]:
+            check.validate(example)
+
+
+async def test_published_events_match_their_schemas(
+    client: Client, broker: NatsBroker, sim: SimulatorServer, registry: Registry
+) -> None:
+    prefix = "ls" + uuid.uuid4().hex[:6]
+    config = OutboundConfig(stream=prefix.upper(), subject_prefix=prefix)
+    publisher = EventPublisher(broker, config)
+    sim.add_faults([{"fault": "503", "model": "gpt-4.1", "retry_after": 0.05}])
+    gated = PipelineSpec.model_validate(
+        {
+            "name": "gated",
+            "events": True,
+            "inputs": {"n": {"type": "number"}},
+            "steps": [
+                {
+                    "id": "draft",
+                    "model": "openai/gpt-4.1",
+                    "fallbacks": ["openai/gpt-4o-mini"],
+                    "retry": {"max_attempts": 1},
+                    "prompt": "Draft {{ inputs.n }}",
+                },
+                {"id": "review", "type": "approval", "timeout_s": 600},
+            ],
+        }
+    )
+    queue = f"ls-{uuid.uuid4().hex[:8]}"
+    async with build_worker(client, task_queue=queue, registry=registry, events=publisher):
+        handle = await start_pipeline(client, gated, {"n": 1}, task_queue=queue, tenant="acme")
+        async with asyncio.timeout(60):
+            while not any(a["status"] == "waiting" for a in (await handle.query("status"))["approvals"]):
+                await asyncio.sleep(0.05)
+        await approve(client, handle.id, "review", by="alice")
+        assert (await handle.result()).status == "completed"
+        broken = await client.start_workflow(
+            "PipelineWorkflow",
+            {"pipeline": gated.model_dump(mode="json", exclude_none=True), "inputs": {"n": "not a number"}},
+            id=f"broken-{uuid.uuid4().hex[:6]}",
+            task_queue=queue,
+        )
+        with pytest.raises(WorkflowFailureError):
+            await broken.result()
+    published = [event for _, event in await read_all(broker, config.stream)]
+    seen = {event.type for event in published}
+    assert {
+        "kernelflow.pipeline.started",
+        "kernelflow.model.fallback",
+        "kernelflow.step.completed",
+        "kernelflow.approval.requested",
+        "kernelflow.approval.decided",
+        "kernelflow.pipeline.completed",
+        "kernelflow.pipeline.failed",
+    } <= seen
+    for event in published:
+        validator(event.type).validate(json.loads(encode_structured(event)[0]))
