@@ -222,7 +222,9 @@ async def test_published_events_match_their_schemas(
     async with build_worker(client, task_queue=queue, registry=registry, events=publisher):
         handle = await start_pipeline(client, gated, {"n": 1}, task_queue=queue, tenant="acme")
         async with asyncio.timeout(60):
-            while not any(a["status"] == "waiting" for a in (await handle.query("status"))["approvals"]):
+            while True:  # approve once the step waits, so approval.requested is published too
+                if any(a["status"] == "waiting" for a in (await handle.query("status"))["approvals"]):
+                    break
                 await asyncio.sleep(0.05)
         await approve(client, handle.id, "review", by="alice")
         assert (await handle.result()).status == "completed"
