@@ -57,6 +57,16 @@ FIGURES: dict[str, tuple[str, Callable[[Mode], Awaitable[list[Result]]], list[tu
         [("8. throughput, 1 worker process", "workflows/s")],
     ),
     "9": ("agent loop", _figure("agent_loop"), [("9. agent loop, time per turn, p50", "ms")]),
+    "10": (
+        "events bridge",
+        _figure("events_bridge"),
+        [("10. events -> started pipelines through the bridge", "events/s")],
+    ),
+    "11": (
+        "events outbound",
+        _figure("events_outbound"),
+        [("11. pipeline latency with lifecycle events", "ms")],
+    ),
 }
 
 
