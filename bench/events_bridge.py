@@ -80,7 +80,7 @@ async def _through_bridge(env: DurableEnv, broker: NatsBroker, count: int, in_fl
     task = asyncio.create_task(bridge.run(stop))
     await bridge.ready.wait()  # streams and consumer set up: the clock starts with consumption
     started = time.perf_counter()
-    while bridge.stats["started"] < count:  # noqa: ASYNC110
+    while bridge.stats["started"] < count:
         if task.done():
             task.result()
         await asyncio.sleep(0.005)
