@@ -1,5 +1,5 @@
 """Lifecycle events out of a pipeline: the engine's ``lifecycle`` hook hands each event here, and one
-``publish_events`` activity at a time carries everything queued so far to the broker (in sequence
+``publish_events`` local activity at a time carries everything queued so far to the broker (in sequence
 order, deduplicated there by ``<workflow id>:<sequence>``).
 
 A bus outage never fails or stalls the pipeline: steps go on while a batch is retried, and a batch
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.events import (
@@ -76,7 +76,9 @@ class Outbox:
             batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
             self._sending = True
             try:
-                await workflow.execute_activity(
+                # A local activity: no round trip through the server's task queue, so draining the
+                # final events costs a pipeline's close a few milliseconds, not a scheduled activity.
+                await workflow.execute_local_activity(
                     PUBLISH_EVENTS,
                     PublishEventsInput(events=batch),
                     schedule_to_close_timeout=PUBLISH_RETRY_SPAN,
@@ -84,7 +86,10 @@ class Outbox:
                     retry_policy=PUBLISH_RETRY,
                     summary=", ".join(sorted({r.type for r in batch})),
                 )
-            except ActivityError as exc:
+            except (
+                ActivityError,
+                ApplicationError,
+            ) as exc:  # a local activity's refusal may arrive unwrapped
                 self.given_up += len(batch)
                 workflow.logger.warning(
                     "lifecycle events %s..%s not published: %s",
