@@ -26,6 +26,7 @@ event's data) and ``message`` (``subject`` and ``headers`` of the broker message
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -51,6 +52,7 @@ __all__ = [
 ]
 
 _ROOTS = frozenset({"event", "data", "message"})
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
 class MappingFailed(KernelflowError):
@@ -283,6 +285,8 @@ class Action:
     args: Any = None
     """The signal's or update's argument."""
     missing_retries: int = 0
+    traceparent: str | None = None
+    """The event's W3C trace context (CloudEvents distributed-tracing extension), if any."""
 
 
 def _context(event: CloudEvent, subject: str, headers: Mapping[str, str]) -> dict[str, Any]:
@@ -353,6 +357,7 @@ def _action(trigger: TriggerSpec, event: CloudEvent, context: Mapping[str, Any],
             tenant=tenant,
             name=spec.signal,
             args=args,
+            traceparent=_traceparent(event),
         )
     if isinstance(spec, SignalAction):
         return Action(
@@ -373,6 +378,11 @@ def _action(trigger: TriggerSpec, event: CloudEvent, context: Mapping[str, Any],
         args=_render(spec.args, context, f"{location}.args"),
         missing_retries=spec.missing_retries,
     )
+
+
+def _traceparent(event: CloudEvent) -> str | None:
+    value = event.extensions.get("traceparent")
+    return value if isinstance(value, str) and _TRACEPARENT.match(value) else None
 
 
 def _signal_args(

@@ -17,7 +17,7 @@ from brokers.nats import NatsBroker
 from kernel.cloudevents import CloudEvent, decode_event, encode_binary, encode_structured
 from kernel.pipeline import PipelineSpec
 from kernel.registry import Registry
-from kernel.triggers import EventsConfig
+from kernel.triggers import EventsConfig, TriggerSpec
 from worker.app import build_worker
 from worker.bridge import Bridge
 from worker.pipelines import PipelineCatalog
@@ -44,7 +44,15 @@ TWO_WAITS = PipelineSpec.model_validate(
         ],
     }
 )
-CATALOG = [ORDER_PIPELINE, TWO_WAITS]
+GATED = PipelineSpec.model_validate(
+    {
+        "name": "gated",
+        "inputs": {"order_id": {"type": "string"}, "amount": {"type": "number"}},
+        "steps": [{"id": "review", "type": "approval", "timeout_s": 600}],
+        "outputs": {"by": "{{ steps.review.output.by }}"},
+    }
+)
+CATALOG = [ORDER_PIPELINE, TWO_WAITS, GATED]
 
 
 def triggers(prefix: str, **extra: Any) -> EventsConfig:
@@ -342,3 +350,75 @@ async def test_a_redelivered_event_is_applied_once(
     assert result["status"] == "completed"
     status = await handle.query("status")
     assert status["pending_events"] == {}  # the second copy was recognised by its id, not kept
+
+
+async def test_signal_with_start_starts_once_and_delivers_each_event(
+    client: Client, broker: NatsBroker, worker_queue: str, run_bridge: Any
+) -> None:
+    p = "t8" + uuid.uuid4().hex[:6]
+    config = EventsConfig.model_validate(
+        {
+            "stream": f"IN_{p}",
+            "consumer": f"bridge-{p}",
+            "dead_letter_stream": f"DLQ_{p}",
+            "dead_letter_subject": f"dlq.{p}",
+            "triggers": [
+                {
+                    "name": "note",
+                    "subject": f"{p}.orders.*",
+                    "signal_with_start": {
+                        "pipeline": "two-waits",
+                        "workflow_id": f"{p}-order-{{{{ data.order_id }}}}",
+                        "inputs": {"order_id": "{{ data.order_id }}", "amount": 1},
+                        "event": "{{ event.type }}",
+                    },
+                }
+            ],
+        }
+    )
+    running = await run_bridge(config, worker_queue)
+    # The second event first: it starts the pipeline, which keeps it until its wait_event step.
+    await publish(broker, f"{p}.orders.x", event("order.delivered", {"order_id": "4"}))
+    await running.until(lambda: running.bridge.stats["signalled"] == 1)
+    shipped = event("order.shipped", {"order_id": "4"})
+    await publish(broker, f"{p}.orders.x", shipped)
+    await publish(broker, f"{p}.orders.x", shipped)
+    result = await asyncio.wait_for(client.get_workflow_handle(f"{p}-order-4").result(), timeout=60)
+    assert result["status"] == "completed"
+    runs = [w async for w in client.list_workflows(f"WorkflowId = '{p}-order-4'")]
+    assert len(runs) == 1
+
+
+async def test_update_events_decide_once_and_refusals_are_dead_lettered(
+    client: Client, broker: NatsBroker, worker_queue: str, run_bridge: Any
+) -> None:
+    p = "t9" + uuid.uuid4().hex[:6]
+    config = triggers(p)
+    start = config.triggers[0].start
+    assert start is not None
+    start.pipeline = "gated"
+    config.triggers[1] = TriggerSpec.model_validate(
+        {
+            "name": "decided",
+            "subject": f"{p}.orders.decided",
+            "update": {
+                "workflow_id": f"{p}-order-{{{{ data.order_id }}}}",
+                "name": "approve",
+                "args": {"step_id": "{{ data.step }}", "by": "{{ data.by }}"},
+            },
+        }
+    )
+    running = await run_bridge(config, worker_queue)
+    await publish(broker, f"{p}.orders.paid", event("com.shop.order.paid", {"order_id": "5", "amount": 1}))
+    await running.until(lambda: running.bridge.stats["started"] == 1)
+    refused = event("decision", {"order_id": "5", "step": "no-such-step", "by": "mallory"})
+    await publish(broker, f"{p}.orders.decided", refused)
+    await running.until(lambda: running.bridge.stats["dead_lettered"] == 1)
+    approve = event("decision", {"order_id": "5", "step": "review", "by": "alice"})
+    await publish(broker, f"{p}.orders.decided", approve)
+    await publish(broker, f"{p}.orders.decided", approve)  # the same decision again: applied once
+    await running.until(lambda: running.bridge.stats["updated"] == 2)
+    result = await asyncio.wait_for(client.get_workflow_handle(f"{p}-order-5").result(), timeout=60)
+    assert result["outputs"]["by"] == "alice"
+    (letter,) = await dead_letters(broker, f"DLQ_{p}", 1)
+    assert "refused" in letter[2]["Kernelflow-Dead-Letter-Reason"]

@@ -249,3 +249,47 @@ async def test_published_events_match_their_schemas(
     } <= seen
     for event in published:
         validator(event.type).validate(json.loads(encode_structured(event)[0]))
+
+
+async def test_events_from_a_bridged_start_carry_the_triggering_trace(
+    client: Client, broker: NatsBroker, registry: Registry
+) -> None:
+    from kernel.cloudevents import CloudEvent
+    from kernel.triggers import EventsConfig
+    from worker.bridge import Bridge
+
+    prefix = "lt" + uuid.uuid4().hex[:6]
+    config = OutboundConfig(stream=prefix.upper(), subject_prefix=prefix)
+    publisher = EventPublisher(broker, config)
+    catalog = PipelineCatalog([spec(name="traced")])
+    events = EventsConfig.model_validate(
+        {
+            "triggers": [
+                {
+                    "name": "hello",
+                    "subject": f"{prefix}.hello",
+                    "start": {
+                        "pipeline": "traced",
+                        "workflow_id": "{{ data.id }}",
+                        "inputs": {"who": "{{ data.who }}"},
+                    },
+                }
+            ]
+        }
+    )
+    queue = f"lt-{uuid.uuid4().hex[:8]}"
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    incoming = CloudEvent(
+        id="h1",
+        source="/crm",
+        type="hello",
+        data={"id": f"{prefix}-1", "who": "Flo"},
+        traceparent=traceparent,
+    )
+    async with build_worker(client, task_queue=queue, registry=registry, events=publisher, pipelines=catalog):
+        bridge = Bridge(client, broker, events, task_queue=queue, catalog=catalog)
+        outcome = await bridge.dispatch(f"{prefix}.hello", *encode_structured(incoming))
+        assert outcome.result == "started"
+        assert (await client.get_workflow_handle(f"{prefix}-1").result())["status"] == "completed"
+    published = await read_all(broker, config.stream)
+    assert published and all(e.extensions.get("traceparent") == traceparent for _, e in published)

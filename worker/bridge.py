@@ -286,9 +286,14 @@ class Bridge:
             inputs=action.inputs,
             tenant=action.tenant,
         )
-        signal: dict[str, Any] = {}
-        if action.kind == "signal_with_start":
-            signal = {"start_signal": action.name or "event", "start_signal_args": [action.args]}
+        options: dict[str, Any] = {}
+        if action.traceparent:
+            options["memo"] = {"traceparent": action.traceparent}  # lifecycle events join the event's trace
+        with_signal = action.kind == "signal_with_start"
+        # A signal-with-start signals the running pipeline; a plain start of a running key is a duplicate.
+        conflict = WorkflowIDConflictPolicy.USE_EXISTING if with_signal else WorkflowIDConflictPolicy.FAIL
+        if with_signal:
+            options.update(start_signal=action.name or "event", start_signal_args=[action.args])
         try:
             await self.client.start_workflow(
                 PIPELINE_WORKFLOW,
@@ -296,16 +301,14 @@ class Bridge:
                 id=action.workflow_id,
                 task_queue=self.task_queue,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING
-                if signal
-                else WorkflowIDConflictPolicy.FAIL,
+                id_conflict_policy=conflict,
                 rpc_timeout=self._rpc_timeout,
                 static_summary=f"pipeline {action.pipeline} · event {action.event_key}"[:400],
-                **signal,
+                **options,
             )
         except WorkflowAlreadyStartedError:
             return Outcome("duplicate", "the business key's pipeline already ran or runs", action.workflow_id)
-        return Outcome("signalled" if signal else "started", action.kind, action.workflow_id)
+        return Outcome("signalled" if with_signal else "started", action.kind, action.workflow_id)
 
 
 def _update_id(event_key: str) -> str:

@@ -63,6 +63,7 @@ PASSTHROUGH_MODULES: dict[str, str] = {
     "workflows.calls": "deterministic model-call helper shared with users' workflows",
     "workflows.engine.effects": "the interpreter's Temporal effects (deterministic)",
     "workflows.engine.checks": "the worker's model check read by update validators (never on replay)",
+    "workflows.engine.outbox": "the lifecycle events' outbox (deterministic; per-run state lives in instances)",
     "workflows.contract": "names and payload models of the public surface",
     "workflows.search_attributes": "search attribute keys",
     "workflows.api": "code-defined workflows' helpers",

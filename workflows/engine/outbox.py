@@ -44,12 +44,18 @@ class Outbox:
         """Events dropped after the publisher's retry span (a long bus outage)."""
         self._pending: list[LifecycleRecord] = []
         self._sending = False
+        self._traceparent: str | None = None
+        self._traced = False
         self._task: asyncio.Task[None] | None = None
 
     def add(self, event: LifecycleEvent) -> None:
         if not self.spec.wants(event.type):
             return
         info = workflow.info()
+        if not self._traced:  # the start's memo: set by the bridge from the triggering event
+            self._traced = True
+            memo = workflow.memo_value("traceparent", None)
+            self._traceparent = memo if isinstance(memo, str) else None
         self._pending.append(
             LifecycleRecord(
                 type=event.type,
@@ -61,6 +67,7 @@ class Outbox:
                 step_id=event.step_id,
                 time=event.time,
                 data=event.data,
+                traceparent=self._traceparent,
             )
         )
         if self._task is None:
