@@ -108,6 +108,21 @@ def test_order_paid_starts_and_order_shipped_resumes(dev: tuple[dict[str, str], 
     seen = [json.loads(line) for line in out.splitlines()]
     assert [s["event"]["type"] for s in seen] == ["com.shop.order.paid", "com.shop.order.shipped"], err
 
+    lifecycle = _run(
+        "kernelflow", "events", "tail", "kernelflow.events.>", "--all", "--count", "5", "--json", env=env
+    )
+    assert lifecycle.returncode == 0, lifecycle.stderr
+    published = [json.loads(line) for line in lifecycle.stdout.splitlines()]
+    assert [p["event"]["type"] for p in published] == [
+        "kernelflow.pipeline.started",
+        "kernelflow.step.completed",
+        "kernelflow.step.completed",
+        "kernelflow.step.completed",
+        "kernelflow.pipeline.completed",
+    ]
+    assert published[-1]["subject"] == "kernelflow.events._.order-fulfilment.pipeline.completed"
+    assert published[-1]["event"]["id"] == "order-1001:5"
+
 
 def test_publish_refuses_bad_data_and_names_the_flag(dev: tuple[dict[str, str], str]) -> None:
     env, _ = dev
