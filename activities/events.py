@@ -24,6 +24,7 @@ delivery fails the attempt and Temporal retries it with backoff (the broker side
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -146,8 +147,6 @@ class EventPublisher:
                 f"publisher's retry span of {retry_span.total_seconds():g}s: a retry after the window "
                 "would publish twice; raise it to at least that"
             )
-        import os
-
         self.broker = broker
         self.config = config
         self.environ = os.environ if environ is None else environ

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from kernel.broker import Broker, BrokerError
@@ -174,9 +175,7 @@ def _describe(subject: str, body: bytes, headers: dict[str, str], *, as_json: bo
     return f"{subject}  {event.type}  id={event.id} source={event.source}  {data}"
 
 
-def _config_path(args: argparse.Namespace) -> Any:
-    from pathlib import Path
-
+def _config_path(args: argparse.Namespace) -> Path | None:
     raw = getattr(args, "config", None) or os.environ.get("KERNELFLOW_CONFIG")
     return Path(raw) if raw else None
 
