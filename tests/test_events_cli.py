@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,78 @@ def test_publish_refuses_bad_data_and_names_the_flag(dev: tuple[dict[str, str], 
         "kernelflow", "events", "publish", "shop.orders.paid", "--type", "t", "--data", "{oops", env=env
     )
     assert done.returncode == 2 and "--data is not valid JSON" in done.stderr
+
+
+def test_a_separate_bridge_process_with_the_webhook_ingress(
+    dev: tuple[dict[str, str], str], tmp_path: Path
+) -> None:
+    """`kernelflow bridge` next to the dev stack's own bridge (they share the consumer), fed through
+    its signed webhook ingress; SIGINT stops it and it prints what it did."""
+    import base64
+    import uuid
+
+    import httpx
+    import yaml
+    from standardwebhooks.webhooks import Webhook
+
+    env, _ = dev
+    port = free_port()
+    config = yaml.safe_load((REPO / "examples" / "events" / "kernelflow.yaml").read_text())
+    config["pipelines_dir"] = str(REPO / "examples")
+    config["events"]["ingress"] = {"listen": f"127.0.0.1:{port}"}
+    path = tmp_path / "bridge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    secret = "whsec_" + base64.b64encode(b"bridge-cli-secret-0123456789abcd").decode()
+    bridge_env = {**env, "KERNELFLOW_CONFIG": str(path), "KERNELFLOW_WEBHOOK_SECRET": secret}
+    process = subprocess.Popen(
+        [shutil.which("kernelflow") or "kernelflow", "bridge"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=bridge_env, cwd=REPO,
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = process.stderr.readline()
+            if "webhook ingress on" in line or not line:
+                break
+        order = uuid.uuid4().hex[:6]
+        body = json.dumps(
+            {"specversion": "1.0", "id": f"pay-{order}", "source": "/shop", "type": "com.shop.order.paid",
+             "data": {"order_id": order, "customer": "Globex", "amount": 42}}
+        ).encode()  # fmt: skip
+        msg_id = f"msg_{order}"
+        headers = {
+            "content-type": "application/cloudevents+json",
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(int(time.time())),
+        }
+        headers["webhook-signature"] = Webhook(secret).sign(
+            msg_id,
+            __import__("datetime").datetime.fromtimestamp(int(headers["webhook-timestamp"])),
+            body.decode(),
+        )
+        answer = httpx.post(f"http://127.0.0.1:{port}/events/shop.orders.paid", content=body, headers=headers)
+        assert answer.status_code == 202, answer.text
+        bad = httpx.post(
+            f"http://127.0.0.1:{port}/events/shop.orders.paid",
+            content=body,
+            headers={**headers, "webhook-signature": "v1,AAAA"},
+        )
+        assert bad.status_code == 401
+        status = _run(
+            "temporal", "workflow", "describe", "--workflow-id", f"order-{order}", "--address", env["TEMPORAL_ADDRESS"],
+            env=env,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while status.returncode != 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            status = _run(
+                "temporal", "workflow", "describe", "--workflow-id", f"order-{order}",
+                "--address", env["TEMPORAL_ADDRESS"], env=env,
+            )  # fmt: skip
+        assert status.returncode == 0, status.stderr
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "bridge stopped:" in err
