@@ -1,6 +1,6 @@
 """Figure 11: what publishing lifecycle events costs a pipeline.
 
-The one-step pipeline of figure 2, once with ``events: true`` (four events: started, step completed,
+The one-step pipeline of figure 2, once with ``events: true`` (three events: started, step completed,
 completed, through the ``publish_events`` activity to NATS JetStream, drained before the close) and
 once without, alternating, on the same worker, dev server, simulator and NATS server. Start-to-result
 latency; the ratio is with / without.
@@ -65,7 +65,7 @@ async def measure(env: DurableEnv, mode: Mode, progress: Progress) -> list[Resul
         progress.step("runs", number + 1, counts["runs"])
     params: dict[str, Any] = {
         "runs_per_side": counts["runs"],
-        "pipeline": "one llm step; with events: 4 lifecycle events published and drained before the close",
+        "pipeline": "one llm step; with events: 3 lifecycle events published and drained before the close",
         "with_events_ms": {q: round(percentile(with_events, int(q[1:])) * 1e3, 2) for q in ("p50", "p99")},
         "without_ms": {q: round(percentile(without, int(q[1:])) * 1e3, 2) for q in ("p50", "p99")},
     }
