@@ -32,6 +32,7 @@ def _run(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.Com
 @pytest.fixture(scope="module")
 def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], str]]:
     port, ui_port, sim_port, nats_port = free_port(), free_port(), free_port(), free_port()
+    state = tmp_path_factory.mktemp("dev")
     env = {
         **os.environ,
         "KERNELFLOW_CONFIG": str(REPO / "examples" / "events" / "kernelflow.yaml"),
@@ -40,7 +41,7 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, st
     process = subprocess.Popen(
         [shutil.which("kernelflow") or "kernelflow", "dev", "--port", str(port), "--ui-port", str(ui_port),
          "--sim-port", str(sim_port), "--nats-port", str(nats_port),
-         "--state-dir", str(tmp_path_factory.mktemp("dev")), "--log-level", "warning"],
+         "--state-dir", str(state), "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
     )  # fmt: skip
     assert process.stdout is not None
@@ -57,8 +58,21 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, st
     assert "Ctrl-C stops everything" in banner, banner
     match = re.search(r"NATS\s+(nats://\S+)", banner)
     assert match, banner
+    codec = re.search(r"Codec\s+(http://\S+)", banner)
+    assert codec, banner
     assert "triggers: order-paid, order-shipped" in banner
-    yield {**env, "TEMPORAL_ADDRESS": f"127.0.0.1:{port}", "KERNELFLOW_BROKER_URL": match.group(1)}, banner
+    yield (
+        {
+            **env,
+            "TEMPORAL_ADDRESS": f"127.0.0.1:{port}",
+            "KERNELFLOW_BROKER_URL": match.group(1),
+            # kernelflow dev encrypts payloads with a key under its state folder; the temporal CLI reads
+            # results through its codec server, other kernelflow processes with the key itself.
+            "KERNELFLOW_ENCRYPTION_KEYS_DIR": str(state / "keys"),
+            "CODEC_ENDPOINT": codec.group(1),
+        },
+        banner,
+    )
     process.send_signal(signal.SIGINT)
     try:
         process.wait(timeout=60)
@@ -70,7 +84,7 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, st
 def _result(env: dict[str, str], workflow_id: str) -> dict[str, object]:
     done = _run(
         "temporal", "workflow", "result", "--workflow-id", workflow_id, "--address", env["TEMPORAL_ADDRESS"],
-        "--output", "json", env=env, timeout=90,
+        "--codec-endpoint", env["CODEC_ENDPOINT"], "--output", "json", env=env, timeout=90,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     result: dict[str, object] = json.loads(done.stdout)["result"]

@@ -23,7 +23,7 @@ from kernel.broker import Broker, BrokerError
 from kernel.cloudevents import CloudEvent, InvalidEvent, decode_event, encode_binary, encode_structured
 from kernel.errors import ConfigurationError
 from kernel.triggers import EventsConfig
-from worker.config import KernelflowConfig, WorkerSettings, load_config
+from worker.config import KernelflowConfig, WorkerSettings, load_config, payload_settings_from_env
 
 __all__ = ["add_commands", "dev_events", "run_command"]
 
@@ -97,7 +97,12 @@ async def _cmd_bridge(args: argparse.Namespace) -> int:
         )
     folder = pipelines_dir(config.pipelines_dir)
     catalog = load_catalog(folder) if folder is not None else None
-    client = await connect(settings.temporal_address, settings.namespace, payloads=config.payloads)
+    # Payload settings (storage, encryption keys) as every client and worker reads them.
+    client = await connect(
+        settings.temporal_address,
+        settings.namespace,
+        payloads=payload_settings_from_env(base=config.payloads),
+    )
     stop = asyncio.Event()
     _on_signals(stop)
     async with _broker(events.broker) as broker:
