@@ -31,9 +31,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
+from google.protobuf import json_format
 from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.common import RetryPolicy
+from temporalio.converter import DataConverter
 from temporalio.exceptions import ApplicationError
 
 from kernel.broker import Broker, BrokerError, BrokerUnavailable
@@ -86,6 +88,7 @@ class LifecycleRecord(BaseModel):
     time: datetime
     data: dict[str, Any] = Field(default_factory=dict)
     traceparent: str | None = None
+    content: Any = Field(default=None, description="Outputs, when the pipeline opted in (events.content).")
 
 
 class PublishEventsInput(BaseModel):
@@ -153,6 +156,8 @@ class EventPublisher:
         self._http = http_client
         self._stream_ready = False
         self._close_broker = close_broker
+        self.data_converter: DataConverter | None = None
+        """Encodes opted-in content like any payload (set by ``build_worker`` to the client's)."""
 
     async def aclose(self) -> None:
         if self._http is not None:
@@ -176,6 +181,7 @@ class EventPublisher:
         try:
             await self._ensure_stream()
             for record in request.events:
+                record = await self._with_content(record)
                 event = to_cloudevent(record, source=self.config.source)
                 body, headers = encode_structured(event)
                 if record.traceparent:
@@ -192,6 +198,21 @@ class EventPublisher:
         for subscriber in self.config.webhooks:
             result.webhooks += await self._deliver(subscriber, request.events)
         return result
+
+    async def _with_content(self, record: LifecycleRecord) -> LifecycleRecord:
+        """Opted-in content goes out as a Temporal payload in proto JSON, through the worker's codec:
+        ciphertext when the worker encrypts (the codec server's /decode reads it)."""
+        if record.content is None:
+            return record
+        if self.data_converter is None:
+            raise ApplicationError(
+                "events.content needs the worker's data converter",
+                type="ConfigurationError",
+                non_retryable=True,
+            )
+        (payload,) = await self.data_converter.encode([record.content])
+        content = json_format.MessageToDict(payload)
+        return record.model_copy(update={"data": {**record.data, "content": content}, "content": None})
 
     async def _deliver(self, subscriber: WebhookSubscriber, records: list[LifecycleRecord]) -> int:
         secret = self.environ.get(subscriber.secret_env)

@@ -150,6 +150,11 @@ class EventsSpec(_Spec):
     types: list[str] | None = Field(
         default=None, description="Lifecycle event types to publish (default: all), e.g. pipeline.completed."
     )
+    content: bool = Field(
+        default=False,
+        description="Also carry step outputs (step.completed) and the pipeline's outputs (pipeline.completed), "
+        "as payloads encoded like any other: encrypted when the worker encrypts.",
+    )
 
     @model_validator(mode="before")
     @classmethod

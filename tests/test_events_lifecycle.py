@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import uuid
@@ -293,3 +294,49 @@ async def test_events_from_a_bridged_start_carry_the_triggering_trace(
         assert (await client.get_workflow_handle(f"{prefix}-1").result())["status"] == "completed"
     published = await read_all(broker, config.stream)
     assert published and all(e.extensions.get("traceparent") == traceparent for _, e in published)
+
+
+async def test_opted_in_content_is_encoded_like_any_payload_and_encrypted_with_the_worker(
+    client: Client, broker: NatsBroker, registry: Registry, tmp_path: Path
+) -> None:
+    from google.protobuf import json_format
+    from temporalio.api.common.v1 import Payload
+
+    from worker.config import EncryptionSettings, PayloadSettings
+    from worker.keys import FileKeyProvider, format_ring, generate_key
+    from worker.storage import build_data_converter
+
+    keys = FileKeyProvider(dir=tmp_path / "keys")
+    keys.ring_path().parent.mkdir(parents=True)
+    keys.ring_path().write_text(format_ring([generate_key("k1")]))
+    settings = PayloadSettings(
+        dir=tmp_path / "payloads",
+        encryption=EncryptionSettings(enabled=True, provider="file", options={"dir": str(tmp_path / "keys")}),
+    )
+    converter = build_data_converter(settings)
+    encrypted = Client(**{**client.config(), "data_converter": converter})
+    prefix = "lx" + uuid.uuid4().hex[:6]
+    config = OutboundConfig(stream=prefix.upper(), subject_prefix=prefix)
+    publisher = EventPublisher(broker, config)
+    queue = f"lx-{uuid.uuid4().hex[:8]}"
+    async with build_worker(encrypted, task_queue=queue, registry=registry, events=publisher):
+        handle = await start_pipeline(
+            encrypted, spec(events={"content": True}), {"who": "Gus"}, task_queue=queue
+        )
+        result = await handle.result()
+    published = await read_all(broker, config.stream)
+    by_type = {event.type: event for _, event in published}
+    greeting = result.outputs["greeting"]
+    assert "Gus" in greeting
+    raw = b"".join(encode_structured(event)[0] for _, event in published)
+    assert b"Gus" not in raw  # the bus sees ciphertext only
+    greet = next(e for _, e in published if e.extensions.get("kfstep") == "greet")
+    step = greet.data["content"]
+    assert base64.b64decode(step["metadata"]["encoding"]) != b"json/plain"
+    (decoded,) = await converter.decode([json_format.ParseDict(step, Payload())], [str])
+    assert decoded == greeting
+    final = by_type["kernelflow.pipeline.completed"].data["content"]
+    (outputs,) = await converter.decode([json_format.ParseDict(final, Payload())], [dict])
+    assert outputs == {"greeting": greeting}
+    for _, event in published:
+        validator(event.type).validate(json.loads(encode_structured(event)[0]))

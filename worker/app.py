@@ -166,6 +166,8 @@ def build_worker(
         config = client.config()
         config["data_converter"] = build_data_converter(payloads)
         client = Client(**config)
+    if events is not None and events.data_converter is None:
+        events.data_converter = client.data_converter  # opted-in event content is encoded like payloads
     plugin = KernelflowPlugin(
         chat=llm_activities,
         pipelines=pipelines,

@@ -140,6 +140,7 @@ class PipelineWorkflow:
         )
         self._token_stream_for_watchers = WorkflowStream(prior_state=carry.token_stream if carry else None)
         self._engine: Engine | None = None
+        self._final_outputs: dict[str, Any] | None = None
         self._spec_error: str | None = None
         self._cancel: CancelRequest | None = None
         self._main: asyncio.Task[Any] | None = None
@@ -453,7 +454,9 @@ class PipelineWorkflow:
         engine = self._require_engine()
         spec = engine.spec
         if spec.events is not None and spec.events.enabled and workflow.patched(LIFECYCLE_EVENTS_PATCH):
-            self._effects.outbox = Outbox(spec.events, pipeline=spec.name, tenant=self._request.tenant)
+            self._effects.outbox = Outbox(
+                spec.events, pipeline=spec.name, tenant=self._request.tenant, content=self._event_content
+            )
         carry = self._request.carry_over
         if carry is None:
             try:
@@ -580,6 +583,15 @@ class PipelineWorkflow:
                 updates.append(sa.MODELS.value_set([]))
         self._upsert(updates)
 
+    def _event_content(self, event: Any) -> Any:
+        """What an event carries for a pipeline whose ``events.content`` is on: a step's output, the
+        pipeline's outputs."""
+        if event.type == "step.completed":
+            return next((s.output for s in self._state.status.steps if s.id == event.step_id), None)
+        if event.type == "pipeline.completed":
+            return self._final_outputs
+        return None
+
     def _fail(self, message: str, failure: str) -> ApplicationError:
         self._state.status.error = message
         self._close("failed", "Failed")
@@ -596,6 +608,7 @@ class PipelineWorkflow:
         outputs: dict[str, Any] | None = None,
         reason: str | None = None,
     ) -> PipelineResult:
+        self._final_outputs = outputs
         self._close(status, label)
         workflow.set_current_details(f"**{label.lower()}**" + (f": {reason}" if reason else ""))
         run = self._state.status

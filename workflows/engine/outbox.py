@@ -11,6 +11,8 @@ at most ``PUBLISH_RETRY_SPAN`` during an outage).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
@@ -36,8 +38,17 @@ _BATCH = 100
 
 
 class Outbox:
-    def __init__(self, spec: EventsSpec, *, pipeline: str, tenant: str | None) -> None:
+    def __init__(
+        self,
+        spec: EventsSpec,
+        *,
+        pipeline: str,
+        tenant: str | None,
+        content: Callable[[LifecycleEvent], Any] | None = None,
+    ) -> None:
         self.spec = spec
+        self._content = content
+        """With ``events.content``: the outputs an event carries (None for events without)."""
         self.pipeline = pipeline
         self.tenant = tenant
         self.given_up = 0
@@ -68,6 +79,7 @@ class Outbox:
                 time=event.time,
                 data=event.data,
                 traceparent=self._traceparent,
+                content=self._content(event) if self.spec.content and self._content is not None else None,
             )
         )
         if self._task is None:
