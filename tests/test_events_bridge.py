@@ -454,3 +454,55 @@ async def test_two_bridges_share_the_consumer_and_start_each_pipeline_once(
     for n in range(total):  # each exists (describe is consistent; visibility lists lag)
         await client.get_workflow_handle(f"{p}-order-{n}").describe()
     assert len(await executions(client, f"WorkflowId STARTS_WITH '{p}-'", total)) == total  # none twice
+
+
+async def test_a_broker_restart_under_the_bridge_loses_nothing(
+    client: Client, worker_queue: str, tmp_path: Any
+) -> None:
+    from worker.nats_server import NatsServer
+
+    p = "tb" + uuid.uuid4().hex[:6]
+    server = NatsServer(state_dir=tmp_path, port=None).start()
+    try:
+        async with NatsBroker(server.url) as broker:
+            bridge = Bridge(
+                client, broker, triggers(p), task_queue=worker_queue, catalog=PipelineCatalog(CATALOG)
+            )
+            stop = asyncio.Event()
+            task = asyncio.create_task(bridge.run(stop))
+            running = RunningBridge(bridge, task, stop)
+            async with asyncio.timeout(30):
+                await bridge.ready.wait()
+            for n in range(5):
+                await publish(
+                    broker,
+                    f"{p}.orders.paid",
+                    event("com.shop.order.paid", {"order_id": str(n), "amount": 1}),
+                )
+            await running.until(lambda: bridge.stats["started"] + bridge.stats["duplicate"] == 5)
+            server.kill()
+            server.start()  # same port, same JetStream data
+            async with asyncio.timeout(30):
+                while True:  # the publisher's connection comes back too
+                    try:
+                        await publish(
+                            broker,
+                            f"{p}.orders.paid",
+                            event("com.shop.order.paid", {"order_id": "5", "amount": 1}),
+                        )
+                        break
+                    except Exception:
+                        await asyncio.sleep(0.2)
+            for n in range(6, 10):
+                await publish(
+                    broker,
+                    f"{p}.orders.paid",
+                    event("com.shop.order.paid", {"order_id": str(n), "amount": 1}),
+                )
+            await running.until(lambda: bridge.stats["started"] + bridge.stats["duplicate"] == 10)
+            stop.set()
+            await asyncio.wait_for(task, timeout=30)
+        for n in range(10):
+            await client.get_workflow_handle(f"{p}-order-{n}").describe()
+    finally:
+        server.stop()
