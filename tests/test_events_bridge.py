@@ -482,14 +482,12 @@ async def test_a_broker_restart_under_the_bridge_loses_nothing(
             await running.until(lambda: bridge.stats["started"] + bridge.stats["duplicate"] == 5)
             server.kill()
             server.start()  # same port, same JetStream data
+            fifth = event("com.shop.order.paid", {"order_id": "5", "amount": 1})
             async with asyncio.timeout(30):
                 while True:  # the publisher's connection comes back too
-                    try:
-                        await publish(
-                            broker,
-                            f"{p}.orders.paid",
-                            event("com.shop.order.paid", {"order_id": "5", "amount": 1}),
-                        )
+                    try:  # with its id as the dedup id: a retried publication is stored once
+                        body, headers = encode_structured(fifth)
+                        await broker.publish(f"{p}.orders.paid", body, headers=headers, dedup_id=fifth.key)
                         break
                     except Exception:
                         await asyncio.sleep(0.2)
