@@ -340,3 +340,36 @@ async def test_opted_in_content_is_encoded_like_any_payload_and_encrypted_with_t
     assert outputs == {"greeting": greeting}
     for _, event in published:
         validator(event.type).validate(json.loads(encode_structured(event)[0]))
+
+
+async def test_sequences_continue_across_continue_as_new_and_each_run_drains(
+    client: Client, broker: NatsBroker, registry: Registry
+) -> None:
+    prefix = "lc" + uuid.uuid4().hex[:6]
+    config = OutboundConfig(stream=prefix.upper(), subject_prefix=prefix)
+    publisher = EventPublisher(broker, config)
+    pipeline = {
+        "name": "hopping",
+        "events": True,
+        "steps": [{"id": f"s{n}", "type": "transform", "expression": str(n)} for n in range(3)],
+    }
+    queue = f"lc-{uuid.uuid4().hex[:8]}"
+    workflow_id = f"hopping-{uuid.uuid4().hex[:6]}"
+    async with build_worker(client, task_queue=queue, registry=registry, events=publisher):
+        handle = await client.start_workflow(
+            "PipelineWorkflow",
+            {"pipeline": pipeline, "continue_as_new_after": 1},  # a new run before every later step
+            id=workflow_id,
+            task_queue=queue,
+        )
+        result = await handle.result()
+    assert result["status"] == "completed"
+    published = [e for _, e in await read_all(broker, config.stream)]
+    runs = {e.extensions["kfrunid"] for e in published}
+    assert [e.id for e in published] == [f"{workflow_id}:{n}" for n in range(1, 6)]
+    assert [e.type for e in published] == [
+        "kernelflow.pipeline.started",
+        *["kernelflow.step.completed"] * 3,
+        "kernelflow.pipeline.completed",
+    ]
+    assert len(runs) == 3  # three runs, one sequence
