@@ -513,3 +513,34 @@ async def test_a_broker_restart_under_the_bridge_loses_nothing(
         assert bridge.stats["dead_lettered"] == 0
     finally:
         server.stop()
+
+
+async def test_outcomes_are_exported_as_metrics(
+    temporal_target: str, broker: NatsBroker, worker_queue: str, run_bridge: Any
+) -> None:
+    """Through the Temporal runtime's meter: the Prometheus exporter the worker configures shows them."""
+    import httpx
+    from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+
+    from worker.app import connect
+    from worker.devserver import free_port
+
+    port = free_port()
+    runtime = Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=f"127.0.0.1:{port}")))
+    base = await connect(temporal_target)
+    metered = await Client.connect(temporal_target, data_converter=base.data_converter, runtime=runtime)
+    p = "tm" + uuid.uuid4().hex[:6]
+    running = await run_bridge(triggers(p), worker_queue, temporal=metered)
+    await publish(broker, f"{p}.orders.paid", event("com.shop.order.paid", {"order_id": "1", "amount": 1}))
+    await broker.publish(f"{p}.orders.paid", b"not an event")
+    await running.until(
+        lambda: running.bridge.stats["started"] == 1 and running.bridge.stats["dead_lettered"] == 1
+    )
+    async with httpx.AsyncClient() as http, asyncio.timeout(30):
+        while True:
+            text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+            if "kernelflow_bridge_events" in text and 'outcome="dead_lettered"' in text:
+                break
+            await asyncio.sleep(0.2)
+    assert any('outcome="started"' in line and 'trigger="paid"' in line for line in text.splitlines())
+    assert "kernelflow_bridge_in_flight" in text

@@ -29,7 +29,7 @@ import hashlib
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -41,6 +41,7 @@ from temporalio.client import (
 )
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
 
 from kernel.broker import Broker, BrokerUnavailable, Delivery, Subscription
@@ -75,6 +76,7 @@ class Outcome:
     detail: str = ""
     workflow_id: str | None = None
     delay_s: float = 0.0
+    trigger: str | None = None
 
 
 class Bridge:
@@ -97,6 +99,12 @@ class Bridge:
         self.in_flight = 0
         self.peak_in_flight = 0
         self.ready = asyncio.Event()
+        runtime = client.service_client.config.runtime or Runtime.default()
+        meter = runtime.metric_meter  # exported with the SDK's own metrics when the runtime has an exporter
+        self._outcomes = meter.create_counter(
+            "kernelflow_bridge_events", "Events the bridge handled, by outcome and trigger", "1"
+        )
+        self._in_flight_gauge = meter.create_gauge("kernelflow_bridge_in_flight", "Events being handled", "1")
         self._slots = asyncio.Semaphore(config.max_in_flight)
         self._rpc_timeout = timedelta(seconds=config.temporal_timeout_s)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -154,6 +162,7 @@ class Bridge:
     async def _handle(self, delivery: Delivery) -> None:
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        self._in_flight_gauge.set(self.in_flight)
         try:
             outcome = await self.dispatch(
                 delivery.subject, delivery.data, delivery.headers, attempt=delivery.attempt
@@ -165,10 +174,12 @@ class Bridge:
             _log.exception("event handling failed", subject=delivery.subject)
         finally:
             self.in_flight -= 1
+            self._in_flight_gauge.set(self.in_flight)
             self._slots.release()
 
     async def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
         self.stats[outcome.result] += 1
+        self._outcomes.add(1, {"outcome": outcome.result, "trigger": outcome.trigger or "none"})
         log = _log.warning if outcome.result in ("dead_lettered", "retry") else _log.debug
         log(
             "event " + outcome.result,
@@ -226,6 +237,9 @@ class Bridge:
         if matched is None:
             return Outcome("unmatched", f"no trigger for subject {subject!r} and type {event.type!r}")
         _, action = matched
+        return replace(await self._dispatch_action(action, attempt), trigger=action.trigger)
+
+    async def _dispatch_action(self, action: Action, attempt: int) -> Outcome:
         try:
             return await self._send(action, attempt)
         except PipelineError as exc:
