@@ -249,8 +249,8 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
     from simulator.server import SimulatorServer
     from worker.app import build_registry, build_worker, connect, simulator_settings
     from worker.devserver import DevServer
-    from worker.observability import DevObservability
     from worker.events_cli import dev_events
+    from worker.observability import DevObservability
     from worker.pipelines import load_catalog, pipelines_dir
     from worker.search_attributes import ensure_search_attributes
 

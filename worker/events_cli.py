@@ -23,7 +23,7 @@ from kernel.broker import Broker, BrokerError
 from kernel.cloudevents import CloudEvent, InvalidEvent, decode_event, encode_binary, encode_structured
 from kernel.errors import ConfigurationError
 from kernel.triggers import EventsConfig
-from worker.config import KernelflowConfig, WorkerSettings, load_config, payload_settings_from_env
+from worker.config import KernelflowConfig, WorkerSettings, load_config
 
 __all__ = ["add_commands", "dev_events", "run_command"]
 
@@ -80,9 +80,8 @@ async def run_command(args: argparse.Namespace) -> int:
 
 
 async def _cmd_bridge(args: argparse.Namespace) -> int:
-    from worker.app import connect
     from worker.bridge import Bridge
-    from worker.cli import _on_signals, _overrides
+    from worker.cli import _client, _on_signals, _overrides
     from worker.logs import configure_logging
     from worker.pipelines import load_catalog, pipelines_dir
     from worker.webhook_ingress import WebhookIngress
@@ -97,12 +96,8 @@ async def _cmd_bridge(args: argparse.Namespace) -> int:
         )
     folder = pipelines_dir(config.pipelines_dir)
     catalog = load_catalog(folder) if folder is not None else None
-    # Payload settings (storage, encryption keys) as every client and worker reads them.
-    client = await connect(
-        settings.temporal_address,
-        settings.namespace,
-        payloads=payload_settings_from_env(base=config.payloads),
-    )
+    # The connection profile (TLS, API key) and payload settings (storage, keys) of every other command.
+    client = await _client(settings)
     stop = asyncio.Event()
     _on_signals(stop)
     async with _broker(events.broker) as broker:
