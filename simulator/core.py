@@ -15,9 +15,10 @@ import math
 import os
 import re
 import threading
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypeVar
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "DirectiveError",
     "Fault",
     "Message",
+    "RateLimitRule",
     "ResponseFormat",
     "SimRequest",
     "Simulator",
@@ -290,12 +292,50 @@ class SimulatorConfig:
 
     faults: list[Mapping[str, Any]] = field(default_factory=list)
     extra_models: Mapping[str, Iterable[str]] = field(default_factory=dict)
+    rate_limits: Mapping[str, RateLimitRule] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> SimulatorConfig:
-        """Read fault rules from `KERNELFLOW_SIM_FAULTS` (a JSON list)."""
-        raw = (os.environ if environ is None else environ).get("KERNELFLOW_SIM_FAULTS", "").strip()
-        return cls(faults=_rules_from_json(raw) if raw else [])
+        """Read fault rules from `KERNELFLOW_SIM_FAULTS` (a JSON list) and per-model rate limits from
+        `KERNELFLOW_SIM_RATE_LIMITS` (a JSON object: model -> {requests, tokens, window_s})."""
+        env = os.environ if environ is None else environ
+        raw = env.get("KERNELFLOW_SIM_FAULTS", "").strip()
+        limits = env.get("KERNELFLOW_SIM_RATE_LIMITS", "").strip()
+        return cls(
+            faults=_rules_from_json(raw) if raw else [],
+            rate_limits=RateLimitRule.from_json(limits) if limits else {},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitRule:
+    """A provider's limit on one model: at most `requests` requests and `tokens` tokens (prompt, about
+    four characters a token, plus `max_tokens`) in any sliding window of `window_s` seconds. Requests
+    beyond it get a 429 with Retry-After, and are not counted."""
+
+    requests: int | None = None
+    tokens: int | None = None
+    window_s: float = 1.0
+
+    @classmethod
+    def from_json(cls, raw: str) -> dict[str, RateLimitRule]:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise DirectiveError(f"rate limits must be a JSON object of model -> limit, got {raw!r}")
+        found: dict[str, RateLimitRule] = {}
+        for model, rule in data.items():
+            if not isinstance(rule, dict) or not set(rule) <= {"requests", "tokens", "window_s"}:
+                raise DirectiveError(
+                    f"rate limit of {model!r}: {rule!r}; allowed keys: requests, tokens, window_s"
+                )
+            found[model] = cls(**rule)
+        return found
+
+
+def request_tokens(request: SimRequest) -> int:
+    """What a provider's rate limiter charges up front: the prompt plus the requested output."""
+    prompt = sum(len(m.text) for m in request.messages) // 4 + 1
+    return prompt + (request.max_tokens or 0)
 
 
 def _rules_from_json(raw: str) -> list[Mapping[str, Any]]:
@@ -320,6 +360,9 @@ class Simulator:
         self._by_model: Counter[str] = Counter()
         self._by_tag: Counter[str] = Counter()
         self._by_wire: Counter[str] = Counter()
+        self._rate_limits = dict(self._config.rate_limits)
+        self._admitted: dict[str, deque[tuple[float, int]]] = {}
+        self._rate_limited = 0
         self._extra_models = {vendor: frozenset(names) for vendor, names in self._config.extra_models.items()}
         self.add_faults(self._config.faults)
 
@@ -344,6 +387,30 @@ class Simulator:
             self._by_model.clear()
             self._by_tag.clear()
             self._by_wire.clear()
+            self._admitted.clear()
+            self._rate_limited = 0
+
+    def admitted_times(self, model: str) -> list[float]:
+        """When each request of a rate-limited `model` was let through (monotonic seconds)."""
+        with self._lock:
+            return [at for at, _ in self._admitted.get(model, ())]
+
+    def _over_limit(self, request: SimRequest) -> float | None:
+        """Seconds until `request` would fit its model's rate limit, or None when it fits (then it
+        is recorded). Call with the lock held."""
+        rule = self._rate_limits.get(request.model)
+        if rule is None:
+            return None
+        now = time.monotonic()
+        seen = self._admitted.setdefault(request.model, deque(maxlen=100_000))
+        recent = [(at, tokens) for at, tokens in seen if at > now - rule.window_s]
+        tokens = request_tokens(request)
+        over_requests = rule.requests is not None and len(recent) + 1 > rule.requests
+        over_tokens = rule.tokens is not None and sum(t for _, t in recent) + tokens > rule.tokens
+        if over_requests or over_tokens:
+            return max(recent[0][0] + rule.window_s - now, 0.001) if recent else rule.window_s
+        seen.append((now, tokens))
+        return None
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -353,6 +420,8 @@ class Simulator:
                 "by_tag": dict(self._by_tag),
                 "by_wire": dict(self._by_wire),
                 "faults_injected": self._faults_injected,
+                "rate_limited": self._rate_limited,
+                "admitted_at": {model: [at for at, _ in seen] for model, seen in self._admitted.items()},
             }
 
     def admit(self, request: SimRequest, *, header: str | None = None) -> Admission:
@@ -379,6 +448,9 @@ class Simulator:
             spent = {d for d in active if d.fault is None and d.reply is not None and d.times is not None}
             spent = {d for d in spent if not self._spend(d)}
             admission = _merge(active, faulting, spent_replies=spent)
+            if admission.fault is None and (wait := self._over_limit(request)) is not None:
+                admission = replace(admission, fault=Fault("429", retry_after=round(wait, 3)))
+                self._rate_limited += 1
             self._requests += 1
             self._by_model[request.model] += 1
             self._by_wire[request.wire] += 1

@@ -21,6 +21,7 @@ from activities.events import EventPublisher
 from activities.llm import LlmActivities
 from activities.mcp import mcp_servers_from_env
 from activities.tool import parse_allow_list
+from kernel.limits import LimitsConfig
 from kernel.pricing import PriceTable
 from kernel.provider import ProviderSettings
 from kernel.registry import Registry
@@ -153,6 +154,7 @@ def build_worker(
     graceful_shutdown_s: float = 20.0,
     mcp_servers: Mapping[str, Any] | None = None,
     events: EventPublisher | None = None,
+    limits: LimitsConfig | None = None,
 ) -> Worker:
     """A worker on ``task_queue`` with ``KernelflowPlugin``. It converts payloads with ``client``'s
     converter, or with one built from ``payloads`` when given (which must match the clients')."""
@@ -175,6 +177,7 @@ def build_worker(
         mcp_servers=mcp_servers,
         extra_activities=extra_activities,
         events=events,
+        limits=limits,
     )
     return Worker(
         client,
@@ -334,6 +337,7 @@ async def run_worker(
         ),
         tool_allow=[*config.tool_allow, *parse_allow_list(os.environ.get("KERNELFLOW_TOOL_ALLOWLIST"))],
         mcp_servers={**config.mcp_servers, **mcp_servers_from_env()},
+        limits=config.limits,
     )
     workers = [worker, *_provider_workers(client, settings, activities)]
     stop = asyncio.Event()

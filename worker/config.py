@@ -26,6 +26,9 @@ Provider set-up comes from an optional YAML file (``KERNELFLOW_CONFIG``)::
       breaker: {failure_threshold: 5, cooldown_s: 30}   # per provider/model; enabled: false turns off
     events:                        # the bridge's triggers and outbound lifecycle events: docs/events.md
       broker: nats://127.0.0.1:4222
+    limits:                      # admission control shared by every worker (docs/limits.md)
+      models:
+        openai/gpt-4.1: {requests_per_minute: 500, tokens_per_minute: 30000, concurrent: 50}
 
 A running worker re-reads the file when it changes (polled) or on SIGHUP: ``aliases``, ``providers``,
 ``presets``, ``prices`` and ``routing`` apply to the following model calls, including the next steps
@@ -51,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from activities.mcp import McpServerConfig
 from kernel.errors import ConfigurationError, KernelflowError
+from kernel.limits import LimitsConfig
 from kernel.pipeline import format_validation_error
 from kernel.pricing import Price
 from kernel.provider import ProviderSettings
@@ -183,6 +187,7 @@ class KernelflowConfig(BaseModel):
     events: EventsConfig | None = Field(
         default=None, description="Broker, triggers, webhook ingress, lifecycle events (docs/events.md)."
     )
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
 
 class WorkerSettings(BaseModel):

@@ -31,11 +31,13 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities.embed import EmbedActivities
 from activities.events import EventPublisher, publish_events_unconfigured
+from activities.limits import LimitsActivities
 from activities.live import LiveProviders
 from activities.llm import LlmActivities
 from activities.mcp import McpActivities, McpServerConfig
 from activities.tool import ToolActivities
 from kernel.errors import KernelflowError
+from kernel.limits import LimitsConfig
 from kernel.pricing import PriceTable
 from kernel.registry import Registry
 from kernel.routing import BreakerBoard
@@ -44,6 +46,7 @@ from worker.config import PayloadSettings, payload_settings_from_env
 from worker.pipelines import PipelineCatalog
 from worker.storage import build_data_converter
 from workflows.engine.checks import install_model_check
+from workflows.limiter import LimiterWorkflow, install_limits
 from workflows.pipeline import PipelineWorkflow
 
 __all__ = ["PASSTHROUGH_MODULES", "PLUGIN_NAME", "KernelflowPlugin", "kernelflow_converter", "sandbox_runner"]
@@ -64,6 +67,7 @@ PASSTHROUGH_MODULES: dict[str, str] = {
     "workflows.engine.effects": "the interpreter's Temporal effects (deterministic)",
     "workflows.engine.checks": "the worker's model check read by update validators (never on replay)",
     "workflows.engine.outbox": "the lifecycle events' outbox (deterministic; per-run state lives in instances)",
+    "workflows.limiter": "the limiter workflow's models and the worker's limits switch (same on every worker)",
     "workflows.contract": "names and payload models of the public surface",
     "workflows.search_attributes": "search attribute keys",
     "workflows.api": "code-defined workflows' helpers",
@@ -158,6 +162,7 @@ class KernelflowPlugin(SimplePlugin):
         chat: LlmActivities | None = None,
         extra_activities: Sequence[Callable[..., Any]] = (),
         events: EventPublisher | None = None,
+        limits: LimitsConfig | None = None,
     ) -> None:
         if chat is not None:
             providers = chat.live
@@ -165,6 +170,8 @@ class KernelflowPlugin(SimplePlugin):
             providers = LiveProviders(registry, prices=prices, breakers=breakers)
         self.providers = providers
         self.payloads = payloads
+        self.limits = limits
+        self.limits_activities: LimitsActivities | None = None
         activities: list[Callable[..., Any]] | None = None
         if providers is not None:
             chat = chat or LlmActivities(live=providers)
@@ -177,11 +184,13 @@ class KernelflowPlugin(SimplePlugin):
                 events.publish_events if events is not None else publish_events_unconfigured,
                 *extra_activities,
             ]
+            self.limits_activities = LimitsActivities(limits or LimitsConfig(), providers)
+            activities.append(self.limits_activities.acquire)
         self.chat_activities = chat
         super().__init__(
             PLUGIN_NAME,
             data_converter=lambda existing: kernelflow_converter(existing, payloads=payloads),
-            workflows=[PipelineWorkflow],
+            workflows=[PipelineWorkflow, LimiterWorkflow],
             activities=activities,
             workflow_runner=sandbox_runner,
         )
@@ -190,6 +199,7 @@ class KernelflowPlugin(SimplePlugin):
         config = super().configure_worker(config)
         if self.providers is not None:
             install_model_check(self._model_problem)
+            install_limits(bool(self.limits is not None and self.limits.models))
         return config
 
     def _model_problem(self, model: str) -> str | None:

@@ -18,14 +18,26 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
+    from activities.limits import LIMITS_ACQUIRE, AcquireInput, AcquireTicket
     from activities.llm import LLM_CHAT, LlmCallInput, LlmCallResult
     from kernel.contracts import AssistantMessage, ChatRequest, UserMessage
     from kernel.errors import FailureType
     from kernel.pipeline import RetrySpec
     from kernel.routing import WeightedModel, weighted_order
     from kernel.run import ModelFailure
+    from workflows.limiter import CAPACITY_SIGNAL, CapacityGrant, ReleaseRequest, limits_enabled
 
-__all__ = ["AllModelsFailed", "CallOptions", "ModelFailure", "call_model", "order_models", "retry_policy"]
+ADMISSION_PATCH = "admission-control"
+
+__all__ = [
+    "ADMISSION_PATCH",
+    "AllModelsFailed",
+    "CallOptions",
+    "ModelFailure",
+    "call_model",
+    "order_models",
+    "retry_policy",
+]
 
 
 class CallOptions(BaseModel):
@@ -155,6 +167,88 @@ def _repair_request(request: ChatRequest, result: LlmCallResult, error: str) -> 
 
 
 async def _execute(call: LlmCallInput, options: CallOptions, summary: str) -> LlmCallResult:
+    admission = (
+        await _admit(call, options) if limits_enabled() and workflow.patched(ADMISSION_PATCH) else None
+    )
+    try:
+        result = await _run_call(call, options, summary)
+    except (Exception, asyncio.CancelledError):  # not on eviction: the replay that follows releases
+        if admission is not None:
+            await _release(admission, None)
+        raise
+    if admission is not None:
+        await _release(admission, result.response.usage.total_tokens)
+    return result
+
+
+class _Admission:
+    def __init__(self, request_id: str, ticket: AcquireTicket) -> None:
+        self.request_id = request_id
+        self.ticket = ticket
+
+
+def _on_grant(grant: CapacityGrant) -> None:
+    _granted().add(grant.id)
+
+
+def _granted() -> set[str]:
+    """Ids of this workflow's calls the limiter admitted and that have not started yet."""
+    instance = workflow.instance()
+    found: set[str] | None = getattr(instance, "_kernelflow_granted", None)
+    if found is None:
+        found = set()
+        instance._kernelflow_granted = found  # type: ignore[attr-defined]
+        workflow.set_signal_handler(CAPACITY_SIGNAL, _on_grant)
+    return found
+
+
+def _tenant(workflow_id: str) -> str:
+    if workflow_id.startswith("tenant/"):
+        return workflow_id.split("/", 2)[1]
+    return ""
+
+
+async def _admit(call: LlmCallInput, options: CallOptions) -> _Admission | None:
+    """Reserve capacity for ``call`` with its key's limiter and wait, durably, until admitted."""
+    granted = _granted()
+    request_id = str(workflow.uuid4())
+    attempts = options.retry.max_attempts
+    lease = options.timeout_s * attempts + 60 if attempts else None
+    info = workflow.info()
+    ticket: AcquireTicket = await workflow.execute_local_activity(
+        LIMITS_ACQUIRE,
+        AcquireInput(
+            model=call.model,
+            request=call.request,
+            id=request_id,
+            requester=info.workflow_id,
+            tenant=_tenant(info.workflow_id),
+            lease_s=lease,
+        ),
+        result_type=AcquireTicket,
+        start_to_close_timeout=timedelta(seconds=30),
+        summary=f"admission · {call.model}",
+    )
+    if ticket.key is None:
+        return None
+    if request_id not in granted:
+        workflow.set_current_details(f"waiting for capacity on {ticket.key}")
+        await workflow.wait_condition(lambda: request_id in granted)
+        workflow.set_current_details(f"calling {ticket.key}")
+    granted.discard(request_id)
+    return _Admission(request_id, ticket)
+
+
+async def _release(admission: _Admission, used_tokens: int | None) -> None:
+    """Reconcile the reservation with the reported usage (None: the estimate stands)."""
+    limiter = workflow.get_external_workflow_handle(admission.ticket.limiter)
+    try:
+        await limiter.signal("release", ReleaseRequest(id=admission.request_id, used_tokens=used_tokens))
+    except Exception:  # a limiter that is gone holds nothing; the lease covers the rest
+        workflow.logger.warning("limiter %s did not take a release", admission.ticket.limiter)
+
+
+async def _run_call(call: LlmCallInput, options: CallOptions, summary: str) -> LlmCallResult:
     retry = retry_policy(options.retry)
     timeout = timedelta(seconds=options.timeout_s)
     if options.local_activity:

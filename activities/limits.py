@@ -1,0 +1,87 @@
+"""The ``limits_acquire`` activity: find the limited key of a model call, estimate its tokens and
+signal-with-start the key's limiter workflow. Run as a local activity before each limited call.
+
+The estimate is the prompt (about four characters a token) plus ``max_tokens`` when the request sets
+it, else the model's output allowance: the catalog's ``max_output_tokens`` capped by the key's
+``output_tokens`` (default ``limits.default_output_tokens``), so a model with a large output limit does
+not reserve its whole allowance on every call. Usage reported after the call replaces the estimate.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+from temporalio import activity
+
+from activities.live import LiveProviders
+from kernel.contracts import ChatRequest
+from kernel.errors import KernelflowError
+from kernel.limits import LimitsConfig, estimate_tokens
+from workflows.limiter import AcquireRequest, LimiterInput, LimiterWorkflow, limiter_id
+
+__all__ = ["LIMITS_ACQUIRE", "AcquireInput", "AcquireTicket", "LimitsActivities"]
+
+LIMITS_ACQUIRE = "limits_acquire"
+"""The activity's name: public API, never renamed."""
+
+
+class AcquireInput(BaseModel):
+    model: str
+    request: ChatRequest
+    id: str = Field(description="Unique per call; the limiter reserves once per id.")
+    requester: str
+    tenant: str = ""
+    lease_s: float | None = Field(default=None, gt=0)
+
+
+class AcquireTicket(BaseModel):
+    """``key`` is None when the model has no limit (the call goes ahead at once)."""
+
+    key: str | None = None
+    limiter: str = ""
+    tokens: int = 0
+
+
+class LimitsActivities:
+    """Holds the worker's ``limits`` section (replaceable on config reload) and the live providers."""
+
+    def __init__(self, limits: LimitsConfig, live: LiveProviders) -> None:
+        self.limits = limits
+        self.live = live
+
+    @activity.defn(name=LIMITS_ACQUIRE)
+    async def acquire(self, call: AcquireInput) -> AcquireTicket:
+        try:
+            provider, model_name = self.live.registry.resolve(call.model)
+        except KernelflowError:
+            return AcquireTicket()  # the call itself reports the unknown model
+        key = self.limits.key_for(f"{provider.name}/{model_name}")
+        if key is None:
+            return AcquireTicket()
+        limit = self.limits.models[key]
+        output = self.limits.default_output_tokens
+        facts = provider.model_facts(model_name)
+        if facts is not None and facts.max_output_tokens is not None:
+            output = min(output, facts.max_output_tokens)
+        if limit.output_tokens is not None:
+            output = limit.output_tokens
+        tokens = estimate_tokens(call.request, output)
+        workflow_id = limiter_id(key, self.limits.scope or activity.info().task_queue)
+        await activity.client().start_workflow(
+            LimiterWorkflow.run,
+            LimiterInput(key=key, limit=limit),
+            id=workflow_id,
+            task_queue=activity.info().task_queue,
+            start_signal="acquire",
+            start_signal_args=[
+                AcquireRequest(
+                    id=call.id,
+                    requester=call.requester,
+                    tenant=call.tenant,
+                    tokens=tokens,
+                    lease_s=min(call.lease_s or self.limits.lease_s, self.limits.lease_s),
+                    limit=limit,
+                )
+            ],
+            static_summary=f"limiter for {key}",
+        )
+        return AcquireTicket(key=key, limiter=workflow_id, tokens=tokens)

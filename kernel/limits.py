@@ -1,0 +1,290 @@
+"""Admission control: rate limits per provider or model, shared by every worker.
+
+Pure: the ``Ledger`` decides which waiting calls may start given the time it is told; the limiter
+workflow (``workflows/limiter.py``) owns one ledger per key and feeds it the clock and the requests.
+
+A reservation is made from an estimate (prompt tokens estimated from the text, plus ``max_tokens`` or
+the model's output allowance from the catalog) and reconciled with the usage the provider reported. A
+reservation is a lease: one never released is dropped when it expires, so a terminated or reset
+workflow cannot hold capacity forever.
+
+Windows are sliding and counted so that the provider's own windows hold, whatever the delay between
+admission and the request reaching the provider: a call counts against ``requests_per_*`` and
+``tokens_per_*`` from the moment it is admitted until one period after it was released (the request
+was sent somewhere in between). A call is admitted only when fewer than the limit count now; then any
+window of the period at the provider holds at most the limit (docs/limits.md has the argument). The
+price: each call occupies its slot for the period plus its own duration.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from kernel.contracts import ChatRequest
+
+__all__ = [
+    "DEFAULT_LEASE_S",
+    "Grant",
+    "Ledger",
+    "LimitsConfig",
+    "RateLimit",
+    "Waiting",
+    "estimate_prompt_tokens",
+    "estimate_tokens",
+]
+
+DEFAULT_LEASE_S = 600.0
+"""How long a reservation lasts when the call never reports back (a terminated or reset workflow)."""
+
+_SEEN_LIMIT = 4096
+
+
+class RateLimit(BaseModel):
+    """The limits of one key (a provider, or a provider/model). Each field is optional; at least one
+    is set. Per-second and per-minute limits may be combined; each holds on its own window."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_second: float | None = Field(default=None, gt=0)
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_second: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
+    concurrent: int | None = Field(default=None, gt=0)
+    output_tokens: int | None = Field(
+        default=None, gt=0, description="Output allowance reserved for calls without max_tokens."
+    )
+    margin_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Added to each window: room for clock differences between the workers and the provider.",
+    )
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> RateLimit:
+        if not self.windows() and self.concurrent is None:
+            raise ValueError(
+                "a rate limit needs at least one of requests_per_second, requests_per_minute, "
+                "tokens_per_second, tokens_per_minute, concurrent"
+            )
+        return self
+
+    def windows(self) -> list[tuple[float, float | None, float | None]]:
+        """``(period_s, requests, tokens)`` for each window that has a limit."""
+        found: list[tuple[float, float | None, float | None]] = []
+        if self.requests_per_second is not None or self.tokens_per_second is not None:
+            found.append((1.0, self.requests_per_second, self.tokens_per_second))
+        if self.requests_per_minute is not None or self.tokens_per_minute is not None:
+            found.append((60.0, self.requests_per_minute, self.tokens_per_minute))
+        return found
+
+    def describe(self) -> str:
+        parts = [
+            f"{value:g} {name.replace('_', ' ')}"
+            for name, value in self.model_dump(exclude={"margin_s", "output_tokens"}).items()
+            if value is not None
+        ]
+        return ", ".join(parts)
+
+
+class LimitsConfig(BaseModel):
+    """The worker config's ``limits:`` section::
+
+        limits:
+          lease_s: 600
+          models:
+            openai/gpt-4.1: {requests_per_minute: 500, tokens_per_minute: 30000, concurrent: 50}
+            anthropic: {requests_per_second: 5}      # a provider: every model of it, one key
+
+    Keys are ``provider/model`` (that model only) or ``provider`` (all its models share the limit).
+    Every worker of a task queue must have the same ``limits`` section.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: dict[str, RateLimit] = Field(default_factory=dict)
+    lease_s: float = Field(
+        default=DEFAULT_LEASE_S,
+        gt=0,
+        description="Longest a reservation is held without a release (a call's own lease, its timeout "
+        "times its attempts, is used when shorter).",
+    )
+    scope: str | None = Field(
+        default=None,
+        description="Workers sharing one limiter per key: the same scope (default: their task queue).",
+    )
+    default_output_tokens: int = Field(
+        default=1024,
+        gt=0,
+        description="Output allowance assumed for a model the catalog does not know, without max_tokens.",
+    )
+
+    def key_for(self, model_ref: str) -> str | None:
+        """The limited key ``model_ref`` (``provider/model``) counts against, or None."""
+        if model_ref in self.models:
+            return model_ref
+        provider = model_ref.split("/", 1)[0]
+        return provider if provider in self.models else None
+
+
+def estimate_prompt_tokens(request: ChatRequest) -> int:
+    """About four characters a token, over the messages, tools and response schema as sent."""
+    text = request.model_dump_json(include={"messages", "tools", "response_format"})
+    return max(1, len(text) // 4)
+
+
+def estimate_tokens(request: ChatRequest, output_allowance: int) -> int:
+    """Prompt estimate plus ``max_tokens`` when the request sets it, else ``output_allowance``."""
+    output = request.max_tokens if request.max_tokens is not None else output_allowance
+    return estimate_prompt_tokens(request) + output
+
+
+class Waiting(BaseModel):
+    id: str
+    requester: str
+    tenant: str = ""
+    tokens: int = Field(ge=0)
+    lease_s: float = Field(default=DEFAULT_LEASE_S, gt=0)
+    since: float
+
+
+class Grant(BaseModel):
+    id: str
+    requester: str
+    tenant: str = ""
+    tokens: int = Field(ge=0)
+    at: float
+    expires: float
+    released_at: float | None = None
+
+    @property
+    def released(self) -> bool:
+        return self.released_at is not None
+
+
+class Ledger(BaseModel):
+    """Reservations of one key: who waits (FIFO per tenant, tenants in turn), what was granted and
+    when. Carried across the limiter's continue-as-new. Times are seconds since the epoch."""
+
+    limit: RateLimit
+    waiting: list[Waiting] = Field(default_factory=list)
+    grants: list[Grant] = Field(default_factory=list)
+    seen: list[str] = Field(default_factory=list, description="Recent request ids (deduplication).")
+    blocked_until: float = 0.0
+    last_tenant: str = ""
+    admitted: int = 0
+    expired: int = 0
+
+    def request(self, item: Waiting) -> bool:
+        """Queue ``item``; False (and nothing changes) when its id was seen already."""
+        if item.id in self.seen:
+            return False
+        self.seen.append(item.id)
+        del self.seen[:-_SEEN_LIMIT]
+        self.waiting.append(item)
+        return True
+
+    def release(self, request_id: str, used_tokens: int | None, now: float) -> bool:
+        """End a reservation; ``used_tokens`` (reported usage) replaces the estimate in the windows.
+        A release of a request still waiting withdraws it. False when nothing matched."""
+        for grant in self.grants:
+            if grant.id == request_id and not grant.released:
+                grant.released_at = now
+                if used_tokens is not None:
+                    grant.tokens = used_tokens
+                return True
+        before = len(self.waiting)
+        self.waiting = [w for w in self.waiting if w.id != request_id]
+        return len(self.waiting) != before
+
+    def back_off(self, until: float) -> None:
+        """A provider answered 429 with Retry-After: admit nothing before ``until``."""
+        self.blocked_until = max(self.blocked_until, until)
+
+    def expire(self, now: float) -> list[Grant]:
+        """Drop reservations whose lease ran out (their window counts stay)."""
+        gone = [g for g in self.grants if not g.released and g.expires <= now]
+        for grant in gone:
+            grant.released_at = grant.expires
+        self.expired += len(gone)
+        return gone
+
+    def _prune(self, now: float) -> None:
+        longest = max((period for period, _, _ in self.limit.windows()), default=0.0) + self.limit.margin_s
+        self.grants = [g for g in self.grants if g.released_at is None or g.released_at > now - longest]
+
+    def _fits(self, item: Waiting, now: float) -> bool:
+        if now < self.blocked_until:
+            return False
+        if self.limit.concurrent is not None:
+            active = sum(1 for g in self.grants if not g.released)
+            if active >= self.limit.concurrent:
+                return False
+        for period, requests, tokens in self.limit.windows():
+            recent = [
+                g
+                for g in self.grants
+                if g.released_at is None or g.released_at > now - period - self.limit.margin_s
+            ]
+            if requests is not None and len(recent) + 1 > requests:
+                return False
+            # A call larger than the whole window is admitted alone rather than never.
+            if tokens is not None and recent and sum(g.tokens for g in recent) + item.tokens > tokens:
+                return False
+        return True
+
+    def _next_in_turn(self) -> Waiting | None:
+        """The oldest waiting call of the tenant after the last one served (tenants in turn)."""
+        if not self.waiting:
+            return None
+        tenants = list(dict.fromkeys(w.tenant for w in self.waiting))
+        ordered = sorted(tenants)
+        after = [t for t in ordered if t > self.last_tenant] + [t for t in ordered if t <= self.last_tenant]
+        tenant = after[0]
+        return next(w for w in self.waiting if w.tenant == tenant)
+
+    def admit(self, now: float) -> list[Grant]:
+        """Grant every waiting call that fits now, in turn; stops at the first that does not fit."""
+        self.expire(now)
+        self._prune(now)
+        granted: list[Grant] = []
+        while (item := self._next_in_turn()) is not None and self._fits(item, now):
+            self.waiting.remove(item)
+            grant = Grant(
+                id=item.id,
+                requester=item.requester,
+                tenant=item.tenant,
+                tokens=item.tokens,
+                at=now,
+                expires=now + item.lease_s,
+            )
+            self.grants.append(grant)
+            self.last_tenant = item.tenant
+            self.admitted += 1
+            granted.append(grant)
+        return granted
+
+    def next_change(self, now: float) -> float | None:
+        """When admitting may next succeed without a new event (a window slides, a lease expires)."""
+        times: list[float] = [g.expires for g in self.grants if not g.released]
+        if self.waiting:
+            if now < self.blocked_until:
+                times.append(self.blocked_until)
+            for period, _, _ in self.limit.windows():
+                times.extend(
+                    g.released_at + period + self.limit.margin_s
+                    for g in self.grants
+                    if g.released_at is not None
+                )
+        later = [t for t in times if t > now]
+        return min(later) if later else None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "waiting": len(self.waiting),
+            "active": sum(1 for g in self.grants if not g.released),
+            "admitted": self.admitted,
+            "expired": self.expired,
+            "blocked_until": self.blocked_until,
+        }

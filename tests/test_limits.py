@@ -1,0 +1,285 @@
+"""Admission control: the ledger's decisions, then the limiter workflow on a real Temporal server with
+the simulator enforcing the same limit with 429s, across worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.api.sdk.v1 import WorkflowMetadata
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowQueryFailedError
+from temporalio.service import RPCError
+
+from kernel.limits import Ledger, LimitsConfig, RateLimit, Waiting
+from kernel.pipeline import PipelineSpec
+from kernel.registry import Registry
+from simulator.core import RateLimitRule, SimulatorConfig
+from simulator.server import SimulatorServer
+from tests.worker_process import WorkerProcess
+from worker.app import build_registry, build_worker, simulator_settings
+from worker.client import start_pipeline
+from workflows.limiter import limiter_id
+
+pytestmark = pytest.mark.timeout(240)
+
+MODEL = "openai/gpt-4o-mini"
+LIMIT = RateLimit(requests_per_second=5, tokens_per_second=2000, output_tokens=200)
+
+
+def max_in_window(times: Sequence[float], window: float) -> int:
+    """The most timestamps in any half-open window ``[t, t + window)``."""
+    ordered = sorted(times)
+    best, start = 0, 0
+    for end, at in enumerate(ordered):
+        while ordered[start] <= at - window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+# --- the ledger (pure) ---------------------------------------------------------------------------
+
+
+def _waiting(n: int, tenant: str = "", tokens: int = 10, lease_s: float = 60.0) -> Waiting:
+    return Waiting(id=f"{tenant}{n}", requester="wf", tenant=tenant, tokens=tokens, lease_s=lease_s, since=0)
+
+
+def test_a_call_counts_from_admission_until_a_period_after_its_release() -> None:
+    ledger = Ledger(limit=RateLimit(requests_per_second=2))
+    for n in range(5):
+        assert ledger.request(_waiting(n))
+    assert [g.id for g in ledger.admit(100.0)] == ["0", "1"]
+    ledger.release("0", None, 100.2)
+    assert ledger.admit(100.5) == [], "a released call still counts for a period after its release"
+    assert ledger.next_change(100.5) == pytest.approx(101.2)
+    assert [g.id for g in ledger.admit(101.2)] == ["2"], "call 1, never released, still counts"
+    ledger.release("1", None, 101.3)
+    assert ledger.admit(102.2) == []
+    assert [g.id for g in ledger.admit(102.3)] == ["3"]
+
+
+def test_the_same_request_id_reserves_once() -> None:
+    ledger = Ledger(limit=RateLimit(requests_per_second=10))
+    assert ledger.request(_waiting(1))
+    assert not ledger.request(_waiting(1))
+    assert len(ledger.admit(0.0)) == 1
+    assert not ledger.request(_waiting(1)), "a granted id asked again (a retried activity) is not queued"
+    assert ledger.admit(0.0) == []
+
+
+def test_reported_usage_replaces_the_estimate_in_the_token_window() -> None:
+    ledger = Ledger(limit=RateLimit(tokens_per_second=1000))
+    ledger.request(_waiting(1, tokens=900))
+    ledger.request(_waiting(2, tokens=900))
+    assert [g.id for g in ledger.admit(0.0)] == ["1"]
+    assert ledger.admit(0.1) == [], "the estimate holds the window"
+    assert ledger.release("1", 50, 0.2)
+    assert [g.id for g in ledger.admit(0.2)] == ["2"], "the reported 50 tokens leave room"
+
+
+def test_concurrency_and_leases_that_expire() -> None:
+    ledger = Ledger(limit=RateLimit(concurrent=1))
+    ledger.request(_waiting(1, lease_s=30))
+    ledger.request(_waiting(2, lease_s=30))
+    assert [g.id for g in ledger.admit(0.0)] == ["1"]
+    assert ledger.admit(10.0) == []
+    assert ledger.next_change(10.0) == pytest.approx(30.0)
+    assert [g.id for g in ledger.admit(30.0)] == ["2"], "a reservation never released expires"
+    assert ledger.expired == 1
+
+
+def test_tenants_take_turns_and_each_is_first_come_first_served() -> None:
+    ledger = Ledger(limit=RateLimit(requests_per_second=1))
+    for n in range(3):
+        ledger.request(_waiting(n, tenant="a"))
+    ledger.request(_waiting(0, tenant="b"))
+    order: list[str] = []
+    for t in range(4):
+        for grant in ledger.admit(2.0 * t):
+            order.append(grant.id)
+            ledger.release(grant.id, None, 2.0 * t)
+    assert order == ["a0", "b0", "a1", "a2"]
+
+
+def test_a_limit_needs_a_bound_and_bad_keys_are_named() -> None:
+    with pytest.raises(ValueError, match="at least one of"):
+        RateLimit()
+    with pytest.raises(ValueError, match="requests_per_hour"):
+        LimitsConfig.model_validate({"models": {MODEL: {"requests_per_hour": 5}}})
+    config = LimitsConfig.model_validate(
+        {"models": {"anthropic": {"concurrent": 2}, MODEL: {"concurrent": 1}}}
+    )
+    assert config.key_for("anthropic/claude-sonnet-4") == "anthropic"
+    assert config.key_for(MODEL) == MODEL
+    assert config.key_for("openai/gpt-4.1") is None
+
+
+# --- on Temporal ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def limited_sim() -> Iterator[SimulatorServer]:
+    """A simulator that answers 429 beyond 5 requests / 2,000 tokens per second on gpt-4o-mini."""
+    config = SimulatorConfig(
+        rate_limits={"gpt-4o-mini": RateLimitRule(requests=5, tokens=2000, window_s=1.0)}
+    )
+    with SimulatorServer(config=config) as server:
+        yield server
+
+
+@pytest.fixture
+async def limited_registry(limited_sim: SimulatorServer) -> AsyncIterator[Registry]:
+    reg = build_registry(provider_settings=simulator_settings(limited_sim.url))
+    try:
+        yield reg
+    finally:
+        await reg.aclose()
+
+
+def _spec(name: str, *, local: bool = False, steps: int = 3) -> PipelineSpec:
+    return PipelineSpec.model_validate(
+        {
+            "name": name,
+            "steps": [
+                {
+                    "id": f"s{n}",
+                    "model": MODEL,
+                    "prompt": f"Step {n}.",
+                    "local_activity": local and n % 2 == 0,
+                }
+                for n in range(steps)
+            ],
+        }
+    )
+
+
+async def _current_details(handle: Any) -> str:
+    """What the Web UI shows as the workflow's current details."""
+    metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
+    return str(metadata.current_details)
+
+
+def _assert_within_limit(sim: SimulatorServer, calls: int) -> list[float]:
+    stats = sim.simulator.stats()
+    times = sim.simulator.admitted_times("gpt-4o-mini")
+    assert stats["rate_limited"] == 0, "no request may go over the provider's limit"
+    assert len(times) == calls
+    assert max_in_window(times, 1.0) <= 5
+    return times
+
+
+async def test_pipelines_over_the_limit_wait_and_the_provider_sees_at_most_the_limit(
+    client: Client, limited_sim: SimulatorServer, limited_registry: Registry
+) -> None:
+    queue = f"limits-{uuid.uuid4().hex[:8]}"
+    limits = LimitsConfig(models={MODEL: LIMIT})
+    async with build_worker(client, task_queue=queue, registry=limited_registry, limits=limits):
+        handles = [
+            await start_pipeline(client, _spec("burst", local=True), {}, task_queue=queue) for _ in range(6)
+        ]
+        # Someone waits: its current details say on what.
+        waiting_seen = False
+        for _ in range(200):
+            for handle in handles:
+                details = await _current_details(handle)
+                if details.startswith("waiting for capacity on"):
+                    assert details == f"waiting for capacity on {MODEL}"
+                    waiting_seen = True
+            if waiting_seen:
+                break
+            await asyncio.sleep(0.05)
+        results = await asyncio.gather(*(asyncio.wait_for(h.result(), timeout=120) for h in handles))
+        assert all(r.status == "completed" for r in results)
+        limiter = client.get_workflow_handle(limiter_id(MODEL, queue))
+        state = await limiter.query("state")
+    _assert_within_limit(limited_sim, 18)
+    assert waiting_seen, "18 calls at 5/s: some pipeline must have been seen waiting"
+    assert state["admitted"] == 18 and state["active"] == 0 and state["waiting"] == 0
+
+
+async def test_a_terminated_pipeline_gives_its_reservation_back_when_its_lease_expires(
+    client: Client, limited_sim: SimulatorServer, limited_registry: Registry
+) -> None:
+    queue = f"limits-{uuid.uuid4().hex[:8]}"
+    model = "openai/gpt-4.1-mini"
+    limits = LimitsConfig(models={model: RateLimit(concurrent=1)}, lease_s=2)
+    spec = PipelineSpec.model_validate(
+        {"name": "hold", "steps": [{"id": "slow", "model": model, "prompt": "Slow [[sim: latency=30]]"}]}
+    )
+    quick = PipelineSpec.model_validate(
+        {"name": "quick", "steps": [{"id": "q", "model": model, "prompt": "Hi"}]}
+    )
+    async with build_worker(client, task_queue=queue, registry=limited_registry, limits=limits):
+        holder = await start_pipeline(client, spec, {}, task_queue=queue)
+        limiter = client.get_workflow_handle(limiter_id(model, queue))
+        for _ in range(400):
+            with_state: dict[str, Any] = {}
+            with contextlib.suppress(RPCError, WorkflowQueryFailedError):  # not started yet
+                with_state = await limiter.query("state")
+            if with_state.get("active") == 1:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the first call never took the only slot")
+        await holder.terminate("gone")
+        after = await start_pipeline(client, quick, {}, task_queue=queue)
+        result = await asyncio.wait_for(after.result(), timeout=60)
+        state = await limiter.query("state")
+    assert result.status == "completed"
+    assert state["expired"] >= 1, "the terminated holder's lease expired and its slot came back"
+
+
+def _worker_env(temporal_target: str, sim: SimulatorServer, queue: str, config: Path) -> dict[str, str]:
+    return {
+        "TEMPORAL_ADDRESS": temporal_target,
+        "KERNELFLOW_TASK_QUEUE": queue,
+        "KERNELFLOW_CONFIG": str(config),
+        "KERNELFLOW_PAYLOADS_STORAGE": "off",
+        "OPENAI_BASE_URL": sim.url.rstrip("/") + "/v1",
+        "OPENAI_API_KEY": "sim-key",
+    }
+
+
+async def test_four_worker_processes_share_one_limit_and_a_killed_worker_loses_no_capacity(
+    client: Client, temporal_target: str, limited_sim: SimulatorServer, tmp_path: Path
+) -> None:
+    queue = f"limits-{uuid.uuid4().hex[:8]}"
+    config = tmp_path / "kernelflow.yaml"
+    config.write_text(json.dumps({"limits": {"models": {MODEL: LIMIT.model_dump(exclude_none=True)}}}))
+    env = _worker_env(temporal_target, limited_sim, queue, config)
+    workers = [WorkerProcess(env, cwd=tmp_path).start() for _ in range(4)]
+    try:
+        for worker in workers:
+            worker.wait_started(within=60)
+        pipelines = 16
+        handles = [
+            await start_pipeline(client, _spec("fleet", local=True), {}, task_queue=queue)
+            for _ in range(pipelines)
+        ]
+        # Kill one worker mid-burst: what it held is finished by the others, nothing is leaked.
+        while len(limited_sim.simulator.admitted_times("gpt-4o-mini")) < 10:  # noqa: ASYNC110 - the simulator's count
+            await asyncio.sleep(0.05)
+        victim = workers.pop(0)
+        assert victim.process is not None
+        victim.process.send_signal(signal.SIGKILL)
+        victim.process.wait(timeout=30)
+        results = await asyncio.gather(*(asyncio.wait_for(h.result(), timeout=180) for h in handles))
+        assert all(r.status == "completed" for r in results)
+        limiter = client.get_workflow_handle(limiter_id(MODEL, queue))
+        state = await limiter.query("state")
+        described = await limiter.describe()
+    finally:
+        for worker in workers:
+            worker.stop()
+    times = _assert_within_limit(limited_sim, pipelines * 3)
+    assert state["active"] == 0 and state["waiting"] == 0, "every reservation was released"
+    assert described.status == WorkflowExecutionStatus.RUNNING
+    span = max(times) - min(times)
+    assert span >= (pipelines * 3 - 5) / 5 - 0.5, "the limiter, not the machine, held the rate"

@@ -1,0 +1,180 @@
+"""The limiter: one entity workflow per limited key (``kernelflow-limiter/<scope>/<key>``), shared by every
+worker. Deterministic workflow code.
+
+Callers signal ``acquire`` (through the ``limits_acquire`` local activity, which signal-with-starts
+this workflow) and wait for the ``kernelflow_capacity`` signal back, durably: no worker slot is held
+while waiting. After the call they signal ``release`` with the usage the provider reported. Request
+ids are deduplicated, so a retried local activity or a replayed workflow never reserves twice. A
+grant whose requester cannot be signalled (terminated) is released at once; one never released
+expires with its lease. The ledger is carried across continue-as-new.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import timedelta
+
+from pydantic import BaseModel, Field
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from kernel.limits import Grant, Ledger, RateLimit, Waiting
+
+__all__ = [
+    "CAPACITY_SIGNAL",
+    "LIMITER_WORKFLOW",
+    "AcquireRequest",
+    "CapacityGrant",
+    "LimiterInput",
+    "LimiterWorkflow",
+    "ReleaseRequest",
+    "install_limits",
+    "limiter_id",
+    "limits_enabled",
+]
+
+LIMITER_WORKFLOW = "kernelflow.limiter"
+CAPACITY_SIGNAL = "kernelflow_capacity"
+"""Sent by the limiter to the workflow whose call was admitted."""
+
+_EVENTS_PER_RUN = 2000
+
+
+_enabled = False
+
+
+def install_limits(enabled: bool) -> None:
+    """Called by the worker: whether its config has a ``limits`` section (same on every worker)."""
+    global _enabled
+    _enabled = enabled
+
+
+def limits_enabled() -> bool:
+    return _enabled
+
+
+def limiter_id(key: str, scope: str) -> str:
+    """The limiter of ``key`` for the workers of ``scope`` (``limits.scope``, else their task queue)."""
+    return f"kernelflow-limiter/{scope}/{key}"
+
+
+class AcquireRequest(BaseModel):
+    id: str = Field(description="Unique per call: the same id twice reserves once.")
+    requester: str = Field(description="Workflow id to signal when admitted.")
+    tenant: str = ""
+    tokens: int = Field(ge=0)
+    lease_s: float = Field(gt=0)
+    limit: RateLimit = Field(description="The worker's current limit for the key (config reloads apply).")
+
+
+class ReleaseRequest(BaseModel):
+    id: str
+    used_tokens: int | None = Field(
+        default=None, ge=0, description="Reported usage; None keeps the estimate."
+    )
+    retry_after_s: float | None = Field(
+        default=None, gt=0, description="The provider answered 429 with Retry-After: every caller waits."
+    )
+
+
+class CapacityGrant(BaseModel):
+    id: str
+    key: str
+
+
+class LimiterInput(BaseModel):
+    key: str
+    limit: RateLimit
+    ledger: Ledger | None = None
+
+
+@workflow.defn(name=LIMITER_WORKFLOW)
+class LimiterWorkflow:
+    def __init__(self) -> None:
+        self.ledger: Ledger | None = None
+        self.pending_acquire: list[AcquireRequest] = []
+        self.pending_release: list[ReleaseRequest] = []
+        self.events = 0
+        self.signalling = 0
+        self.notifying: set[asyncio.Future[None]] = set()
+
+    @workflow.signal(name="acquire")
+    def acquire(self, request: AcquireRequest) -> None:
+        self.pending_acquire.append(request)
+
+    @workflow.signal(name="release")
+    def release(self, request: ReleaseRequest) -> None:
+        self.pending_release.append(request)
+
+    @workflow.query(name="state")
+    def state(self) -> dict[str, object]:
+        if self.ledger is None:
+            return {}
+        return {**self.ledger.summary(), "limit": self.ledger.limit.model_dump(exclude_none=True)}
+
+    def _now(self) -> float:
+        return workflow.now().timestamp()
+
+    def _apply(self, ledger: Ledger) -> None:
+        now = self._now()
+        for request in self.pending_acquire:
+            ledger.limit = request.limit
+            ledger.request(
+                Waiting(
+                    id=request.id,
+                    requester=request.requester,
+                    tenant=request.tenant,
+                    tokens=request.tokens,
+                    lease_s=request.lease_s,
+                    since=now,
+                )
+            )
+        for release in self.pending_release:
+            ledger.release(release.id, release.used_tokens, now)
+            if release.retry_after_s is not None:
+                ledger.back_off(now + release.retry_after_s)
+        self.events += len(self.pending_acquire) + len(self.pending_release)
+        self.pending_acquire.clear()
+        self.pending_release.clear()
+
+    async def _notify(self, key: str, grant: Grant) -> None:
+        self.signalling += 1
+        try:
+            handle = workflow.get_external_workflow_handle(grant.requester)
+            await handle.signal(CAPACITY_SIGNAL, CapacityGrant(id=grant.id, key=key))
+        except Exception:
+            # The requester is gone (terminated, reset away): its capacity comes back now.
+            self.pending_release.append(ReleaseRequest(id=grant.id, used_tokens=0))
+        finally:
+            self.signalling -= 1
+
+    @workflow.run
+    async def run(self, request: LimiterInput) -> None:
+        ledger = request.ledger or Ledger(limit=request.limit)
+        self.ledger = ledger
+        while True:
+            self._apply(ledger)
+            for grant in ledger.admit(self._now()):
+                task = asyncio.ensure_future(self._notify(request.key, grant))
+                self.notifying.add(task)
+                task.add_done_callback(self.notifying.discard)
+            waiting = bool(ledger.waiting)
+            workflow.set_current_details(
+                f"{request.key}: {ledger.limit.describe()} · {len(ledger.waiting)} waiting · "
+                f"{sum(1 for g in ledger.grants if not g.released)} active"
+            )
+            if self.events >= _EVENTS_PER_RUN or workflow.info().is_continue_as_new_suggested():
+                await workflow.wait_condition(lambda: self.signalling == 0)
+                self._apply(ledger)
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                workflow.continue_as_new(LimiterInput(key=request.key, limit=ledger.limit, ledger=ledger))
+            wake = ledger.next_change(self._now())
+            timeout = None if wake is None else max(wake - self._now(), 0.001)
+            if not waiting and not any(not g.released for g in ledger.grants) and wake is None:
+                timeout = 3600.0  # idle: wake hourly to keep the ledger small
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(
+                    lambda: bool(self.pending_acquire or self.pending_release),
+                    timeout=timedelta(seconds=timeout) if timeout is not None else None,
+                )
