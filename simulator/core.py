@@ -420,9 +420,16 @@ class Simulator:
                 "by_tag": dict(self._by_tag),
                 "by_wire": dict(self._by_wire),
                 "faults_injected": self._faults_injected,
-                "rate_limited": self._rate_limited,
-                "admitted_at": {model: [at for at, _ in seen] for model, seen in self._admitted.items()},
+                **self._rate_stats(),
             }
+
+    def _rate_stats(self) -> dict[str, Any]:
+        if not self._rate_limits:
+            return {}
+        return {
+            "rate_limited": self._rate_limited,
+            "admitted_at": {model: [at for at, _ in seen] for model, seen in self._admitted.items()},
+        }
 
     def admit(self, request: SimRequest, *, header: str | None = None) -> Admission:
         """Count `request` and decide its fate from the directives in its messages and `header`.

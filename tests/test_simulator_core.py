@@ -16,6 +16,7 @@ from simulator.core import (
     Directive,
     DirectiveError,
     Message,
+    RateLimitRule,
     ResponseFormat,
     SimRequest,
     Simulator,
@@ -378,3 +379,17 @@ def test_a_script_that_cannot_be_read_names_the_problem() -> None:
         parse_directives("[[sim: script='[{']]")
     with pytest.raises(DirectiveError, match="needs a 'name'"):
         parse_directives("""[[sim: script='[{"calls": [{"arguments": {}}]}]']]""")
+
+
+def test_a_rate_limit_answers_429_with_retry_after_beyond_the_window_and_counts_only_admitted() -> None:
+    sim = Simulator(SimulatorConfig(rate_limits={"m": RateLimitRule(requests=2, window_s=60)}))
+    request = _request("hello", model="m")
+    assert sim.admit(request).fault is None
+    assert sim.admit(request).fault is None
+    refused = sim.admit(request).fault
+    assert refused is not None and refused.kind == "429"
+    assert refused.retry_after is not None and 0 < refused.retry_after <= 60
+    stats = sim.stats()
+    assert stats["rate_limited"] == 1 and len(stats["admitted_at"]["m"]) == 2
+    with pytest.raises(DirectiveError, match="allowed keys: requests, tokens, window_s"):
+        RateLimitRule.from_json('{"m": {"rpm": 5}}')
