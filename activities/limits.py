@@ -9,6 +9,7 @@ not reserve its whole allowance on every call. Usage reported after the call rep
 
 from __future__ import annotations
 
+import structlog
 from pydantic import BaseModel, Field
 from temporalio import activity
 
@@ -16,12 +17,15 @@ from activities.live import LiveProviders
 from kernel.contracts import ChatRequest
 from kernel.errors import KernelflowError
 from kernel.limits import LimitsConfig, estimate_tokens
-from workflows.limiter import AcquireRequest, LimiterInput, LimiterWorkflow, limiter_id
+from workflows.limiter import AcquireRequest, LimiterInput, LimiterWorkflow, ReleaseRequest, limiter_id
 
 __all__ = ["LIMITS_ACQUIRE", "AcquireInput", "AcquireTicket", "LimitsActivities"]
 
 LIMITS_ACQUIRE = "limits_acquire"
 """The activity's name: public API, never renamed."""
+
+
+_log = structlog.get_logger("kernelflow.limits")
 
 
 class AcquireInput(BaseModel):
@@ -85,3 +89,19 @@ class LimitsActivities:
             static_summary=f"limiter for {key}",
         )
         return AcquireTicket(key=key, limiter=workflow_id, tokens=tokens)
+
+    async def back_off(self, model_ref: str, seconds: float) -> None:
+        """A provider answered 429 with Retry-After: every caller of the key waits that long. Best
+        effort (a limiter not running yet has nothing to hold back)."""
+        key = self.limits.key_for(model_ref)
+        if key is None:
+            return
+        workflow_id = limiter_id(key, self.limits.scope or activity.info().task_queue)
+        try:
+            await (
+                activity.client()
+                .get_workflow_handle(workflow_id)
+                .signal("release", ReleaseRequest(id="", retry_after_s=seconds))
+            )
+        except Exception as exc:  # the call's own failure is what matters; this only helps the others
+            _log.warning("limiter did not take a back-off", limiter=workflow_id, error=str(exc))

@@ -8,7 +8,7 @@ the provider from the worker's environment or settings; they never enter inputs,
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import structlog
@@ -19,7 +19,7 @@ from activities.errors import to_application_error
 from activities.live import HEARTBEAT_EVERY, LiveProviders, heartbeating
 from activities.streaming import DEFAULT_BATCH_INTERVAL, TokenPublisher
 from kernel.contracts import ChatRequest, ChatResponse, StreamEvent, TextDelta, ToolCallDelta
-from kernel.errors import KernelflowError
+from kernel.errors import KernelflowError, RateLimited
 from kernel.pricing import PriceTable
 from kernel.provider import collect_stream
 from kernel.registry import Registry
@@ -79,6 +79,8 @@ class LlmActivities:
         self.live = live
         self.heartbeat_every = heartbeat_every
         self.observer: CallObserver | None = None
+        self.rate_limited: Callable[[str, float], Awaitable[None]] | None = None
+        """Told of a provider's 429 with Retry-After (``provider/model``, seconds): the limiter shares it."""
         """Told the time to the first streamed token of each call (the worker's metrics)."""
 
     @property
@@ -130,6 +132,8 @@ class LlmActivities:
                 response = await self._heartbeating(provider.chat(request), info.is_local)
         except KernelflowError as exc:
             self._settle(permit, exc)
+            if isinstance(exc, RateLimited) and exc.retry_after and self.rate_limited is not None:
+                await self.rate_limited(f"{provider.name}/{model_name}", exc.retry_after)
             log.warning(
                 "llm call failed", error_type=type(exc).__name__, error=str(exc), retryable=exc.retryable
             )

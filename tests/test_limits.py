@@ -283,3 +283,37 @@ async def test_four_worker_processes_share_one_limit_and_a_killed_worker_loses_n
     assert described.status == WorkflowExecutionStatus.RUNNING
     span = max(times) - min(times)
     assert span >= (pipelines * 3 - 5) / 5 - 0.5, "the limiter, not the machine, held the rate"
+
+
+async def test_a_providers_retry_after_holds_back_every_caller_of_the_key(
+    client: Client, sim: SimulatorServer, registry: Registry
+) -> None:
+    queue = f"limits-{uuid.uuid4().hex[:8]}"
+    limits = LimitsConfig(models={MODEL: RateLimit(requests_per_second=100)})
+    spec = PipelineSpec.model_validate(
+        {
+            "name": "told-to-wait",
+            "steps": [{"id": "a", "model": MODEL, "prompt": "Hi [[sim: fault=429 retry_after=3 times=1]]"}],
+        }
+    )
+    async with build_worker(client, task_queue=queue, registry=registry, limits=limits):
+        first = await start_pipeline(client, spec, {}, task_queue=queue)
+        limiter = client.get_workflow_handle(limiter_id(MODEL, queue))
+        blocked = 0.0
+        for _ in range(200):
+            with contextlib.suppress(RPCError, WorkflowQueryFailedError):
+                blocked = (await limiter.query("state")).get("blocked_until", 0.0)
+            if blocked:
+                break
+            await asyncio.sleep(0.05)
+        other = await start_pipeline(client, _spec("other", steps=1), {}, task_queue=queue)
+        seen_waiting = await _current_details(other) == f"waiting for capacity on {MODEL}"
+        for _ in range(40):
+            if seen_waiting:
+                break
+            await asyncio.sleep(0.05)
+            seen_waiting = await _current_details(other) == f"waiting for capacity on {MODEL}"
+        assert (await asyncio.wait_for(first.result(), timeout=60)).status == "completed"
+        assert (await asyncio.wait_for(other.result(), timeout=60)).status == "completed"
+    assert blocked > 0, "the 429's Retry-After reached the limiter"
+    assert seen_waiting, "another pipeline waits out the provider's Retry-After instead of calling"

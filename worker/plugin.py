@@ -186,6 +186,8 @@ class KernelflowPlugin(SimplePlugin):
             ]
             self.limits_activities = LimitsActivities(limits or LimitsConfig(), providers)
             activities.append(self.limits_activities.acquire)
+            if limits is not None and limits.models:
+                chat.rate_limited = self.limits_activities.back_off
         self.chat_activities = chat
         super().__init__(
             PLUGIN_NAME,
