@@ -12,6 +12,8 @@ from __future__ import annotations
 import structlog
 from pydantic import BaseModel, Field
 from temporalio import activity
+from temporalio.client import WithStartWorkflowOperation
+from temporalio.common import WorkflowIDConflictPolicy
 
 from activities.live import LiveProviders
 from kernel.contracts import ChatRequest
@@ -43,6 +45,7 @@ class AcquireTicket(BaseModel):
     key: str | None = None
     limiter: str = ""
     tokens: int = 0
+    granted: bool = Field(default=False, description="Admitted at once; else the limiter signals later.")
 
 
 class LimitsActivities:
@@ -70,25 +73,27 @@ class LimitsActivities:
             output = limit.output_tokens
         tokens = estimate_tokens(call.request, output)
         workflow_id = limiter_id(key, self.limits.scope or activity.info().task_queue)
-        await activity.client().start_workflow(
+        start = WithStartWorkflowOperation(
             LimiterWorkflow.run,
             LimiterInput(key=key, limit=limit),
             id=workflow_id,
             task_queue=activity.info().task_queue,
-            start_signal="acquire",
-            start_signal_args=[
-                AcquireRequest(
-                    id=call.id,
-                    requester=call.requester,
-                    tenant=call.tenant,
-                    tokens=tokens,
-                    lease_s=min(call.lease_s or self.limits.lease_s, self.limits.lease_s),
-                    limit=limit,
-                )
-            ],
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             static_summary=f"limiter for {key}",
         )
-        return AcquireTicket(key=key, limiter=workflow_id, tokens=tokens)
+        granted = await activity.client().execute_update_with_start_workflow(
+            LimiterWorkflow.acquire_now,
+            AcquireRequest(
+                id=call.id,
+                requester=call.requester,
+                tenant=call.tenant,
+                tokens=tokens,
+                lease_s=min(call.lease_s or self.limits.lease_s, self.limits.lease_s),
+                limit=limit,
+            ),
+            start_workflow_operation=start,
+        )
+        return AcquireTicket(key=key, limiter=workflow_id, tokens=tokens, granted=granted)
 
     async def back_off(self, model_ref: str, seconds: float) -> None:
         """A provider answered 429 with Retry-After: every caller of the key waits that long. Best

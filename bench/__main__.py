@@ -67,6 +67,11 @@ FIGURES: dict[str, tuple[str, Callable[[Mode], Awaitable[list[Result]]], list[tu
         _figure("events_outbound"),
         [("11. pipeline latency with lifecycle events", "ms")],
     ),
+    "12": (
+        "admission control",
+        _figure("admission"),
+        [("12. admitted rate / limit, 1 worker process", "req/s")],
+    ),
 }
 
 

@@ -177,6 +177,7 @@ async def _execute(call: LlmCallInput, options: CallOptions, summary: str) -> Ll
             await _release(admission, None)
         raise
     if admission is not None:
+        # Awaited: a workflow that completes right after would drop a signal still to be sent.
         await _release(admission, result.response.usage.total_tokens)
     return result
 
@@ -231,7 +232,7 @@ async def _admit(call: LlmCallInput, options: CallOptions) -> _Admission | None:
     )
     if ticket.key is None:
         return None
-    if request_id not in granted:
+    if not ticket.granted and request_id not in granted:
         workflow.set_current_details(f"waiting for capacity on {ticket.key}")
         await workflow.wait_condition(lambda: request_id in granted)
         workflow.set_current_details(f"calling {ticket.key}")

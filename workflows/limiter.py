@@ -91,12 +91,15 @@ class LimiterInput(BaseModel):
 
 @workflow.defn(name=LIMITER_WORKFLOW)
 class LimiterWorkflow:
-    def __init__(self) -> None:
-        self.ledger: Ledger | None = None
+    @workflow.init
+    def __init__(self, request: LimiterInput) -> None:
+        self.key = request.key
+        self.ledger: Ledger = request.ledger or Ledger(limit=request.limit)
         self.pending_acquire: list[AcquireRequest] = []
         self.pending_release: list[ReleaseRequest] = []
         self.events = 0
         self.signalling = 0
+        self.changed = False
         self.notifying: set[asyncio.Future[None]] = set()
 
     @workflow.signal(name="acquire")
@@ -107,10 +110,25 @@ class LimiterWorkflow:
     def release(self, request: ReleaseRequest) -> None:
         self.pending_release.append(request)
 
+    @workflow.update(name="acquire_now")
+    def acquire_now(self, request: AcquireRequest) -> bool:
+        """``acquire``, answering at once whether the call may start now (else the grant comes later,
+        as the ``kernelflow_capacity`` signal). Asked again with the same id, says whether it holds."""
+        self.pending_acquire.append(request)
+        self._apply(self.ledger)
+        self.changed = True
+        for grant in self.ledger.admit(self._now()):
+            if grant.id != request.id:
+                self._spawn_notify(grant)
+        return any(g.id == request.id and not g.released for g in self.ledger.grants)
+
+    def _spawn_notify(self, grant: Grant) -> None:
+        task = asyncio.ensure_future(self._notify(self.key, grant))
+        self.notifying.add(task)
+        task.add_done_callback(self.notifying.discard)
+
     @workflow.query(name="state")
     def state(self) -> dict[str, object]:
-        if self.ledger is None:
-            return {}
         return {**self.ledger.summary(), "limit": self.ledger.limit.model_dump(exclude_none=True)}
 
     def _now(self) -> float:
@@ -151,14 +169,12 @@ class LimiterWorkflow:
 
     @workflow.run
     async def run(self, request: LimiterInput) -> None:
-        ledger = request.ledger or Ledger(limit=request.limit)
-        self.ledger = ledger
+        ledger = self.ledger
         while True:
+            self.changed = False
             self._apply(ledger)
             for grant in ledger.admit(self._now()):
-                task = asyncio.ensure_future(self._notify(request.key, grant))
-                self.notifying.add(task)
-                task.add_done_callback(self.notifying.discard)
+                self._spawn_notify(grant)
             waiting = bool(ledger.waiting)
             workflow.set_current_details(
                 f"{request.key}: {ledger.limit.describe()} · {len(ledger.waiting)} waiting · "
@@ -175,6 +191,6 @@ class LimiterWorkflow:
                 timeout = 3600.0  # idle: wake hourly to keep the ledger small
             with contextlib.suppress(TimeoutError):
                 await workflow.wait_condition(
-                    lambda: bool(self.pending_acquire or self.pending_release),
+                    lambda: bool(self.pending_acquire or self.pending_release or self.changed),
                     timeout=timedelta(seconds=timeout) if timeout is not None else None,
                 )
