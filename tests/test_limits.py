@@ -317,3 +317,33 @@ async def test_a_providers_retry_after_holds_back_every_caller_of_the_key(
         assert (await asyncio.wait_for(other.result(), timeout=60)).status == "completed"
     assert blocked > 0, "the 429's Retry-After reached the limiter"
     assert seen_waiting, "another pipeline waits out the provider's Retry-After instead of calling"
+
+
+@pytest.mark.parametrize("limits_on", [False, True])
+async def test_a_run_recorded_with_admission_replays_on_workers_with_or_without_limits(
+    limits_on: bool,
+) -> None:
+    from temporalio.client import WorkflowHistory
+    from temporalio.contrib.pydantic import pydantic_data_converter
+    from temporalio.worker import Replayer
+
+    from worker.app import workflow_runner
+    from workflows.limiter import install_limits, limits_enabled
+    from workflows.pipeline import PipelineWorkflow
+
+    text = (Path(__file__).parent / "histories" / "limited.json").read_text()
+    assert text.count('"signalName": "kernelflow_capacity"') >= 1, "the recording includes a call that waited"
+    before = limits_enabled()
+    install_limits(limits_on)
+    try:
+        replayer = Replayer(
+            workflows=[PipelineWorkflow],
+            data_converter=pydantic_data_converter,
+            workflow_runner=workflow_runner(),
+        )
+        result = await replayer.replay_workflow(
+            WorkflowHistory.from_json("limited", text), raise_on_replay_failure=False
+        )
+    finally:
+        install_limits(before)
+    assert result.replay_failure is None, str(result.replay_failure)

@@ -167,9 +167,7 @@ def _repair_request(request: ChatRequest, result: LlmCallResult, error: str) -> 
 
 
 async def _execute(call: LlmCallInput, options: CallOptions, summary: str) -> LlmCallResult:
-    admission = (
-        await _admit(call, options) if limits_enabled() and workflow.patched(ADMISSION_PATCH) else None
-    )
+    admission = await _admit(call, options) if _admission_on() else None
     try:
         result = await _run_call(call, options, summary)
     except (Exception, asyncio.CancelledError):  # not on eviction: the replay that follows releases
@@ -180,6 +178,14 @@ async def _execute(call: LlmCallInput, options: CallOptions, summary: str) -> Ll
         # Awaited: a workflow that completes right after would drop a signal still to be sent.
         await _release(admission, result.response.usage.total_tokens)
     return result
+
+
+def _admission_on() -> bool:
+    """Whether this call goes through admission: when this worker has limits, and on replay whenever
+    the run was recorded with admission (its marker), so a worker with other settings still replays."""
+    if not (limits_enabled() or workflow.unsafe.is_replaying()):
+        return False
+    return workflow.patched(ADMISSION_PATCH)
 
 
 class _Admission:
@@ -198,7 +204,7 @@ def _granted() -> set[str]:
     found: set[str] | None = getattr(instance, "_kernelflow_granted", None)
     if found is None:
         found = set()
-        instance._kernelflow_granted = found  # type: ignore[attr-defined]
+        instance._kernelflow_granted = found
         workflow.set_signal_handler(CAPACITY_SIGNAL, _on_grant)
     return found
 

@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 
 from activities.mcp import McpServerConfig  # noqa: E402
+from kernel.limits import LimitsConfig  # noqa: E402
 from kernel.pipeline import load_pipeline  # noqa: E402
 from simulator.server import SimulatorServer  # noqa: E402
 from worker.app import build_registry, build_worker, connect, simulator_settings  # noqa: E402
@@ -117,6 +118,7 @@ class Recording:
     drive: Drive = _nothing
     faults: list[dict[str, Any]] = field(default_factory=list)
     mcp: bool = False
+    limits: dict[str, Any] | None = None
 
 
 TICKET = "I was charged twice for my March invoice. Please refund the second charge."
@@ -155,6 +157,12 @@ RECORDINGS: list[Recording] = [
         mcp=True,
     ),
     Recording(
+        "limited",
+        "examples/ticket-triage.yaml",
+        {"ticket": TICKET, "customer": "ACME Corp"},
+        limits={"models": {"openai": {"requests_per_second": 1}}},
+    ),
+    Recording(
         "driven",
         "tests/histories/driven.yaml",
         {"order": "A-1001"},
@@ -174,7 +182,8 @@ async def record(recording: Recording, client: Client, sim: SimulatorServer, out
         servers["orders"] = McpServerConfig(
             command=sys.executable, args=["-m", "examples.orders_mcp"], cwd=str(REPO)
         )
-    async with build_worker(client, task_queue=queue, registry=registry, mcp_servers=servers):
+    limits = LimitsConfig.model_validate(recording.limits) if recording.limits is not None else None
+    async with build_worker(client, task_queue=queue, registry=registry, mcp_servers=servers, limits=limits):
         handle = await start_pipeline(
             client, spec, recording.inputs, task_queue=queue, workflow_id=f"{recording.name}-recorded"
         )
