@@ -133,6 +133,10 @@ class PipelineStatus(BaseModel):
     pause_reason: str | None = None
     approvals: list[ApprovalState] = Field(default_factory=list)
     waiting_for_events: list[str] = Field(default_factory=list)
+    waiting_for_capacity: list[str] = Field(
+        default_factory=list,
+        description="Limited keys this run's model calls are waiting on (docs/limits.md).",
+    )
     pending_events: dict[str, int] = Field(default_factory=dict, description="Received, not yet taken.")
     routes: dict[str, str] = Field(default_factory=dict)
     reroutes: list[RerouteRecord] = Field(default_factory=list)

@@ -185,14 +185,16 @@ async def test_pipelines_over_the_limit_wait_and_the_provider_sees_at_most_the_l
             await start_pipeline(client, _spec("burst", local=True), {}, task_queue=queue) for _ in range(6)
         ]
         # Someone waits: its current details say on what.
-        waiting_seen = False
+        waiting_seen = status_seen = False
         for _ in range(200):
             for handle in handles:
                 details = await _current_details(handle)
                 if details.startswith("waiting for capacity on"):
                     assert details == f"waiting for capacity on {MODEL}"
+                    status = await handle.query("status")
                     waiting_seen = True
-            if waiting_seen:
+                    status_seen = status["waiting_for_capacity"] == [MODEL] or status_seen
+            if waiting_seen and status_seen:
                 break
             await asyncio.sleep(0.05)
         results = await asyncio.gather(*(asyncio.wait_for(h.result(), timeout=120) for h in handles))
@@ -201,6 +203,7 @@ async def test_pipelines_over_the_limit_wait_and_the_provider_sees_at_most_the_l
         state = await limiter.query("state")
     _assert_within_limit(limited_sim, 18)
     assert waiting_seen, "18 calls at 5/s: some pipeline must have been seen waiting"
+    assert status_seen, "the status query names the key a waiting call waits on"
     assert state["admitted"] == 18 and state["active"] == 0 and state["waiting"] == 0
 
 

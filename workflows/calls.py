@@ -194,6 +194,20 @@ class _Admission:
         self.ticket = ticket
 
 
+def _waiting() -> dict[str, str]:
+    instance = workflow.instance()
+    found: dict[str, str] | None = getattr(instance, "_kernelflow_waiting", None)
+    if found is None:
+        found = {}
+        instance._kernelflow_waiting = found
+    return found
+
+
+def waiting_for_capacity() -> list[str]:
+    """The limited keys the current workflow's calls wait on (for its status query)."""
+    return sorted(set(_waiting().values()))
+
+
 def _on_grant(grant: CapacityGrant) -> None:
     _granted().add(grant.id)
 
@@ -239,8 +253,13 @@ async def _admit(call: LlmCallInput, options: CallOptions) -> _Admission | None:
     if ticket.key is None:
         return None
     if not ticket.granted and request_id not in granted:
+        waiting = _waiting()
+        waiting[request_id] = ticket.key
         workflow.set_current_details(f"waiting for capacity on {ticket.key}")
-        await workflow.wait_condition(lambda: request_id in granted)
+        try:
+            await workflow.wait_condition(lambda: request_id in granted)
+        finally:
+            waiting.pop(request_id, None)
         workflow.set_current_details(f"calling {ticket.key}")
     granted.discard(request_id)
     return _Admission(request_id, ticket)

@@ -30,7 +30,7 @@ with workflow.unsafe.imports_passed_through():
     from kernel.run import MAX_PENDING_EVENTS, MAX_SEEN_EVENT_IDS, RunState
     from kernel.steps.base import MODEL_PATTERN, StepFailure, StepSpec
     from workflows import search_attributes as sa
-    from workflows.calls import ModelFailure
+    from workflows.calls import ModelFailure, waiting_for_capacity
     from workflows.contract import (
         LOAD_PIPELINE,
         PIPELINE_WORKFLOW,
@@ -180,7 +180,9 @@ class PipelineWorkflow:
 
     @workflow.query(name=Query.STATUS)
     def status(self) -> PipelineStatus:
-        return self._state.view()
+        view = self._state.view()
+        view.waiting_for_capacity = waiting_for_capacity()
+        return view
 
     @workflow.query(name=Query.OUTPUTS)
     def outputs(self) -> dict[str, Any]:
