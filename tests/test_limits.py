@@ -350,3 +350,28 @@ async def test_a_run_recorded_with_admission_replays_on_workers_with_or_without_
     finally:
         install_limits(before)
     assert result.replay_failure is None, str(result.replay_failure)
+
+
+async def test_the_limiter_continues_as_new_with_its_ledger_and_nothing_is_admitted_twice(
+    client: Client, limited_sim: SimulatorServer, limited_registry: Registry
+) -> None:
+    from workflows.limiter import LimiterInput, LimiterWorkflow
+
+    queue = f"limits-{uuid.uuid4().hex[:8]}"
+    limits = LimitsConfig(models={MODEL: LIMIT})
+    async with build_worker(client, task_queue=queue, registry=limited_registry, limits=limits):
+        limiter = await client.start_workflow(
+            LimiterWorkflow.run,
+            LimiterInput(key=MODEL, limit=LIMIT, events_per_run=7),
+            id=limiter_id(MODEL, queue),
+            task_queue=queue,
+        )
+        handles = [await start_pipeline(client, _spec("carried"), {}, task_queue=queue) for _ in range(5)]
+        results = await asyncio.gather(*(asyncio.wait_for(h.result(), timeout=120) for h in handles))
+        latest = client.get_workflow_handle(limiter.id)
+        state = await latest.query("state")
+        described = await latest.describe()
+    assert all(r.status == "completed" for r in results)
+    assert described.run_id != limiter.first_execution_run_id, "the limiter continued as new"
+    assert state["admitted"] == 15 and state["active"] == 0 and state["waiting"] == 0
+    _assert_within_limit(limited_sim, 15)

@@ -38,8 +38,6 @@ LIMITER_WORKFLOW = "kernelflow.limiter"
 CAPACITY_SIGNAL = "kernelflow_capacity"
 """Sent by the limiter to the workflow whose call was admitted."""
 
-_EVENTS_PER_RUN = 2000
-
 
 _enabled = False
 
@@ -87,6 +85,7 @@ class LimiterInput(BaseModel):
     key: str
     limit: RateLimit
     ledger: Ledger | None = None
+    events_per_run: int = Field(default=2000, gt=0, description="Continue as new after this many events.")
 
 
 @workflow.defn(name=LIMITER_WORKFLOW)
@@ -180,11 +179,18 @@ class LimiterWorkflow:
                 f"{request.key}: {ledger.limit.describe()} · {len(ledger.waiting)} waiting · "
                 f"{sum(1 for g in ledger.grants if not g.released)} active"
             )
-            if self.events >= _EVENTS_PER_RUN or workflow.info().is_continue_as_new_suggested():
+            if self.events >= request.events_per_run or workflow.info().is_continue_as_new_suggested():
                 await workflow.wait_condition(lambda: self.signalling == 0)
                 self._apply(ledger)
                 await workflow.wait_condition(workflow.all_handlers_finished)
-                workflow.continue_as_new(LimiterInput(key=request.key, limit=ledger.limit, ledger=ledger))
+                workflow.continue_as_new(
+                    LimiterInput(
+                        key=request.key,
+                        limit=ledger.limit,
+                        ledger=ledger,
+                        events_per_run=request.events_per_run,
+                    )
+                )
             wake = ledger.next_change(self._now())
             timeout = None if wake is None else max(wake - self._now(), 0.001)
             if not waiting and not any(not g.released for g in ledger.grants) and wake is None:
