@@ -33,6 +33,16 @@ MODEL = "openai/gpt-4o-mini"
 LIMIT = RateLimit(requests_per_second=5, tokens_per_second=2000, output_tokens=200)
 
 
+@pytest.fixture(autouse=True)
+def _limits_switch_restored() -> Iterator[None]:
+    """Workers built here switch admission on for this process; later tests get it back as it was."""
+    from workflows.limiter import install_limits, limits_enabled
+
+    before = limits_enabled()
+    yield
+    install_limits(before)
+
+
 def max_in_window(times: Sequence[float], window: float) -> int:
     """The most timestamps in any half-open window ``[t, t + window)``."""
     ordered = sorted(times)

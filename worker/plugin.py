@@ -199,7 +199,7 @@ class KernelflowPlugin(SimplePlugin):
 
     def configure_worker(self, config: WorkerConfig) -> WorkerConfig:
         config = super().configure_worker(config)
-        if self.providers is not None:
+        if self.providers is not None:  # a client's plugin (no providers) leaves the switch alone
             install_model_check(self._model_problem)
             install_limits(bool(self.limits is not None and self.limits.models))
         return config
