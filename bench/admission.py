@@ -40,7 +40,7 @@ RATE = 5.0
 _COUNTS: dict[Mode, dict[str, int]] = {
     "full": {"calls": 150, "overhead": 200},
     "quick": {"calls": 60, "overhead": 60},
-    "smoke": {"calls": 20, "overhead": 10},
+    "smoke": {"calls": 10, "overhead": 5},
 }
 PROCESSES = (1, 2, 4)
 
