@@ -113,8 +113,15 @@ class LimiterWorkflow:
     def acquire_now(self, request: AcquireRequest) -> bool:
         """``acquire``, answering at once whether the call may start now (else the grant comes later,
         as the ``kernelflow_capacity`` signal). Asked again with the same id, says whether it holds."""
+        ledger = self.ledger
+        held = any(g.id == request.id and not g.released for g in ledger.grants)
+        queued = any(w.id == request.id for w in ledger.waiting)
+        if request.id in ledger.seen and not held and not queued:
+            # Asked again after its lease ran out, before the caller ever recorded the answer (a
+            # retried acquire): it has not called yet, so it queues again.
+            ledger.seen.remove(request.id)
         self.pending_acquire.append(request)
-        self._apply(self.ledger)
+        self._apply(ledger)
         self.changed = True
         for grant in self.ledger.admit(self._now()):
             if grant.id != request.id:
