@@ -385,3 +385,31 @@ async def test_the_limiter_continues_as_new_with_its_ledger_and_nothing_is_admit
     assert described.run_id != limiter.first_execution_run_id, "the limiter continued as new"
     assert state["admitted"] == 15 and state["active"] == 0 and state["waiting"] == 0
     _assert_within_limit(limited_sim, 15)
+
+
+async def test_waiting_calls_are_counted_in_the_workers_metrics_per_key(
+    temporal_target: str, limited_sim: SimulatorServer, limited_registry: Registry
+) -> None:
+    import httpx
+
+    from worker.app import connect
+    from worker.config import PayloadSettings
+    from worker.devserver import free_port
+    from worker.telemetry import build_runtime
+
+    port = free_port()
+    runtime = build_runtime(metrics_bind=f"127.0.0.1:{port}")
+    client = await connect(temporal_target, payloads=PayloadSettings(storage="off"), runtime=runtime)
+    queue = f"limits-{uuid.uuid4().hex[:8]}"
+    limits = LimitsConfig(models={MODEL: RateLimit(requests_per_second=2)})
+    async with build_worker(client, task_queue=queue, registry=limited_registry, limits=limits):
+        handles = [
+            await start_pipeline(client, _spec("metered", steps=1), {}, task_queue=queue) for _ in range(5)
+        ]
+        await asyncio.gather(*(asyncio.wait_for(h.result(), timeout=60) for h in handles))
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    waits = [line for line in text.splitlines() if line.startswith("kernelflow_admission_waits_total{")]
+    assert waits and all(f'key="{MODEL}"' in line for line in waits)
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in waits) >= 1, "5 calls at 2/s: some waited"
+    assert any(line.startswith("kernelflow_admission_wait_bucket{") for line in text.splitlines())

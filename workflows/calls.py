@@ -256,10 +256,18 @@ async def _admit(call: LlmCallInput, options: CallOptions) -> _Admission | None:
         waiting = _waiting()
         waiting[request_id] = ticket.key
         workflow.set_current_details(f"waiting for capacity on {ticket.key}")
+        meter = workflow.metric_meter()
+        meter.create_counter(
+            "kernelflow_admission_waits", "Model calls that waited for capacity on a limited key."
+        ).add(1, {"key": ticket.key})
+        since = workflow.now()
         try:
             await workflow.wait_condition(lambda: request_id in granted)
         finally:
             waiting.pop(request_id, None)
+        meter.create_histogram_float(
+            "kernelflow_admission_wait", "How long a model call waited for capacity.", "s"
+        ).record((workflow.now() - since).total_seconds(), {"key": ticket.key})
         workflow.set_current_details(f"calling {ticket.key}")
     granted.discard(request_id)
     return _Admission(request_id, ticket)
