@@ -18,7 +18,7 @@ from temporalio.common import WorkflowIDConflictPolicy
 from activities.live import LiveProviders
 from kernel.contracts import ChatRequest
 from kernel.errors import KernelflowError
-from kernel.limits import LimitsConfig, estimate_tokens
+from kernel.limits import LimitsConfig, RateLimit, estimate_tokens, tenant_limit_key
 from workflows.limiter import AcquireRequest, LimiterInput, LimiterWorkflow, ReleaseRequest, limiter_id
 
 __all__ = ["LIMITS_ACQUIRE", "AcquireInput", "AcquireTicket", "LimitsActivities"]
@@ -40,12 +40,16 @@ class AcquireInput(BaseModel):
 
 
 class AcquireTicket(BaseModel):
-    """``key`` is None when the model has no limit (the call goes ahead at once)."""
+    """``key`` is None when the model has no limit, ``tenant_key`` when the tenant has none (with
+    neither, the call goes ahead at once)."""
 
     key: str | None = None
     limiter: str = ""
     tokens: int = 0
     granted: bool = Field(default=False, description="Admitted at once; else the limiter signals later.")
+    tenant_key: str | None = Field(default=None, description="The tenant's own limit, when it has one.")
+    tenant_limiter: str = ""
+    tenant_granted: bool = False
 
 
 class LimitsActivities:
@@ -62,16 +66,30 @@ class LimitsActivities:
         except KernelflowError:
             return AcquireTicket()  # the call itself reports the unknown model
         key = self.limits.key_for(f"{provider.name}/{model_name}")
-        if key is None:
+        tenant_key = tenant_limit_key(call.tenant) if call.tenant in self.limits.tenants else None
+        if key is None and tenant_key is None:
             return AcquireTicket()
-        limit = self.limits.models[key]
+        limit = self.limits.models.get(key) if key is not None else None
         output = self.limits.default_output_tokens
         facts = provider.model_facts(model_name)
         if facts is not None and facts.max_output_tokens is not None:
             output = min(output, facts.max_output_tokens)
-        if limit.output_tokens is not None:
+        if limit is not None and limit.output_tokens is not None:
             output = limit.output_tokens
         tokens = estimate_tokens(call.request, output)
+        ticket = AcquireTicket(tokens=tokens)
+        # The tenant's share first: a tenant waiting on its own limit holds nothing of the model's.
+        if tenant_key is not None:
+            ticket.tenant_key = tenant_key
+            ticket.tenant_limiter, ticket.tenant_granted = await self._acquire(
+                tenant_key, self.limits.tenants[call.tenant], tokens, call
+            )
+        if key is not None and limit is not None:
+            ticket.key = key
+            ticket.limiter, ticket.granted = await self._acquire(key, limit, tokens, call)
+        return ticket
+
+    async def _acquire(self, key: str, limit: RateLimit, tokens: int, call: AcquireInput) -> tuple[str, bool]:
         workflow_id = limiter_id(key, self.limits.scope or activity.info().task_queue)
         start = WithStartWorkflowOperation(
             LimiterWorkflow.run,
@@ -93,7 +111,7 @@ class LimitsActivities:
             ),
             start_workflow_operation=start,
         )
-        return AcquireTicket(key=key, limiter=workflow_id, tokens=tokens, granted=granted)
+        return workflow_id, granted
 
     async def back_off(self, model_ref: str, seconds: float) -> None:
         """A provider answered 429 with Retry-After: every caller of the key waits that long. Best

@@ -33,6 +33,7 @@ __all__ = [
     "Waiting",
     "estimate_prompt_tokens",
     "estimate_tokens",
+    "tenant_limit_key",
 ]
 
 DEFAULT_LEASE_S = 600.0
@@ -104,6 +105,10 @@ class LimitsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: dict[str, RateLimit] = Field(default_factory=dict)
+    tenants: dict[str, RateLimit] = Field(
+        default_factory=dict,
+        description="Per tenant (workflow ids tenant/<name>/...): its calls over every model share this limit.",
+    )
     lease_s: float = Field(
         default=DEFAULT_LEASE_S,
         gt=0,
@@ -126,6 +131,11 @@ class LimitsConfig(BaseModel):
             return model_ref
         provider = model_ref.split("/", 1)[0]
         return provider if provider in self.models else None
+
+
+def tenant_limit_key(tenant: str) -> str:
+    """The limiter key of a tenant's own limit."""
+    return f"tenant:{tenant}"
 
 
 def estimate_prompt_tokens(request: ChatRequest) -> int:

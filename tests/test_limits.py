@@ -413,3 +413,43 @@ async def test_waiting_calls_are_counted_in_the_workers_metrics_per_key(
     assert waits and all(f'key="{MODEL}"' in line for line in waits)
     assert sum(float(line.rsplit(" ", 1)[1]) for line in waits) >= 1, "5 calls at 2/s: some waited"
     assert any(line.startswith("kernelflow_admission_wait_bucket{") for line in text.splitlines())
+
+
+async def test_a_tenants_own_limit_holds_back_only_that_tenant(
+    client: Client, limited_sim: SimulatorServer, limited_registry: Registry
+) -> None:
+    queue = f"limits-{uuid.uuid4().hex[:8]}"
+    model = "openai/gpt-4.1-mini"  # no model limit: only the tenant's
+    limits = LimitsConfig(tenants={"a": RateLimit(requests_per_second=1)})
+    spec = PipelineSpec.model_validate(
+        {"name": "tenanted", "steps": [{"id": "q", "model": model, "prompt": "Hi"}]}
+    )
+    async with build_worker(client, task_queue=queue, registry=limited_registry, limits=limits):
+        handles = {
+            tenant: [
+                await start_pipeline(
+                    client, spec, {}, task_queue=queue, workflow_id=f"tenant/{tenant}/{uuid.uuid4()}"
+                )
+                for _ in range(4)
+            ]
+            for tenant in ("a", "b")
+        }
+        results = {
+            tenant: await asyncio.gather(*(asyncio.wait_for(h.result(), timeout=60) for h in group))
+            for tenant, group in handles.items()
+        }
+        tenant_limiter = client.get_workflow_handle(limiter_id("tenant:a", queue))
+        state = await tenant_limiter.query("state")
+        waited = {
+            tenant: [
+                e.workflow_execution_signaled_event_attributes.signal_name
+                for h in group
+                async for e in h.fetch_history_events()
+                if e.HasField("workflow_execution_signaled_event_attributes")
+            ]
+            for tenant, group in handles.items()
+        }
+    assert all(r.status == "completed" for group in results.values() for r in group)
+    assert state["admitted"] == 4 and state["active"] == 0
+    assert len(waited["a"]) >= 3, "4 calls at 1/s: at least 3 of tenant a's waited for a grant"
+    assert waited["b"] == [], "tenant b has no limit of its own and never waits"

@@ -201,7 +201,7 @@ class KernelflowPlugin(SimplePlugin):
         config = super().configure_worker(config)
         if self.providers is not None:  # a client's plugin (no providers) leaves the switch alone
             install_model_check(self._model_problem)
-            install_limits(bool(self.limits is not None and self.limits.models))
+            install_limits(bool(self.limits is not None and (self.limits.models or self.limits.tenants)))
         return config
 
     def _model_problem(self, model: str) -> str | None:

@@ -189,9 +189,9 @@ def _admission_on() -> bool:
 
 
 class _Admission:
-    def __init__(self, request_id: str, ticket: AcquireTicket) -> None:
+    def __init__(self, request_id: str, limiters: list[str]) -> None:
         self.request_id = request_id
-        self.ticket = ticket
+        self.limiters = limiters
 
 
 def _waiting() -> dict[str, str]:
@@ -209,11 +209,11 @@ def waiting_for_capacity() -> list[str]:
 
 
 def _on_grant(grant: CapacityGrant) -> None:
-    _granted().add(grant.id)
+    _granted().add(f"{grant.key}|{grant.id}")
 
 
 def _granted() -> set[str]:
-    """Ids of this workflow's calls the limiter admitted and that have not started yet."""
+    """``key|id`` of this workflow's calls a limiter admitted and that have not started yet."""
     instance = workflow.instance()
     found: set[str] | None = getattr(instance, "_kernelflow_granted", None)
     if found is None:
@@ -250,36 +250,53 @@ async def _admit(call: LlmCallInput, options: CallOptions) -> _Admission | None:
         start_to_close_timeout=timedelta(seconds=30),
         summary=f"admission · {call.model}",
     )
-    if ticket.key is None:
+    holds = [
+        (key, limiter, now)
+        for key, limiter, now in (
+            (ticket.tenant_key, ticket.tenant_limiter, ticket.tenant_granted),
+            (ticket.key, ticket.limiter, ticket.granted),
+        )
+        if key is not None
+    ]
+    if not holds:
         return None
-    if not ticket.granted and request_id not in granted:
+    for key, _, now in holds:
+        if not now:
+            await _wait_for_grant(key, request_id, granted)
+    return _Admission(request_id, [limiter for _, limiter, _ in holds])
+
+
+async def _wait_for_grant(key: str, request_id: str, granted: set[str]) -> None:
+    """Wait, durably, for ``key``'s limiter to admit ``request_id``."""
+    name = f"{key}|{request_id}"
+    if name not in granted:
         waiting = _waiting()
-        waiting[request_id] = ticket.key
-        workflow.set_current_details(f"waiting for capacity on {ticket.key}")
+        waiting[request_id] = key
+        workflow.set_current_details(f"waiting for capacity on {key}")
         meter = workflow.metric_meter()
         meter.create_counter(
             "kernelflow_admission_waits", "Model calls that waited for capacity on a limited key."
-        ).add(1, {"key": ticket.key})
+        ).add(1, {"key": key})
         since = workflow.now()
         try:
-            await workflow.wait_condition(lambda: request_id in granted)
+            await workflow.wait_condition(lambda: name in granted)
         finally:
             waiting.pop(request_id, None)
         meter.create_histogram_float(
             "kernelflow_admission_wait", "How long a model call waited for capacity.", "s"
-        ).record((workflow.now() - since).total_seconds(), {"key": ticket.key})
-        workflow.set_current_details(f"calling {ticket.key}")
-    granted.discard(request_id)
-    return _Admission(request_id, ticket)
+        ).record((workflow.now() - since).total_seconds(), {"key": key})
+        workflow.set_current_details(f"calling {key}")
+    granted.discard(name)
 
 
 async def _release(admission: _Admission, used_tokens: int | None) -> None:
-    """Reconcile the reservation with the reported usage (None: the estimate stands)."""
-    limiter = workflow.get_external_workflow_handle(admission.ticket.limiter)
-    try:
-        await limiter.signal("release", ReleaseRequest(id=admission.request_id, used_tokens=used_tokens))
-    except Exception:  # a limiter that is gone holds nothing; the lease covers the rest
-        workflow.logger.warning("limiter %s did not take a release", admission.ticket.limiter)
+    """Reconcile the reservations with the reported usage (None: the estimate stands)."""
+    for limiter_id in admission.limiters:
+        limiter = workflow.get_external_workflow_handle(limiter_id)
+        try:
+            await limiter.signal("release", ReleaseRequest(id=admission.request_id, used_tokens=used_tokens))
+        except Exception:  # a limiter that is gone holds nothing; the lease covers the rest
+            workflow.logger.warning("limiter %s did not take a release", limiter_id)
 
 
 async def _run_call(call: LlmCallInput, options: CallOptions, summary: str) -> LlmCallResult:
