@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kernel.batch import BatchItem, BatchItemResult, BatchJob, BatchLimits
 from kernel.catalog import ModelFacts, Prepared, apply_rules, default_catalog
 from kernel.contracts import (
     AssistantMessage,
@@ -62,11 +63,22 @@ class Capabilities(BaseModel):
     embeddings: bool = False
     vision: bool = False
     documents: bool = False
+    batch: bool = False
+    """Whether the provider takes batches (``Provider.batch_submit`` and the rest, ``kernel.batch``)."""
 
     def names(self) -> list[str]:
         return [
             name
-            for name in ("chat", "stream", "tools", "json_schema", "embeddings", "vision", "documents")
+            for name in (
+                "chat",
+                "stream",
+                "tools",
+                "json_schema",
+                "embeddings",
+                "vision",
+                "documents",
+                "batch",
+            )
             if getattr(self, name)
         ]
 
@@ -106,6 +118,8 @@ class Provider(ABC):
     option_ranges: ClassVar[Mapping[str, tuple[float | None, float | None]]] = {}
     """Inclusive (low, high) bounds narrower than the contract's, e.g. ``{"temperature": (0, 1)}``."""
     catalog_vendor: ClassVar[str | None] = None
+    batch_limits: ClassVar[BatchLimits | None] = None
+    """What one batch may hold, for providers whose ``capabilities.batch`` is true."""
     """Whose models this provider serves, for the model catalog (``None``: its own ``name``)."""
 
     def __init__(
@@ -224,6 +238,66 @@ class Provider(ABC):
     async def embed(self, request: EmbedRequest) -> EmbedResponse:
         self.check_embed(request)
         raise UnsupportedCapability(f"provider {self.name!r} does not embed", provider=self.name)
+
+    # --- batches (``kernel.batch``) ------------------------------------------------------------------
+
+    def check_batch(self, items: list[BatchItem]) -> None:
+        """Refuse a batch this provider cannot take, before any network call."""
+        if not self.capabilities.batch or self.batch_limits is None:
+            raise UnsupportedCapability(
+                f"provider {self.name!r} does not take batches "
+                f"(it supports: {', '.join(self.capabilities.names()) or 'nothing'})",
+                provider=self.name,
+            )
+        if not items:
+            raise InvalidRequest("a batch needs at least one item", provider=self.name)
+        if len(items) > self.batch_limits.max_requests:
+            raise InvalidRequest(
+                f"a batch of {self.name!r} holds at most {self.batch_limits.max_requests} requests, "
+                f"got {len(items)}: split it (kernel.batch.split_batch)",
+                provider=self.name,
+            )
+        seen: set[str] = set()
+        for item in items:
+            if item.custom_id in seen:
+                raise InvalidRequest(
+                    f"custom_id {item.custom_id!r} appears twice in a batch", provider=self.name
+                )
+            seen.add(item.custom_id)
+            self.check_chat(item.request)
+
+    def batch_item_size(self, item: BatchItem) -> int:
+        """The item's size on this provider's batch wire, for ``kernel.batch.split_batch``."""
+        return len(item.model_dump_json(exclude_none=True)) + 64
+
+    async def batch_submit(self, tag: str, items: list[BatchItem]) -> BatchJob:
+        """The batch under ``tag``: the existing one when the provider already has it, else a new one.
+        Repeating a submission (after a crash, by a retried activity) never creates a second batch."""
+        self.check_batch(items)
+        found = await self.batch_find(tag)
+        if found is not None:
+            return found
+        return await self.batch_create(tag, items)
+
+    async def batch_find(self, tag: str) -> BatchJob | None:
+        """The batch created under ``tag``, if any."""
+        raise UnsupportedCapability(f"provider {self.name!r} does not take batches", provider=self.name)
+
+    async def batch_create(self, tag: str, items: list[BatchItem]) -> BatchJob:
+        """Create a batch carrying ``tag`` in its metadata (callers use ``batch_submit``)."""
+        raise UnsupportedCapability(f"provider {self.name!r} does not take batches", provider=self.name)
+
+    async def batch_status(self, batch_id: str) -> BatchJob:
+        raise UnsupportedCapability(f"provider {self.name!r} does not take batches", provider=self.name)
+
+    async def batch_results(self, batch_id: str, items: list[BatchItem]) -> list[BatchItemResult]:
+        """One result per item of ``items`` (the batch's items), in their order. Items the batch holds no
+        answer for are ``expired`` (or ``cancelled`` when the batch was cancelled)."""
+        raise UnsupportedCapability(f"provider {self.name!r} does not take batches", provider=self.name)
+
+    async def batch_cancel(self, batch_id: str) -> BatchJob:
+        """Ask the provider to stop the batch; answers already made stay readable."""
+        raise UnsupportedCapability(f"provider {self.name!r} does not take batches", provider=self.name)
 
     async def aclose(self) -> None:
         """Release connections. Called once when the worker stops."""

@@ -11,6 +11,7 @@ import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, ClassVar
 
+from kernel.batch import BatchItem, BatchItemResult, BatchJob, BatchLimits
 from kernel.contracts import (
     AssistantMessage,
     ChatRequest,
@@ -41,7 +42,7 @@ from kernel.errors import (
     status_for_error_code,
 )
 from kernel.provider import Capabilities
-from providers import openai_responses
+from providers import openai_batch, openai_responses
 from providers._http import HttpProvider, as_list, as_object, as_text, iter_sse
 
 __all__ = ["OpenAIProvider"]
@@ -103,7 +104,10 @@ class OpenAIProvider(HttpProvider):
     version = "1.0.0"
     kernel_api = (1, 1)
     description = "OpenAI chat completions and embeddings (api.openai.com or any compatible base URL)"
-    capabilities = Capabilities(embeddings=True, vision=True, documents=True, json_schema_mode="native")
+    capabilities = Capabilities(
+        embeddings=True, vision=True, documents=True, json_schema_mode="native", batch=True
+    )
+    batch_limits: ClassVar[BatchLimits | None] = openai_batch.LIMITS
     api_key_env: ClassVar[str | None] = "OPENAI_API_KEY"
     base_url_env: ClassVar[str | None] = "OPENAI_BASE_URL"
     default_base_url: ClassVar[str | None] = "https://api.openai.com/v1"
@@ -194,6 +198,26 @@ class OpenAIProvider(HttpProvider):
         )
 
     # --- mapping ---------------------------------------------------------------------------------
+
+    # --- batches (providers/openai_batch.py) -------------------------------------------------------
+
+    def batch_item_size(self, item: BatchItem) -> int:
+        return len(json.dumps(openai_batch.item_line(self, item), separators=(",", ":")).encode()) + 1
+
+    async def batch_find(self, tag: str) -> BatchJob | None:
+        return await openai_batch.batch_find(self, tag)
+
+    async def batch_create(self, tag: str, items: list[BatchItem]) -> BatchJob:
+        return await openai_batch.batch_create(self, tag, items)
+
+    async def batch_status(self, batch_id: str) -> BatchJob:
+        return await openai_batch.batch_status(self, batch_id)
+
+    async def batch_results(self, batch_id: str, items: list[BatchItem]) -> list[BatchItemResult]:
+        return await openai_batch.batch_results(self, batch_id, items)
+
+    async def batch_cancel(self, batch_id: str) -> BatchJob:
+        return await openai_batch.batch_cancel(self, batch_id)
 
     def _map_request(self, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
         payload = request.model_dump(mode="json", exclude_none=True, by_alias=True, include=set(_WIRE_FIELDS))

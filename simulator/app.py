@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
+from simulator.batches import BatchControl
 from simulator.catalog import is_known_model
 from simulator.core import (
     Admission,
@@ -48,12 +49,14 @@ __all__ = [
     "dump_json",
     "exchange",
     "quiet_server_logs",
+    "run_offline",
     "wire_modules",
 ]
 
 FAULT_HEADER = "x-sim-fault"
 WIRE_MODULES = (
     "simulator.openai_wire",
+    "simulator.openai_batch_wire",
     "simulator.openai_responses_wire",
     "simulator.anthropic_wire",
     "simulator.gemini_wire",
@@ -174,6 +177,34 @@ async def exchange(request: Request, sim: Simulator, wire: Wire, parse: Parse, s
     )
 
 
+def run_offline(
+    sim: Simulator, wire: Wire, parse: Parse, succeed: Succeed, payload: Any, request: Request
+) -> tuple[int, Any]:
+    """One request of a batch, run as the batch ends: (status, JSON body) as `exchange` would answer it.
+    Directives and fault rules apply; latency, hangs and broken bodies do not (nobody waits on the line)."""
+    try:
+        sim_request = parse(payload, request)
+    except WireError as exc:
+        return exc.reply.status, exc.reply.body
+    sim_request.digest = request_digest(dump_json(payload))
+    try:
+        admission = sim.admit(sim_request)
+    except DirectiveError as exc:
+        reply = wire.bad_request(str(exc))
+        return reply.status, reply.body
+    fault = admission.fault
+    if fault is not None and fault.status >= 400:
+        reply = wire.fault_reply(fault, sim_request)
+        return reply.status, reply.body
+    if not is_known_model(wire.name, sim_request.model, sim.extra_models(wire.name)):
+        reply = wire.unknown_model(sim_request.model)
+        return reply.status, reply.body
+    answer = succeed(sim_request, admission)
+    if not isinstance(answer, JSONReply):
+        raise TypeError("a batch item cannot stream")
+    return answer.status, answer.body
+
+
 def _error(reply: ErrorReply, fault: Fault | None = None) -> Response:
     headers = dict(reply.headers)
     if fault is not None and fault.retry_after is not None:
@@ -265,6 +296,7 @@ def create_app(config: SimulatorConfig | None = None, *, simulator: Simulator | 
         Route("/_sim/stats", _stats, methods=["GET"]),
         Route("/_sim/faults", _faults, methods=["GET", "POST"]),
         Route("/_sim/reset", _reset, methods=["POST"]),
+        Route("/_sim/batches", _batches, methods=["GET", "POST"]),
     ]
     for module_name in wire_modules():
         routes.extend(importlib.import_module(module_name).routes(sim))
@@ -295,6 +327,17 @@ async def _faults(request: Request) -> Response:
         except (ValueError, TypeError, AttributeError) as exc:
             return JSONResponse({"error": {"message": f"bad fault rules: {exc}"}}, status_code=400)
     return JSONResponse({"faults": sim.faults()})
+
+
+async def _batches(request: Request) -> Response:
+    """GET: the batch counts; POST: how the next batches behave (`BatchControl`)."""
+    sim = _sim(request)
+    if request.method == "POST":
+        try:
+            sim.batches.set_control(BatchControl.from_mapping(json.loads(await request.body())))
+        except (ValueError, TypeError, AttributeError) as exc:
+            return JSONResponse({"error": {"message": f"bad batch control: {exc}"}}, status_code=400)
+    return JSONResponse(sim.batches.stats())
 
 
 async def _reset(request: Request) -> Response:

@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypeVar
 
+from simulator.batches import BatchStore
+
 __all__ = [
     "DEFAULT_HANG_SECONDS",
     "FAULT_KINDS",
@@ -364,6 +366,7 @@ class Simulator:
         self._admitted: dict[str, deque[tuple[float, int]]] = {}
         self._rate_limited = 0
         self._extra_models = {vendor: frozenset(names) for vendor, names in self._config.extra_models.items()}
+        self.batches = BatchStore()
         self.add_faults(self._config.faults)
 
     def extra_models(self, vendor: str) -> frozenset[str]:
@@ -389,6 +392,7 @@ class Simulator:
             self._by_wire.clear()
             self._admitted.clear()
             self._rate_limited = 0
+        self.batches.reset()
 
     def admitted_times(self, model: str) -> list[float]:
         """When each request of a rate-limited `model` was let through (monotonic seconds)."""
