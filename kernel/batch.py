@@ -19,15 +19,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from kernel.contracts import ChatRequest, ChatResponse
+from kernel.contracts import ChatRequest, ChatResponse, Usage
 
 __all__ = [
     "BATCH_STATES",
     "BatchCounts",
     "BatchItem",
+    "BatchItemReport",
     "BatchItemResult",
     "BatchJob",
     "BatchLimits",
+    "BatchReport",
     "BatchState",
     "batch_tag",
     "split_batch",
@@ -116,6 +118,43 @@ class BatchItemResult(BaseModel):
     error_type: str | None = None
     error_message: str | None = None
     retryable: bool = False
+
+
+class BatchItemReport(BaseModel):
+    """How one item of a map in batch mode was answered, for the ``status`` query."""
+
+    index: int
+    step_id: str
+    model: str | None = None
+    via: Literal["batch", "realtime"] = "batch"
+    outcome: str = "pending"
+    usage: Usage = Field(default_factory=Usage)
+    cost_usd: float | None = None
+    realtime_cost_usd: float | None = Field(default=None, description="What a realtime call would cost.")
+
+
+class BatchReport(BaseModel):
+    """A map step's batches: the provider batches made, each item's usage and cost, and the saving
+    against what the same answers would have cost in realtime."""
+
+    batches: list[BatchJob] = Field(default_factory=list)
+    items: list[BatchItemReport] = Field(default_factory=list)
+    cost_usd: float = 0.0
+    realtime_cost_usd: float = 0.0
+    saving_usd: float = 0.0
+
+    def add(self, item: BatchItemReport) -> None:
+        self.items.append(item)
+        self.items.sort(key=lambda i: (i.index, i.step_id))
+        if item.cost_usd is not None:
+            self.cost_usd = round(self.cost_usd + item.cost_usd, 10)
+        realtime = item.realtime_cost_usd if item.realtime_cost_usd is not None else item.cost_usd
+        if realtime is not None:
+            self.realtime_cost_usd = round(self.realtime_cost_usd + realtime, 10)
+        self.saving_usd = round(self.realtime_cost_usd - self.cost_usd, 10)
+
+    def note(self, job: BatchJob) -> None:
+        self.batches = [*(b for b in self.batches if b.id != job.id), job]
 
 
 def batch_tag(*parts: str) -> str:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kernel.catalog import default_catalog
 from kernel.contracts import Usage
 
-__all__ = ["DEFAULT_PRICES", "Price", "PriceTable"]
+__all__ = ["BATCH_DISCOUNTS", "DEFAULT_PRICES", "Price", "PriceTable"]
 
 
 class Price(BaseModel):
@@ -57,6 +57,15 @@ def _catalog_prices() -> dict[str, dict[str, Price]]:
 
 DEFAULT_PRICES: dict[str, dict[str, Price]] = _catalog_prices()
 """The list prices of the model catalog (``kernel/models.yaml``), by provider and model."""
+
+
+BATCH_DISCOUNTS: dict[str, tuple[float, str]] = {
+    "openai": (0.5, "https://platform.openai.com/docs/guides/batch"),
+    "anthropic": (0.5, "https://docs.anthropic.com/en/docs/build-with-claude/batch-processing#pricing"),
+    "gemini": (0.5, "https://ai.google.dev/gemini-api/docs/batch-mode"),
+    "bedrock": (0.5, "https://aws.amazon.com/bedrock/pricing/"),
+}
+"""What a provider's batch API charges, as a share of its realtime list price, with the source."""
 
 
 class PriceTable:
@@ -103,3 +112,12 @@ class PriceTable:
     def cost(self, provider: str, model: str, usage: Usage) -> float | None:
         price = self.lookup(provider, model)
         return None if price is None else price.cost(usage)
+
+    def batch_cost(self, provider: str, model: str, usage: Usage) -> float | None:
+        """The cost of ``usage`` answered through the provider's batch API (``BATCH_DISCOUNTS``);
+        ``None`` when the price is unknown or the provider sells no batches."""
+        realtime = self.cost(provider, model, usage)
+        discount = BATCH_DISCOUNTS.get(provider)
+        if realtime is None or discount is None:
+            return None
+        return round(realtime * discount[0], 10)

@@ -290,9 +290,9 @@ class Provider(ABC):
     async def batch_status(self, batch_id: str) -> BatchJob:
         raise UnsupportedCapability(f"provider {self.name!r} does not take batches", provider=self.name)
 
-    async def batch_results(self, batch_id: str, items: list[BatchItem]) -> list[BatchItemResult]:
-        """One result per item of ``items`` (the batch's items), in their order. Items the batch holds no
-        answer for are ``expired`` (or ``cancelled`` when the batch was cancelled)."""
+    async def batch_results(self, batch_id: str, custom_ids: list[str], model: str) -> list[BatchItemResult]:
+        """One result per id of ``custom_ids`` (the batch's items, asked of ``model``), in their order.
+        Items the batch holds no answer for are ``expired`` (or ``cancelled`` when it was cancelled)."""
         raise UnsupportedCapability(f"provider {self.name!r} does not take batches", provider=self.name)
 
     async def batch_cancel(self, batch_id: str) -> BatchJob:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from kernel.batch import BatchReport
 from kernel.contracts import Usage
 from kernel.steps.base import BudgetSpec
 
@@ -118,6 +119,7 @@ class StepState(BaseModel):
     output: Any = None
     error: str | None = None
     detail: str | None = Field(default=None, description="What the step is doing or waiting for.")
+    batch: BatchReport | None = Field(default=None, description="A map in batch mode: batches, items, cost.")
 
 
 class PipelineStatus(BaseModel):

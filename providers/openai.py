@@ -213,8 +213,8 @@ class OpenAIProvider(HttpProvider):
     async def batch_status(self, batch_id: str) -> BatchJob:
         return await openai_batch.batch_status(self, batch_id)
 
-    async def batch_results(self, batch_id: str, items: list[BatchItem]) -> list[BatchItemResult]:
-        return await openai_batch.batch_results(self, batch_id, items)
+    async def batch_results(self, batch_id: str, custom_ids: list[str], model: str) -> list[BatchItemResult]:
+        return await openai_batch.batch_results(self, batch_id, custom_ids, model)
 
     async def batch_cancel(self, batch_id: str) -> BatchJob:
         return await openai_batch.batch_cancel(self, batch_id)

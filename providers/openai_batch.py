@@ -153,7 +153,7 @@ async def _lines(provider: OpenAIProvider, file_id: Any) -> list[dict[str, Any]]
 
 
 async def batch_results(
-    provider: OpenAIProvider, batch_id: str, items: list[BatchItem]
+    provider: OpenAIProvider, batch_id: str, custom_ids: list[str], model: str
 ) -> list[BatchItemResult]:
     batch = as_object(await _get(provider, f"/batches/{batch_id}"), "the batch")
     state = _STATES.get(str(batch.get("status")), "in_progress")
@@ -163,26 +163,23 @@ async def batch_results(
     by_id = {str(line.get("custom_id")): line for line in lines}
     missing = "cancelled" if state in ("cancelled", "cancelling") else "expired"
     results: list[BatchItemResult] = []
-    for item in items:
-        line = by_id.get(item.custom_id)
+    for custom_id in custom_ids:
+        line = by_id.get(custom_id)
         if line is None:
-            results.append(BatchItemResult(custom_id=item.custom_id, outcome=missing))
+            results.append(BatchItemResult(custom_id=custom_id, outcome=missing))
             continue
-        results.append(_result(provider, item, line))
+        results.append(_result(provider, custom_id, model, line))
     return results
 
 
-def _result(provider: OpenAIProvider, item: BatchItem, line: dict[str, Any]) -> BatchItemResult:
-    model = item.request.model
+def _result(provider: OpenAIProvider, custom_id: str, model: str, line: dict[str, Any]) -> BatchItemResult:
     response = line.get("response")
     if not isinstance(response, dict):
         error = as_object(line.get("error"), "error", optional=True)
         code = str(error.get("code") or "")
         if code in ("batch_expired", "batch_cancelled"):
             outcome = "expired" if code == "batch_expired" else "cancelled"
-            return BatchItemResult(
-                custom_id=item.custom_id, outcome=outcome, error_message=error.get("message")
-            )
+            return BatchItemResult(custom_id=custom_id, outcome=outcome, error_message=error.get("message"))
         failure: ProviderError = error_from_status(
             500,
             str(error.get("message") or "the item failed"),
@@ -190,25 +187,25 @@ def _result(provider: OpenAIProvider, item: BatchItem, line: dict[str, Any]) -> 
             model=model,
             code=code,
         )
-        return _errored(item, failure)
+        return _errored(custom_id, failure)
     status = int(response.get("status_code") or 0)
     body = response.get("body")
     if status >= 400 or status == 0:
         message, vendor_code = provider._error_details(body, json.dumps(body))
         return _errored(
-            item,
+            custom_id,
             error_from_status(status or 500, message, provider=provider.name, model=model, code=vendor_code),
         )
     try:
         answer = provider._parse_response(body, model)
     except ProviderError as exc:
-        return _errored(item, exc)
-    return BatchItemResult(custom_id=item.custom_id, outcome="succeeded", response=answer)
+        return _errored(custom_id, exc)
+    return BatchItemResult(custom_id=custom_id, outcome="succeeded", response=answer)
 
 
-def _errored(item: BatchItem, error: ProviderError) -> BatchItemResult:
+def _errored(custom_id: str, error: ProviderError) -> BatchItemResult:
     return BatchItemResult(
-        custom_id=item.custom_id,
+        custom_id=custom_id,
         outcome="errored",
         error_type=type(error).__name__,
         error_message=str(error),

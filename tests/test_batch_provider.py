@@ -68,7 +68,7 @@ async def test_openai_batch_answers_every_item_in_order(sim: SimulatorServer, op
     assert job.provider == "openai" and job.tag == batch_tag("wf-1", "step", "0")
     ended = await _until_ended(openai, job.id)
     assert ended.state == "completed" and ended.counts.total == 5 and ended.counts.completed == 5
-    results = await openai.batch_results(job.id, items)
+    results = await openai.batch_results(job.id, [i.custom_id for i in items], "gpt-4o-mini")
     assert [r.custom_id for r in results] == [i.custom_id for i in items]
     assert all(r.outcome == "succeeded" and r.response is not None for r in results)
     # The simulator echoes the prompt, so each answer is its own item's.
@@ -113,7 +113,7 @@ async def test_item_failures_are_classified_like_realtime_calls(
     job = await openai.batch_submit(batch_tag("wf-3"), items)
     ended = await _until_ended(openai, job.id)
     assert ended.counts.completed == 1 and ended.counts.failed == 2
-    results = await openai.batch_results(job.id, items)
+    results = await openai.batch_results(job.id, [i.custom_id for i in items], "gpt-4o-mini")
     assert [r.outcome for r in results] == ["succeeded", "errored", "errored"]
     assert (results[1].error_type, results[1].retryable) == ("RateLimited", True)
     assert (results[2].error_type, results[2].retryable) == ("InvalidRequest", False)
@@ -127,7 +127,7 @@ async def test_an_expired_batch_answers_some_items_and_expires_the_rest(
     job = await openai.batch_submit(batch_tag("wf-4"), items)
     ended = await _until_ended(openai, job.id)
     assert ended.state == "expired"
-    results = await openai.batch_results(job.id, items)
+    results = await openai.batch_results(job.id, [i.custom_id for i in items], "gpt-4o-mini")
     assert [r.outcome for r in results] == ["succeeded", "succeeded", "expired", "expired", "expired"]
 
 
@@ -138,7 +138,7 @@ async def test_cancelling_stops_the_batch(sim: SimulatorServer, openai: OpenAIPr
     cancelled = await openai.batch_cancel(job.id)
     assert cancelled.state == "cancelled"
     assert (await openai.batch_status(job.id)).ended
-    results = await openai.batch_results(job.id, items)
+    results = await openai.batch_results(job.id, [i.custom_id for i in items], "gpt-4o-mini")
     assert {r.outcome for r in results} == {"cancelled"}
     assert _counts(sim)["cancelled"] == 1
     assert sim.stats()["requests"] == 0  # no item ran

@@ -29,6 +29,7 @@ from temporalio.plugin import SimplePlugin
 from temporalio.worker import WorkerConfig, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.batch import BatchActivities
 from activities.embed import EmbedActivities
 from activities.events import EventPublisher, publish_events_unconfigured
 from activities.limits import LimitsActivities
@@ -182,6 +183,7 @@ class KernelflowPlugin(SimplePlugin):
                 *_mcp_activities(McpActivities(mcp_servers)),
                 (pipelines or PipelineCatalog()).load,
                 events.publish_events if events is not None else publish_events_unconfigured,
+                *BatchActivities(providers).all(),
                 *extra_activities,
             ]
             self.limits_activities = LimitsActivities(limits or LimitsConfig(), providers)

@@ -288,6 +288,9 @@ class Scope:
     parent: str | None = None
     label: str = ""
     scratch: dict[str, StepState] = field(default_factory=dict)
+    batches: Any = None
+    """The batch collector of the enclosing map when it has ``llm`` steps in batch mode
+    (``kernel.steps.batching.BatchCollector``)."""
 
     @property
     def steps(self) -> MutableMapping[str, Any]:
@@ -296,7 +299,7 @@ class Scope:
 
     def inner(self, parent: str) -> Scope:
         """The scope of a step's nested steps (same context; listed like the step)."""
-        return Scope(self.context, self.listed, parent, self.label, self.scratch)
+        return Scope(self.context, self.listed, parent, self.label, self.scratch, self.batches)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from kernel.errors import FailureType
 from kernel.steps.base import ID_PATTERN, StepFailure, StepKind, StepSpec, _Spec
+from kernel.steps.batching import BatchCollector, BatchSlot, uses_batch
 from kernel.steps.context import Scope, StepRun, json_value
 
 if TYPE_CHECKING:
@@ -154,6 +155,9 @@ async def _map(step: MapStep, run: StepRun) -> tuple[Any, dict[str, Any]]:
     limit = asyncio.Semaphore(step.concurrency)
     done = 0
     scope = run.scope
+    collector: BatchCollector | None = None
+    if uses_batch(step.steps, lambda s: getattr(s, "mode", None) == "batch"):
+        collector = BatchCollector(run.engine, run.state, f"{scope.label}{step.id}", len(items), limit)
 
     async def one(index: int, item: Any) -> Any:
         nonlocal done
@@ -165,12 +169,19 @@ async def _map(step: MapStep, run: StepRun) -> tuple[Any, dict[str, Any]]:
                 step.index_var: index,
             }
             item_scope = Scope(
-                context, listed=False, parent=step.id, label=f"{scope.label}{step.id}-{index}."
+                context,
+                listed=False,
+                parent=step.id,
+                label=f"{scope.label}{step.id}-{index}.",
+                batches=None if collector is None else BatchSlot(collector, index),
             )
             try:
                 output = await run.engine.run_steps(step.steps, item_scope)
             except StepFailure as exc:
                 raise StepFailure(f"map step {step.id!r} item {index}: {exc.message}", exc.type) from None
+            finally:
+                if collector is not None:
+                    collector.item_done()
             done += 1
             run.detail(f"{done}/{len(items)} items done")
             return output

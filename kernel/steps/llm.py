@@ -13,6 +13,7 @@ from kernel.errors import FailureType
 from kernel.routing import Balance, weighted_order
 from kernel.schema import schema_errors
 from kernel.steps.base import MODEL_PATTERN, RetrySpec, StepFailure, StepKind, StepSpec, _Spec
+from kernel.steps.batching import BatchOptions, BatchSlot
 from kernel.steps.context import CallResult, ModelCall, StepRun
 
 __all__ = ["KIND", "DocumentTemplate", "LlmStep", "MessageTemplate", "order_models"]
@@ -101,6 +102,27 @@ class LlmStep(StepSpec):
     documents: list[DocumentTemplate] | None = Field(
         default=None, max_length=20, description="Documents sent with the last user message."
     )
+    mode: Literal["realtime", "batch"] = Field(
+        default="realtime",
+        description="batch: inside a map, the items' calls go to the provider's batch API (half price, "
+        "answered within hours); the pipeline waits on durable timers.",
+    )
+    batch: BatchOptions | None = Field(default=None, description="How batch mode waits and retries.")
+
+    @model_validator(mode="after")
+    def _batch_mode(self) -> LlmStep:
+        if self.mode == "batch":
+            refused = [name for name in ("stream", "local_activity") if getattr(self, name)]
+            if self.balance:
+                refused.append("balance")
+            if refused:
+                raise ValueError(
+                    f"mode: batch cannot be combined with {', '.join(refused)} "
+                    "(batch answers come whole, through the provider's batch API, from one model at a time)"
+                )
+        elif self.batch is not None:
+            raise ValueError("'batch' options go with mode: batch")
+        return self
 
     @model_validator(mode="after")
     def _cache_breakpoints_are_messages(self) -> LlmStep:
@@ -237,26 +259,35 @@ async def run(step: LlmStep, run: StepRun) -> tuple[Any, dict[str, Any]]:
             raise ValueError("the answer does not match output_schema: " + "; ".join(problems))
         return value
 
-    result, output = await engine.effects.call_model(
-        ModelCall(
-            models=models,
-            request=step.chat_request(messages),
-            step_id=step.id,
-            pipeline=engine.spec.name,
-            label=f"step {step.id!r}",
-            timeout_s=step.timeout_s,
-            heartbeat_timeout_s=step.heartbeat_timeout_s,
-            retry=step.retry or engine.spec.retry,
-            local_activity=step.local_activity,
-            stream=step.stream,
-            max_repairs=step.max_repairs if schema is not None else 0,
-            validate=validate,
-            on_attempt=on_attempt,
-            on_failure=state.failures.append,
-            on_repair=lambda failure: run.details(f"{step.id} · re-asking {failure.model}"),
-            route=engine.route,
-        )
+    call = ModelCall(
+        models=models,
+        request=step.chat_request(messages),
+        step_id=step.id,
+        pipeline=engine.spec.name,
+        label=f"step {step.id!r}",
+        timeout_s=step.timeout_s,
+        heartbeat_timeout_s=step.heartbeat_timeout_s,
+        retry=step.retry or engine.spec.retry,
+        local_activity=step.local_activity,
+        stream=step.stream,
+        max_repairs=step.max_repairs if schema is not None else 0,
+        validate=validate,
+        on_attempt=on_attempt,
+        on_failure=state.failures.append,
+        on_repair=lambda failure: run.details(f"{step.id} · re-asking {failure.model}"),
+        route=engine.route,
     )
+    if step.mode == "batch":
+        slot = run.scope.batches
+        if not isinstance(slot, BatchSlot):
+            raise run.fail(
+                f"step {step.id!r} has mode: batch but runs outside a map: batch mode gathers the calls of a "
+                "map's items into one provider batch",
+                FailureType.PIPELINE_ERROR,
+            )
+        result, output = await slot.collector.ask(slot.index, call, step.batch or BatchOptions())
+    else:
+        result, output = await engine.effects.call_model(call)
     state.model = result.model_ref
     state.provider = result.provider
     engine.note_provider(result.provider)

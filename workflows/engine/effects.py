@@ -16,6 +16,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.batch import BATCH_CANCEL, BATCH_RESULTS, BATCH_STATUS, BATCH_SUBMIT
     from activities.embed import LLM_EMBED, EmbedCallInput, EmbedCallResult
     from activities.mcp import (
         MCP_CALL_TOOL,
@@ -42,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from kernel.errors import FailureType
     from kernel.steps.base import StepFailure
+    from kernel.steps.batching import BatchOp
     from workflows import search_attributes as sa
     from workflows.calls import AllModelsFailed, CallOptions, call_model, retry_policy
     from workflows.contract import (
@@ -62,6 +64,12 @@ _SEARCH: dict[str, Any] = {
     "models": sa.MODELS,
 }
 _SINCE_V2 = frozenset({"awaiting", "models"})
+_BATCH_ACTIVITIES = {
+    "submit": BATCH_SUBMIT,
+    "status": BATCH_STATUS,
+    "results": BATCH_RESULTS,
+    "cancel": BATCH_CANCEL,
+}
 
 
 class TemporalEffects:
@@ -142,6 +150,29 @@ class TemporalEffects:
             )
         except ActivityError as exc:
             raise StepFailure(f"step {call.step_id!r} failed: {failure_cause(exc)}") from None
+        return result
+
+    async def batch(self, op: BatchOp) -> dict[str, Any]:
+        """One batch activity. Submission is idempotent (the provider is asked for the batch's tag
+        first), so Temporal may retry every one of them."""
+        try:
+            result: dict[str, Any] = await workflow.execute_activity(
+                _BATCH_ACTIVITIES[op.op],
+                op.payload,
+                result_type=dict,
+                start_to_close_timeout=timedelta(seconds=op.timeout_s),
+                heartbeat_timeout=timedelta(seconds=30),
+                retry_policy=retry_policy(op.retry),
+                summary=op.summary,
+            )
+        except ActivityError as exc:
+            cause = exc.cause
+            kind = (
+                cause.type if isinstance(cause, ApplicationError) and cause.type else FailureType.STEP_FAILED
+            )
+            raise StepFailure(
+                f"step {op.step_id!r} batch {op.op} failed: {failure_cause(exc)}", kind
+            ) from None
         return result
 
     async def tool(self, call: ToolCall) -> ToolResult:
