@@ -16,6 +16,7 @@ is cancelled and the missing items run in realtime. Cancelling the pipeline canc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -234,7 +235,14 @@ class BatchCollector:
                 status = await op("status", {"model": model, "ids": ids}, f"batch {step_id}: status")
                 jobs = [BatchJob.model_validate(j) for j in status["jobs"]]
         except asyncio.CancelledError:
-            await op("cancel", {"model": model, "ids": ids}, f"batch {step_id}: pipeline cancelled")
+            # The map cancels its items more than once: the cancellation of the provider batch runs
+            # as a task of its own, awaited to the end.
+            cleanup = asyncio.ensure_future(
+                op("cancel", {"model": model, "ids": ids}, f"batch {step_id}: pipeline cancelled")
+            )
+            while not cleanup.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(cleanup)
             raise
         for job in jobs:
             self.report.note(job)
