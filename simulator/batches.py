@@ -26,15 +26,18 @@ State = Literal["in_progress", "completed", "expired", "cancelled"]
 @dataclass(frozen=True, slots=True)
 class BatchControl:
     """How the next batches behave. ``complete_after_s``: seconds in progress before they end;
-    ``expire``: they end expired, with only the first ``expire_keep`` items answered."""
+    ``expire``: they end expired, with only the first ``expire_keep`` items answered; ``hold_create_s``:
+    the create call answers that late, the batch already made (a client that dies meanwhile never
+    hears that it was accepted)."""
 
     complete_after_s: float = 0.0
     expire: bool = False
     expire_keep: int = 0
+    hold_create_s: float = 0.0
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> BatchControl:
-        allowed = {"complete_after_s", "expire", "expire_keep"}
+        allowed = {"complete_after_s", "expire", "expire_keep", "hold_create_s"}
         unknown = set(data) - allowed
         if unknown:
             raise ValueError(f"unknown batch control keys {sorted(unknown)}; allowed: {sorted(allowed)}")
@@ -42,6 +45,7 @@ class BatchControl:
             complete_after_s=float(data.get("complete_after_s", 0.0)),
             expire=bool(data.get("expire", False)),
             expire_keep=int(data.get("expire_keep", 0)),
+            hold_create_s=float(data.get("hold_create_s", 0.0)),
         )
 
 

@@ -8,6 +8,7 @@ JSON line each with the item's `custom_id`.
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import json
@@ -145,6 +146,8 @@ class OpenAIBatchWire:
         batch = self.sim.batches.create(
             "openai", items, metadata, prefix="batch_", extra={"input_file_id": payload["input_file_id"]}
         )
+        if batch.control.hold_create_s > 0:
+            await asyncio.sleep(batch.control.hold_create_s)
         return JSONResponse(self._render(batch, request))
 
     async def retrieve(self, request: Request) -> Response:

@@ -5,12 +5,18 @@ items run realtime, cancelling the pipeline cancels the provider batch."""
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
 import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from temporalio.client import Client, WorkflowFailureError
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 
 from kernel.errors import PipelineError
 from kernel.pipeline import parse_pipeline
@@ -158,3 +164,97 @@ async def test_batch_mode_outside_a_map_is_refused(client: Client, task_queue: s
 def test_batch_mode_refuses_streaming() -> None:
     with pytest.raises(PipelineError, match="mode: batch cannot be combined with stream"):
         parse_pipeline(_spec(stream=True))
+
+
+@pytest.fixture
+def worker_process(
+    temporal_target: str, sim: SimulatorServer, tmp_path: Path
+) -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
+    """`kernelflow worker` as a real process pointed at the test server and the simulator."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(queue: str) -> subprocess.Popen[bytes]:
+        env = {
+            **os.environ,
+            "TEMPORAL_ADDRESS": temporal_target,
+            "KERNELFLOW_TASK_QUEUE": queue,
+            "OPENAI_BASE_URL": f"{sim.url}/v1",
+            "OPENAI_API_KEY": "sim-key",
+            "KERNELFLOW_LOG_FORMAT": "json",
+        }
+        log = (tmp_path / f"worker-{len(started)}.log").open("wb")
+        binary = shutil.which("kernelflow")
+        assert binary, "the kernelflow console script is not installed"
+        process = subprocess.Popen([binary, "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+async def _until(check: Callable[[], bool], what: str, within: float = 60.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_a_killed_worker_never_submits_the_batch_twice(
+    client: Client, sim: SimulatorServer, worker_process: Callable[[str], subprocess.Popen[bytes]]
+) -> None:
+    queue = f"batch-kill-{uuid.uuid4().hex[:8]}"
+    # The provider makes the batch, then answers the create call late: the first worker dies after the
+    # provider accepted and before it heard so.
+    _batches(sim, complete_after_s=25, hold_create_s=60)
+    spec = _spec(heartbeat_timeout_s=2, retry={"max_attempts": 10, "initial_interval_s": 0.2})
+    first = worker_process(queue)
+    handle = await start_pipeline(
+        client, parse_pipeline(spec), {"questions": [f"q{i}" for i in range(20)]}, task_queue=queue
+    )
+    await _until(lambda: _batches(sim)["created"] == 1, "the provider to accept the batch")
+    first.kill()
+    first.wait()
+    assert first.returncode == -9
+
+    # The second worker finds the batch by its tag, then dies while the batch is in progress.
+    second = worker_process(queue)
+    history_has = _history_has(handle)
+    deadline = asyncio.get_running_loop().time() + 60
+    while not await history_has("llm_batch_status"):
+        assert asyncio.get_running_loop().time() < deadline, "the second worker never polled"
+        await asyncio.sleep(0.1)
+    second.kill()
+    second.wait()
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+
+    worker_process(queue)
+    result = await asyncio.wait_for(handle.result(), timeout=90)
+    assert result.status == "completed"
+    assert [f"Answer q{i}" in a for i, a in enumerate(result.steps[0].output)] == [True] * 20
+    assert _batches(sim)["created"] == 1
+    assert sim.stats()["requests"] == 20  # every item answered once, in the one batch
+
+
+def _history_has(handle: Any) -> Callable[[str], Any]:
+    async def has(activity: str) -> bool:
+        history = await handle.fetch_history()
+        return any(
+            e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
+            and any(
+                s.event_id == e.activity_task_completed_event_attributes.scheduled_event_id
+                and s.activity_task_scheduled_event_attributes.activity_type.name == activity
+                for s in history.events
+            )
+            for e in history.events
+        )
+
+    return has

@@ -64,6 +64,7 @@ class BatchOp:
     timeout_s: float
     retry: RetrySpec
     summary: str
+    heartbeat_timeout_s: float | None = None
 
 
 @runtime_checkable
@@ -195,7 +196,7 @@ class BatchCollector:
         """Submit ``items`` to ``model`` as a batch, wait, read the results; answered items get their
         outcome. Returns (items for the next batch round, items for realtime)."""
         call = items[0].call
-        op = _Ops(effects, step_id, call.retry, options.timeout_s)
+        op = _Ops(effects, step_id, call.retry, options.timeout_s, call.heartbeat_timeout_s)
         tag = batch_tag(self.engine.info.workflow_id, self.label, step_id, str(round_number), model)
         submitted = await op(
             "submit",
@@ -333,6 +334,7 @@ class _Ops:
     step_id: str
     retry: RetrySpec
     timeout_s: float
+    heartbeat_timeout_s: float | None
 
     async def __call__(
         self, op: Literal["submit", "status", "results", "cancel"], payload: dict[str, Any], summary: str

@@ -161,7 +161,7 @@ class TemporalEffects:
                 op.payload,
                 result_type=dict,
                 start_to_close_timeout=timedelta(seconds=op.timeout_s),
-                heartbeat_timeout=timedelta(seconds=30),
+                heartbeat_timeout=timedelta(seconds=op.heartbeat_timeout_s or 10),
                 retry_policy=retry_policy(op.retry),
                 summary=op.summary,
             )
