@@ -140,8 +140,7 @@ async def test_cancelling_the_pipeline_cancels_the_provider_batch(
         task_queue=task_queue,
         workflow_id=f"batch-cancel-{uuid.uuid4().hex[:8]}",
     )
-    while _batches(sim)["created"] < 1:
-        await asyncio.sleep(0.05)
+    await _until(lambda: _batches(sim)["created"] == 1, "the batch to be submitted")
     await handle.cancel()
     with pytest.raises(WorkflowFailureError):
         await asyncio.wait_for(handle.result(), 20)
