@@ -33,7 +33,20 @@ def test_histories_are_present() -> None:
         "fan-out",
         "driven",
         "refund-agent",
+        "batch-summaries",
     } <= names
+
+
+def test_the_batch_recording_waits_on_a_provider_batch_and_answers_a_failed_item_in_realtime() -> None:
+    history = json.loads(_TEXT["batch-summaries"])
+    scheduled = [
+        e["activityTaskScheduledEventAttributes"]["activityType"]["name"]
+        for e in history["events"]
+        if "activityTaskScheduledEventAttributes" in e
+    ]
+    assert scheduled[0] == "llm_batch_submit" and scheduled.count("llm_batch_submit") == 1
+    assert "llm_batch_results" in scheduled and scheduled.count("llm_chat") == 1
+    assert any("timerStartedEventAttributes" in e for e in history["events"])
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])

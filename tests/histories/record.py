@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from temporalio.client import Client, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
@@ -119,6 +120,8 @@ class Recording:
     faults: list[dict[str, Any]] = field(default_factory=list)
     mcp: bool = False
     limits: dict[str, Any] | None = None
+    batches: dict[str, Any] | None = None
+    """How the simulator's provider batches behave (``/_sim/batches``)."""
 
 
 TICKET = "I was charged twice for my March invoice. Please refund the second charge."
@@ -143,6 +146,19 @@ RECORDINGS: list[Recording] = [
         "contract-review",
         "examples/contract-review.yaml",
         {"contract_pdf": CONTRACT_PDF, "question": "Is liability capped, and at what amount?"},
+    ),
+    Recording(
+        "batch-summaries",
+        "examples/batch-summaries.yaml",
+        {
+            "reviews": [
+                "Great lamp.",
+                "Arrived broken [[sim: fault=500 times=1 key=broken]]",
+                "Too dim.",
+                "Fine.",
+            ]
+        },
+        batches={"complete_after_s": 1},
     ),
     Recording(
         "fan-out",
@@ -174,6 +190,9 @@ RECORDINGS: list[Recording] = [
 async def record(recording: Recording, client: Client, sim: SimulatorServer, out: Path) -> Path:
     sim.reset()
     sim.add_faults(recording.faults)
+    if recording.batches is not None:
+        async with httpx.AsyncClient() as http:
+            (await http.post(f"{sim.url}/_sim/batches", json=recording.batches)).raise_for_status()
     registry = build_registry(provider_settings=simulator_settings(sim.url))
     queue = f"record-{uuid.uuid4().hex[:8]}"
     spec = load_pipeline(REPO / recording.pipeline)
