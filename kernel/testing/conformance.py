@@ -36,6 +36,7 @@ import pytest_asyncio
 import structlog
 from pydantic import BaseModel, ValidationError
 
+from kernel.batch import BatchItem, batch_tag
 from kernel.catalog import REQUEST_OPTIONS
 from kernel.contracts import (
     AssistantMessage,
@@ -602,6 +603,35 @@ class ProviderConformance:
         )
         assert response.text, "a request with an image got no answer"
 
+    async def test_batch_is_idempotent_and_answers_each_item_in_order(
+        self, conformance: ConformanceRun
+    ) -> None:
+        """A provider declaring ``batch`` finds the batch it made under a tag instead of making another,
+        and answers each item in its place, a failed item classified like a realtime call."""
+        if not await self._declared(conformance, "batch"):
+            return
+        provider = conformance.provider
+        items = [
+            BatchItem(custom_id="first", request=conformance.request("batch item one")),
+            BatchItem(custom_id="second", request=conformance.request("batch item two", "fault=400")),
+            BatchItem(custom_id="third", request=conformance.request("batch item three")),
+        ]
+        tag = batch_tag(conformance.tag)
+        job = await provider.batch_submit(tag, items)
+        again = await provider.batch_submit(tag, items)
+        assert again.id == job.id, "submitting again under the same tag made a second batch"
+        for _ in range(600):
+            if (await provider.batch_status(job.id)).ended:
+                break
+            await asyncio.sleep(0.05)
+        results = await provider.batch_results(job.id, [i.custom_id for i in items], conformance.model)
+        assert [r.custom_id for r in results] == ["first", "second", "third"]
+        assert [r.outcome for r in results] == ["succeeded", "errored", "succeeded"]
+        assert results[1].error_type == "InvalidRequest" and not results[1].retryable
+        assert all(
+            r.response is not None and r.response.usage.prompt_tokens > 0 for r in (results[0], results[2])
+        )
+
     async def _declared(self, run: ConformanceRun, capability: str) -> bool:
         """True when the provider declares ``capability``. Otherwise checks the other half of the
         contract instead of skipping: a request needing it is refused, naming it, before any request."""
@@ -623,6 +653,10 @@ class ProviderConformance:
             await _events(provider, run.request("stream please"))
         elif capability == "tools":
             await provider.chat(run.request("use a tool", tools=[_WEATHER_TOOL]))
+        elif capability == "batch":
+            await provider.batch_submit(
+                batch_tag(run.tag), [BatchItem(custom_id="only", request=run.request("batch please"))]
+            )
         elif capability == "json_schema":
             schema = JsonSchemaFormat(name="ticket", json_schema=_Ticket.model_json_schema())
             await provider.chat(
