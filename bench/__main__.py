@@ -72,6 +72,7 @@ FIGURES: dict[str, tuple[str, Callable[[Mode], Awaitable[list[Result]]], list[tu
         _figure("admission"),
         [("12. admitted rate / limit, 1 worker process", "req/s")],
     ),
+    "13": ("batch mode", _figure("batch_cost"), [("13. batch mode: cost batch/realtime", "ratio")]),
 }
 
 
