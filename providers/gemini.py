@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import httpx
 
+from kernel.batch import BatchItem, BatchItemResult, BatchJob, BatchLimits
 from kernel.contracts import (
     AssistantMessage,
     ChatRequest,
@@ -57,6 +58,7 @@ from kernel.errors import (
     error_from_status,
 )
 from kernel.provider import Capabilities
+from providers import gemini_batch
 from providers._google import LEGACY_SCHEMA_MODELS, error_details, google_error, legacy_schema, retry_delay
 from providers._http import HttpProvider, as_list, as_object, iter_sse
 
@@ -113,7 +115,10 @@ class GeminiProvider(HttpProvider):
     version = "1.0.0"
     kernel_api = (1, 1)
     description = "Google Gemini API (generateContent, streamGenerateContent, batchEmbedContents)"
-    capabilities = Capabilities(embeddings=True, vision=True, documents=True, json_schema_mode="native")
+    capabilities = Capabilities(
+        embeddings=True, vision=True, documents=True, json_schema_mode="native", batch=True
+    )
+    batch_limits: ClassVar[BatchLimits | None] = gemini_batch.LIMITS
     # Gemini 2.5 and later cache repeated prefixes on their own: the cache hints need no field.
     unsupported_options: ClassVar[frozenset[str]] = frozenset({"user", "parallel_tool_calls", "service_tier"})
     api_key_env: ClassVar[str | None] = "GEMINI_API_KEY"
@@ -197,6 +202,27 @@ class GeminiProvider(HttpProvider):
         return EmbedResponse(
             model=request.model, provider=self.name, embeddings=vectors, usage=Usage(prompt_tokens=prompt)
         )
+
+    # --- batches (providers/gemini_batch.py) -------------------------------------------------------
+
+    def batch_item_size(self, item: BatchItem) -> int:
+        request = {"request": self._map_request(item.request), "metadata": {"key": item.custom_id}}
+        return len(json.dumps(request, separators=(",", ":")).encode())
+
+    async def batch_find(self, tag: str) -> BatchJob | None:
+        return await gemini_batch.batch_find(self, tag)
+
+    async def batch_create(self, tag: str, items: list[BatchItem]) -> BatchJob:
+        return await gemini_batch.batch_create(self, tag, items)
+
+    async def batch_status(self, batch_id: str) -> BatchJob:
+        return await gemini_batch.batch_status(self, batch_id)
+
+    async def batch_results(self, batch_id: str, custom_ids: list[str], model: str) -> list[BatchItemResult]:
+        return await gemini_batch.batch_results(self, batch_id, custom_ids, model)
+
+    async def batch_cancel(self, batch_id: str) -> BatchJob:
+        return await gemini_batch.batch_cancel(self, batch_id)
 
     # --- errors ----------------------------------------------------------------------------------
 

@@ -60,6 +60,7 @@ WIRE_MODULES = (
     "simulator.openai_responses_wire",
     "simulator.anthropic_wire",
     "simulator.gemini_wire",
+    "simulator.gemini_batch_wire",
     "simulator.ollama_wire",
     "simulator.bedrock_wire",
     "simulator.azure_wire",

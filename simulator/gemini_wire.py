@@ -372,6 +372,10 @@ class GeminiWire(Wire):
                 return response
             if method == "batchEmbedContents":
                 return await exchange(request, sim, self, self.parse_embed, self.embed_reply)
+            if method == "batchGenerateContent":
+                from simulator import gemini_batch_wire
+
+                return await gemini_batch_wire.create(request, sim, self, _target(request)[0])
             path = request.url.path
             return JSONResponse(_error_body(404, "NOT_FOUND", f"Method not found: {path}"), status_code=404)
 

@@ -13,7 +13,8 @@ import pytest
 from kernel.batch import BatchItem, BatchJob, BatchLimits, batch_tag, split_batch
 from kernel.contracts import ChatRequest, UserMessage
 from kernel.errors import InvalidRequest, UnsupportedCapability
-from kernel.provider import ProviderSettings
+from kernel.provider import Provider, ProviderSettings
+from providers.gemini import GeminiProvider
 from providers.mistral import MistralProvider
 from providers.openai import OpenAIProvider
 from simulator.server import SimulatorServer
@@ -54,7 +55,7 @@ async def openai(sim: SimulatorServer) -> AsyncIterator[OpenAIProvider]:
         await provider.aclose()
 
 
-async def _until_ended(provider: OpenAIProvider, batch_id: str) -> BatchJob:
+async def _until_ended(provider: Provider, batch_id: str) -> BatchJob:
     while True:
         job = await provider.batch_status(batch_id)
         if job.ended:
@@ -172,3 +173,47 @@ def test_tags_are_deterministic() -> None:
     assert batch_tag("a", "b") == batch_tag("a", "b")
     assert batch_tag("a", "b") != batch_tag("ab")
     assert len(batch_tag("x")) <= 64
+
+
+@pytest.fixture
+async def gemini(sim: SimulatorServer) -> AsyncIterator[GeminiProvider]:
+    provider = GeminiProvider(settings=ProviderSettings(api_key="AIza-test", base_url=sim.url), environ={})
+    try:
+        yield provider
+    finally:
+        await provider.aclose()
+
+
+async def test_gemini_batch_mode_answers_in_order_finds_by_tag_and_classifies_failures(
+    sim: SimulatorServer, gemini: GeminiProvider
+) -> None:
+    _control(sim, complete_after_s=0.3)
+    items = _items(4, model="gemini-2.5-flash", prefix="g")
+    items[2] = BatchItem(
+        custom_id="g-2",
+        request=ChatRequest(model="gemini-2.5-flash", messages=[UserMessage(content="[[sim: fault=400]] x")]),
+    )
+    tag = batch_tag("wf-g", "step")
+    job = await gemini.batch_submit(tag, items)
+    assert job.state == "in_progress" and job.tag == tag
+    assert (await gemini.batch_submit(tag, items)).id == job.id
+    await _until_ended(gemini, job.id)
+    results = await gemini.batch_results(job.id, [i.custom_id for i in items], "gemini-2.5-flash")
+    assert [r.outcome for r in results] == ["succeeded", "succeeded", "errored", "succeeded"]
+    assert results[2].error_type == "InvalidRequest" and not results[2].retryable
+    assert results[3].response is not None and "question 3" in (results[3].response.text or "")
+    assert _counts(sim)["by_wire"] == {"gemini": 1}
+
+
+async def test_gemini_cancel_and_expiry(sim: SimulatorServer, gemini: GeminiProvider) -> None:
+    _control(sim, complete_after_s=30)
+    items = _items(2, model="gemini-2.5-flash", prefix="c")
+    job = await gemini.batch_submit(batch_tag("wf-gc"), items)
+    assert (await gemini.batch_cancel(job.id)).state == "cancelled"
+    results = await gemini.batch_results(job.id, [i.custom_id for i in items], "gemini-2.5-flash")
+    assert [r.outcome for r in results] == ["cancelled", "cancelled"]
+    _control(sim, expire=True, expire_keep=1)
+    expired = await gemini.batch_submit(batch_tag("wf-ge"), items)
+    await _until_ended(gemini, expired.id)
+    results = await gemini.batch_results(expired.id, [i.custom_id for i in items], "gemini-2.5-flash")
+    assert [r.outcome for r in results] == ["succeeded", "expired"]
