@@ -72,7 +72,7 @@ async def _run(client: Client, spec: dict[str, Any], task_queue: str, questions:
     return await handle.result()
 
 
-async def test_a_200_item_map_in_batch_mode_puts_every_answer_in_place(
+async def test_a_200_item_map_in_batch_mode_across_two_providers_puts_every_answer_in_place(
     client: Client, task_queue: str, sim: SimulatorServer
 ) -> None:
     _batches(sim, complete_after_s=1)
@@ -80,25 +80,37 @@ async def test_a_200_item_map_in_batch_mode_puts_every_answer_in_place(
     questions[7] = (
         "q7 [[sim: fault=429 times=1 key=q7]]"  # fails inside the batch, answered in realtime after
     )
-    result = await _run(client, _spec(), task_queue, questions)
+    check = {
+        "id": "check",
+        "model": "gemini/gemini-2.5-flash",
+        "prompt": "Check {{ steps.answer.output }}",
+        "mode": "batch",
+        "batch": {"poll_s": 0.2, "poll_max_s": 1},
+    }
+    result = await _run(client, _spec([check]), task_queue, questions)
 
     assert result.status == "completed"
     answers = result.steps[0].output
     assert len(answers) == 200
     for i, answer in enumerate(answers):
-        assert answer.startswith("Simulated reply from gpt-4o-mini") and f"Answer q{i}" in answer
+        # Gemini's answer to OpenAI's answer to question i, in place i.
+        assert answer.startswith("Simulated reply from gemini-2.5-flash") and f"Answer q{i}" in answer
     counts = _batches(sim)
-    assert counts["created"] == 1
+    assert counts["created"] == 2 and counts["by_wire"] == {"openai": 1, "gemini": 1}
     report = result.steps[0].batch
     assert report is not None
-    assert [b.state for b in report.batches] == ["completed"]
-    assert [i.index for i in report.items] == list(range(200))
-    assert (report.items[7].via, report.items[7].outcome) == ("realtime", "succeeded")
-    assert result.steps[0].status == "completed"
-    assert sum(1 for i in report.items if i.via == "batch") == 199
+    assert sorted((b.provider, b.state) for b in report.batches) == [
+        ("gemini", "completed"),
+        ("openai", "completed"),
+    ]
+    first = [i for i in report.items if i.step_id == "answer"]
+    assert [i.index for i in first] == list(range(200))
+    assert (first[7].via, first[7].outcome) == ("realtime", "succeeded")
+    assert sum(1 for i in report.items if i.via == "batch") == 399
     assert 0 < report.cost_usd < report.realtime_cost_usd
     assert report.saving_usd == pytest.approx(report.realtime_cost_usd - report.cost_usd)
     assert result.cost_usd == pytest.approx(report.cost_usd)
+    assert result.steps[0].status == "completed"
 
 
 async def test_an_expired_batch_answers_the_missing_items_in_realtime(
