@@ -269,3 +269,27 @@ def _history_has(handle: Any) -> Callable[[str], Any]:
         )
 
     return has
+
+
+async def test_retry_in_the_next_batch_round_on_the_same_model_or_the_fallback(
+    client: Client, task_queue: str, sim: SimulatorServer
+) -> None:
+    _batches(sim, complete_after_s=0.3)
+    questions = [
+        "q0",
+        "q1 [[sim: fault=429 times=1 key=r1]]",  # retryable: the next round, same model
+        "q2 [[sim: fault=400 model=gpt-4o-mini]]",  # not retryable: the next round, on the fallback
+    ]
+    spec = _spec(batch={"retry_failed": "batch"}, fallbacks=["gemini/gemini-2.5-flash"])
+    result = await _run(client, spec, task_queue, questions)
+
+    assert result.status == "completed"
+    answers = result.steps[0].output
+    assert answers[0].startswith("Simulated reply from gpt-4o-mini") and "Answer q0" in answers[0]
+    assert answers[1].startswith("Simulated reply from gpt-4o-mini") and "Answer q1" in answers[1]
+    assert answers[2].startswith("Simulated reply from gemini-2.5-flash") and "Answer q2" in answers[2]
+    counts = _batches(sim)
+    assert counts["by_wire"] == {"openai": 2, "gemini": 1}  # round 0: openai; round 1: openai and gemini
+    report = result.steps[0].batch
+    assert report is not None and {i.via for i in report.items} == {"batch"}
+    assert sim.stats()["by_model"] == {"gpt-4o-mini": 4, "gemini-2.5-flash": 1}
