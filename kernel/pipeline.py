@@ -207,6 +207,16 @@ class PipelineSpec(_Spec):
             _Checker(self, all_ids).template(source, f"outputs.{name}", available, set())
         return self
 
+    @model_validator(mode="after")
+    def _batch_mode_inside_a_map(self) -> PipelineSpec:
+        for step, inside_map in self.walk():
+            if getattr(step, "mode", None) == "batch" and not inside_map:
+                raise ValueError(
+                    f"step {step.id!r} has mode: batch outside a map: batch mode gathers the calls of a "
+                    "map's items into one provider batch (put the step inside a map, or drop mode: batch)"
+                )
+        return self
+
     def walk(self) -> Iterator[tuple[Step, bool]]:
         """Every step, nested ones included, depth first; the flag says whether it runs inside a map."""
         yield from walk_steps(self.steps)

@@ -161,15 +161,13 @@ async def test_cancelling_the_pipeline_cancels_the_provider_batch(
     assert sim.stats()["requests"] == 0
 
 
-async def test_batch_mode_outside_a_map_is_refused(client: Client, task_queue: str) -> None:
+def test_batch_mode_outside_a_map_is_refused_before_start() -> None:
     spec = {
         "name": "lonely",
         "steps": [{"id": "a", "model": "openai/gpt-4o-mini", "prompt": "x", "mode": "batch"}],
     }
-    handle = await start_pipeline(client, parse_pipeline(spec), {}, task_queue=task_queue)
-    with pytest.raises(WorkflowFailureError) as caught:
-        await handle.result()
-    assert "outside a map" in str(caught.value.cause)
+    with pytest.raises(PipelineError, match="step 'a' has mode: batch outside a map"):
+        parse_pipeline(spec)
 
 
 def test_batch_mode_refuses_streaming() -> None:
