@@ -39,7 +39,7 @@ def test_smoke_run_writes_every_figure(tmp_path: Path) -> None:
         assert machine[key], key
 
     results = document["results"]
-    for figure in ("1.", "2.", "3.", "4.", "5.", "6.", "7.", "8.", "9.", "10.", "11."):
+    for figure in ("1.", "2.", "3.", "4.", "5.", "6.", "7.", "8.", "9.", "10.", "11.", "12."):
         assert any(r["name"].startswith(figure) for r in results), f"figure {figure} is missing"
     for result in results:
         assert result.keys() >= FIELDS, result["name"]
