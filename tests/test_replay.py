@@ -34,7 +34,22 @@ def test_histories_are_present() -> None:
         "driven",
         "refund-agent",
         "batch-summaries",
+        "batch-cancelled",
     } <= names
+
+
+def test_the_cancelled_batch_recording_cancels_the_provider_batch_before_the_run_ends() -> None:
+    history = json.loads(_TEXT["batch-cancelled"])
+    scheduled = [
+        e["activityTaskScheduledEventAttributes"]["activityType"]["name"]
+        for e in history["events"]
+        if "activityTaskScheduledEventAttributes" in e
+    ]
+    assert scheduled[0] == "llm_batch_submit" and scheduled[-1] == "llm_batch_cancel"
+    assert history["events"][-1]["eventType"] in (
+        "EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED",
+        "WorkflowExecutionCanceled",
+    )
 
 
 def test_the_batch_recording_waits_on_a_provider_batch_and_answers_a_failed_item_in_realtime() -> None:

@@ -478,9 +478,6 @@ class PipelineWorkflow:
         try:
             await self._main
         except asyncio.CancelledError:
-            if not self._main.done() and workflow.patched("cancel-cleanup"):
-                # Steps clean up before the run ends: a provider batch in progress is cancelled.
-                await asyncio.wait([self._main])
             if self._cancel is None:
                 self._finish("cancelled", "Cancelled", reason="workflow cancelled")
                 raise

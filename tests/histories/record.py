@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,6 +111,18 @@ _REFUND_SCRIPT = json.dumps(
 )
 
 
+async def _cancel_during_batch(client: Client, handle: WorkflowHandle[Any, Any]) -> None:
+    """Wait until the provider holds the batch, then cancel the pipeline (which cancels the batch)."""
+    for _ in range(600):
+        status = await handle.query("status", result_type=PipelineStatus)
+        report = status.steps[0].batch if status.steps else None
+        if report is not None and report.batches:
+            await handle.cancel()
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError("the batch was never submitted")
+
+
 @dataclass
 class Recording:
     name: str
@@ -122,6 +134,8 @@ class Recording:
     limits: dict[str, Any] | None = None
     batches: dict[str, Any] | None = None
     """How the simulator's provider batches behave (``/_sim/batches``)."""
+    cancelled: bool = False
+    """The drive cancels the pipeline."""
 
 
 TICKET = "I was charged twice for my March invoice. Please refund the second charge."
@@ -159,6 +173,14 @@ RECORDINGS: list[Recording] = [
             ]
         },
         batches={"complete_after_s": 1},
+    ),
+    Recording(
+        "batch-cancelled",
+        "examples/batch-summaries.yaml",
+        {"reviews": ["Great lamp.", "Too dim."]},
+        drive=_cancel_during_batch,
+        batches={"complete_after_s": 3600},
+        cancelled=True,
     ),
     Recording(
         "fan-out",
@@ -207,7 +229,11 @@ async def record(recording: Recording, client: Client, sim: SimulatorServer, out
             client, spec, recording.inputs, task_queue=queue, workflow_id=f"{recording.name}-recorded"
         )
         await recording.drive(client, handle)
-        await handle.result()
+        try:
+            await handle.result()
+        except WorkflowFailureError:
+            if not recording.cancelled:
+                raise
     await registry.aclose()
     history = await handle.fetch_history()
     path = out / f"{recording.name}.json"
