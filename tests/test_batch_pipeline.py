@@ -291,3 +291,15 @@ async def test_retry_in_the_next_batch_round_on_the_same_model_or_the_fallback(
     report = result.steps[0].batch
     assert report is not None and {i.via for i in report.items} == {"batch"}
     assert sim.stats()["by_model"] == {"gpt-4o-mini": 4, "gemini-2.5-flash": 1}
+
+
+async def test_a_provider_without_batches_fails_the_step_naming_it(
+    client: Client, task_queue: str, sim: SimulatorServer
+) -> None:
+    spec = _spec(model="anthropic/claude-sonnet-4-5")
+    handle = await start_pipeline(client, parse_pipeline(spec), {"questions": ["a"]}, task_queue=task_queue)
+    with pytest.raises(WorkflowFailureError) as caught:
+        await handle.result()
+    message = str(caught.value.cause)
+    assert "provider 'anthropic' does not take batches" in message, message
+    assert _batches(sim)["created"] == 0 and sim.stats()["requests"] == 0
