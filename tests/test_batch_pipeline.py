@@ -303,3 +303,24 @@ async def test_a_provider_without_batches_fails_the_step_naming_it(
     message = str(caught.value.cause)
     assert "provider 'anthropic' does not take batches" in message, message
     assert _batches(sim)["created"] == 0 and sim.stats()["requests"] == 0
+
+
+async def test_an_answer_off_the_schema_is_asked_again_in_realtime(
+    client: Client, task_queue: str, sim: SimulatorServer
+) -> None:
+    schema = {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}
+    spec = _spec(output_schema=schema)
+    questions = ["a", 'b [[sim: reply="not json at all" times=1 key=offschema]]']
+    result = await _run(client, spec, task_queue, questions)
+
+    assert result.status == "completed"
+    assert all(
+        isinstance(answer, dict) and isinstance(answer["label"], str) for answer in result.steps[0].output
+    )
+    report = result.steps[0].batch
+    assert report is not None
+    assert [(i.index, i.via, i.outcome) for i in report.items] == [
+        (0, "batch", "succeeded"),
+        (1, "batch", "invalid"),
+        (1, "realtime", "succeeded"),
+    ]
