@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from kernel.batch import BatchCounts, BatchItem, BatchItemResult, BatchJob, BatchLimits, batch_tag
 from kernel.catalog import REQUEST_OPTIONS, ModelCatalog, ModelFacts, default_catalog
 from kernel.contracts import (
     AssistantMessage,
@@ -128,6 +129,11 @@ __all__ = [
     "ApprovalState",
     "AssistantMessage",
     "AuthenticationFailed",
+    "BatchCounts",
+    "BatchItem",
+    "BatchItemResult",
+    "BatchJob",
+    "BatchLimits",
     "Capabilities",
     "ChatRequest",
     "ChatResponse",
@@ -214,6 +220,7 @@ __all__ = [
     "as_list",
     "as_object",
     "as_text",
+    "batch_tag",
     "cancel",
     "chat",
     "collect_stream",

@@ -85,6 +85,7 @@ def test_a_converter_that_cannot_carry_pydantic_models_is_refused_clearly() -> N
 
 
 EXPECTED_FACADE = {
+    "BatchCounts", "BatchItem", "BatchItemResult", "BatchJob", "BatchLimits", "batch_tag",
     "KERNEL_API_VERSION", "AgentResult", "ApprovalState", "AssistantMessage", "AuthenticationFailed", "Capabilities",
     "ChatRequest", "ChatResponse", "ChatResult", "Choice", "CircuitOpen", "ConfigurationError",
     "ConnectionFailed", "ContentFiltered", "ContextLengthExceeded", "ControlAnswer", "Conversation",
