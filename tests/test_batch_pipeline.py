@@ -324,3 +324,18 @@ async def test_an_answer_off_the_schema_is_asked_again_in_realtime(
         (1, "batch", "invalid"),
         (1, "realtime", "succeeded"),
     ]
+
+
+async def test_an_item_refused_by_every_model_in_batch_rounds_fails_the_step_with_its_error(
+    client: Client, task_queue: str, sim: SimulatorServer
+) -> None:
+    spec = _spec(batch={"retry_failed": "batch"})
+    handle = await start_pipeline(
+        client, parse_pipeline(spec), {"questions": ["a", "b [[sim: fault=400]]"]}, task_queue=task_queue
+    )
+    with pytest.raises(WorkflowFailureError) as caught:
+        await asyncio.wait_for(handle.result(), 60)
+    message = str(caught.value.cause)
+    assert "item 1" in message and "failed on every model in batch mode" in message, message
+    assert "InvalidRequest" in message
+    assert _batches(sim)["created"] == 1

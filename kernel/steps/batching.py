@@ -91,6 +91,8 @@ class _Pending:
     options: BatchOptions
     models: list[str]
     model_index: int = 0
+    error: str = ""
+    """The last failure in a batch, ``Type: message``."""
 
 
 @dataclass
@@ -168,6 +170,11 @@ class BatchCollector:
             by_model: dict[str, list[_Pending]] = {}
             for item in todo:
                 if item.model_index >= len(item.models):
+                    # Not retryable on any of the step's models: the item fails as a realtime call would.
+                    self.outcomes[(step_id, item.index)] = StepFailure(
+                        f"{item.call.label} failed on every model in batch mode ({item.error})",
+                        FailureType.STEP_FAILED,
+                    )
                     continue
                 planned = item.models[item.model_index]
                 model = item.call.route(planned) if item.call.route else planned
@@ -281,6 +288,9 @@ class BatchCollector:
                 self.outcomes[(step_id, item.index)] = (answer, output)
                 continue
             retryable = bool(raw.get("retryable")) or outcome in ("expired", "cancelled")
+            item.error = (
+                f"{model_ref}: {raw.get('error_type') or outcome}: {raw.get('error_message') or outcome}"
+            )
             if item.call.on_failure is not None and outcome == "errored":
                 item.call.on_failure(
                     ModelFailure(
