@@ -107,7 +107,7 @@ async def _run(target: str, sim_url: str, items: int, hold_s: float, progress: P
 async def run(mode: Mode) -> list[Result]:
     counts = _COUNTS[mode]
     items, hold_s = int(counts["items"]), float(counts["hold_s"])
-    progress = Progress("12 batch")
+    progress = Progress("13 batch")
     from simulator.server import SimulatorProcess
 
     with tempfile.TemporaryDirectory(prefix="kernelflow-bench-batch-") as state, SimulatorProcess() as sim:
@@ -120,7 +120,7 @@ async def run(mode: Mode) -> list[Result]:
     ratio = measured["batch_cost_usd"] / measured["realtime_cost_usd"]
     return [
         Result(
-            name="12. batch mode: cost batch/realtime",
+            name="13. batch mode: cost batch/realtime",
             value=ratio,
             unit="ratio",
             baseline="the same map in realtime",
@@ -128,13 +128,13 @@ async def run(mode: Mode) -> list[Result]:
             params=params,
         ).check(value_at_most=0.55),
         Result(
-            name="12. batch mode: worker CPU while the provider holds the batch",
+            name="13. batch mode: worker CPU while the provider holds the batch",
             value=measured["waiting_cpu_s"],
             unit="CPU-s",
             params={"over_wall_s": measured["waiting_wall_s"], "items": items},
         ),
         Result(
-            name="12. batch mode: history size",
+            name="13. batch mode: history size",
             value=measured["history_bytes"] / 1e6,
             unit="MB",
             baseline="the same map in realtime",
