@@ -9,7 +9,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -288,7 +288,9 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
             async with events as embedded, build_worker(
                 client, task_queue=settings.task_queue, llm_activities=ops.activities(registry, config),
                 pipelines=catalog, events=embedded.publisher,
-            ), ops.serving(client):  # fmt: skip
+            ), ops.serving(client), _dev_console(
+                args, client, registry, settings, server.ui_url
+            ) as console_line:  # fmt: skip
                 print(f"Temporal   {server.target}  (namespace {settings.namespace}, data {server.db_path})")
                 print(f"Web UI     {server.ui_url}")
                 _print_encryption(payloads, codec, args.state_dir)
@@ -304,6 +306,8 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
                 print(f"Pipelines  registered by name: {', '.join(catalog.names) or 'none'}")
                 print(f"Metrics    {ops.url}/metrics  (health: /healthz, /readyz)")
                 print("\n".join(embedded.lines))
+                if console_line:
+                    print(console_line)
                 print("Ctrl-C stops everything.", flush=True)
                 await stop.wait()
             await registry.aclose()
@@ -350,6 +354,33 @@ def _print_encryption(payloads: Any, codec: Any, state_dir: str) -> None:
         keys = payloads.encryption.options.get("dir")
         if keys and Path(state_dir).resolve() != Path(".state").resolve():
             print(f"           other terminals: export KERNELFLOW_ENCRYPTION_KEYS_DIR={keys}")
+
+
+@contextlib.asynccontextmanager
+async def _dev_console(
+    args: argparse.Namespace,
+    client: Any,
+    registry: Any,
+    settings: WorkerSettings,
+    ui_url: str | None,
+    ops_url: str | None = None,
+) -> AsyncIterator[str | None]:
+    """The operator console beside the dev stack; without a users file, a ``dev`` user is made."""
+    if not args.console_port:
+        yield None
+        return
+    from worker.console import create_app
+    from worker.console.serve import ConsoleServer, dev_user, settings_from_env
+    from worker.devserver import free_port
+
+    made = None if os.environ.get("KERNELFLOW_CONSOLE_USERS") else dev_user()
+    console = settings_from_env(
+        registry, namespace=settings.namespace, task_queue=settings.task_queue,
+        users=made[0] if made else None, ui_url=os.environ.get("KERNELFLOW_TEMPORAL_UI_URL") or ui_url,
+    )  # fmt: skip
+    async with ConsoleServer(create_app(client, console), port=free_port(args.console_port)) as server:
+        sign_in = f"  (sign in as dev / {made[1]})" if made else ""
+        yield f"Console    {server.url}{sign_in}"
 
 
 async def _cmd_demo(args: argparse.Namespace) -> int:
@@ -417,6 +448,12 @@ async def _cmd_events(args: argparse.Namespace) -> int:
     return await run_command(args)
 
 
+def _ops_commands() -> dict[str, Any]:
+    from worker.ops_cli import COMMANDS
+
+    return dict(COMMANDS)
+
+
 def _on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -479,6 +516,7 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--no-encryption", action="store_true", help="store payloads in clear (encrypted by default)"
     )
+    dev.add_argument("--console-port", type=int, default=8500, help="operator console port (0: no console)")
 
     run = sub.add_parser("run", help="start a pipeline, show its progress, print its outputs")
     run.add_argument("pipeline", nargs="?", help="pipeline YAML file")
@@ -545,6 +583,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_event_commands(sub, temporal_options)
     dev.add_argument("--nats-port", type=int, default=4222, help="embedded NATS JetStream server")
+
+    from worker import ops_cli
+
+    ops_cli.add_parsers(sub, temporal_options)
     return parser
 
 
@@ -564,6 +606,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "keys": _cmd_keys,
             "bridge": _cmd_events,
             "events": _cmd_events,
+
+
+            **_ops_commands(),
         }[args.command]
         return asyncio.run(handler(args))
     except KeyboardInterrupt:
