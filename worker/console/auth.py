@@ -15,6 +15,7 @@ roles. The users file (``KERNELFLOW_CONSOLE_USERS``) is YAML::
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -87,12 +88,14 @@ class Users(BaseModel):
         """The user if the password matches. An unknown name costs as much as a wrong password."""
         user = self.find(name)
         if user is None:
-            verify_password(password, _DUMMY_HASH)
+            verify_password(password, _dummy_hash())
             return None
         return user if verify_password(password, user.password_hash) else None
 
 
-_DUMMY_HASH = hash_password("not a password", salt=b"\0" * 16)
+@functools.cache
+def _dummy_hash() -> str:
+    return hash_password("not a password", salt=b"\0" * 16)
 
 
 def load_users(path: str | Path) -> Users:
