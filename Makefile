@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint types pytest bench dev clean browser ops-tools
+.PHONY: setup demo test lint types pytest bench dev clean browser ops-tools screenshots
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
@@ -44,6 +44,10 @@ pytest: $(STAMP) browser ops-tools
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
 
 test: lint types pytest
+
+# Refreshes the console's screenshots in docs/console/ (the console tests take them; not part of `make test`).
+screenshots: $(STAMP) browser
+	KERNELFLOW_SCREENSHOTS="$(CURDIR)/docs/console" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest tests/test_console.py -q
 
 # Benchmarks get their own environment: the LiteLLM baseline pins an older openai SDK than the tests use.
 BENCH_VENV := .venv-bench

@@ -51,7 +51,9 @@ REVIEWED = {
 }
 
 
-async def _until(probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool], what: str, within: float = 30) -> T:
+async def _until(
+    probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool], what: str, within: float = 30
+) -> T:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while True:
@@ -65,7 +67,9 @@ async def _until(probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool], wha
 
 @pytest.fixture(scope="module")
 async def stack(client: Client, simulator_server: SimulatorServer) -> AsyncIterator[dict[str, Any]]:
-    config = KernelflowConfig(aliases={"fast": "openai/gpt-4o-mini", "careful": "anthropic/claude-sonnet-4-5"})
+    config = KernelflowConfig(
+        aliases={"fast": "openai/gpt-4o-mini", "careful": "anthropic/claude-sonnet-4-5"}
+    )
     registry = build_registry(config, provider_settings=simulator_settings(simulator_server.url))
     queue = f"console-{uuid.uuid4().hex[:8]}"
     users = Users(
@@ -89,7 +93,11 @@ async def stack(client: Client, simulator_server: SimulatorServer) -> AsyncItera
 
 async def _start_reviewed(stack: dict[str, Any], customer: str = "Dana") -> WorkflowHandle[Any, Any]:
     handle = await start_pipeline(
-        stack["client"], parse_pipeline(REVIEWED), {"customer": customer}, task_queue=stack["queue"], tenant="acme"
+        stack["client"],
+        parse_pipeline(REVIEWED),
+        {"customer": customer},
+        task_queue=stack["queue"],
+        tenant="acme",
     )
     await _until(
         lambda: list_pipelines(stack["client"], awaiting="review", running=True),
@@ -136,7 +144,9 @@ async def test_roles_and_csrf_are_enforced_on_every_endpoint(stack: dict[str, An
         assert refused.status_code == 403 and "CSRF" in refused.text
         token = re.search(r'name="csrf" value="([^"]+)"', (await anonymous.get("/login")).text)
         assert token is not None
-        wrong = await anonymous.post("/login", data={"csrf": token.group(1), "username": "ada", "password": "nope"})
+        wrong = await anonymous.post(
+            "/login", data={"csrf": token.group(1), "username": "ada", "password": "nope"}
+        )
         assert wrong.status_code == 400 and "unknown user or wrong password" in wrong.text
 
     async with (
@@ -165,7 +175,9 @@ async def test_roles_and_csrf_are_enforced_on_every_endpoint(stack: dict[str, An
         assert [a.status for a in state.approvals] == ["waiting"] and not state.paused
         # A changed session cookie is no session.
         cookie = ada.cookies["kf_session"]
-        async with httpx.AsyncClient(base_url=stack["url"], cookies={"kf_session": cookie[:-2] + "xx"}) as forged:
+        async with httpx.AsyncClient(
+            base_url=stack["url"], cookies={"kf_session": cookie[:-2] + "xx"}
+        ) as forged:
             assert (await forged.get("/approvals")).status_code == 303
         # The approver with the token decides; the decision names her.
         answer = await ada.post("/approvals/decide", data={**decide, "csrf": ada_csrf})
@@ -194,7 +206,8 @@ async def test_roles_and_csrf_are_enforced_on_every_endpoint(stack: dict[str, An
 # --- in a real browser ----------------------------------------------------------------------------
 
 browser_only = pytest.mark.skipif(
-    CHROMIUM is None, reason="Debian's chromium is not installed (`make browser` installs it when run as root)"
+    CHROMIUM is None,
+    reason="Debian's chromium is not installed (`make browser` installs it when run as root)",
 )
 
 LAPTOP = {"width": 1366, "height": 860}
@@ -296,7 +309,9 @@ async def test_approver_signs_in_checks_a_provider_and_approves_from_the_inbox(
     decision = await page.locator("#decisions").inner_text()
     assert "approved" in decision and "ada" in decision and "Looks right, send it." in decision
     link = page.locator("a", has_text="Temporal Web UI")
-    assert await link.get_attribute("href") == f"http://127.0.0.1:8233/namespaces/default/workflows/{handle.id}"
+    assert (
+        await link.get_attribute("href") == f"http://127.0.0.1:8233/namespaces/default/workflows/{handle.id}"
+    )
     await _shoot(page, "pipeline")
 
     # The list finds it by tenant and pipeline.
@@ -318,7 +333,7 @@ async def test_operator_moves_running_work_from_the_routing_page(stack: dict[str
     assert "careful" in await page.locator("#aliases").inner_text()
 
     # Count first: both running pipelines may still call openai/gpt-4.1 (their "send" step).
-    await page.fill("input[name=source]", "openai/gpt-4.1")
+    await page.fill("#count input[name=source]", "openai/gpt-4.1")
     await page.click("text=Count matching pipelines")
     count = int(await page.locator("#match-count b").inner_text())
     assert count >= 2

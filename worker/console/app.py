@@ -73,7 +73,7 @@ def create_app(client: Client, settings: ConsoleSettings) -> Starlette:
     signer = SessionSigner(settings.secret)
     templates = Jinja2Templates(directory=str(_HERE / "templates"))
     templates.env.filters["ago"] = _ago
-    templates.env.filters["money"] = lambda v: "—" if v is None else f"${v:,.4f}"
+    templates.env.filters["money"] = _money
     templates.env.globals["role_names"] = ("viewer", "operator", "approver")
 
     def signed_in(request: Request) -> tuple[User, Session] | None:
@@ -489,6 +489,14 @@ def _why(exc: BaseException) -> str:
             return cause.message
         cause = cause.__cause__ or getattr(cause, "cause", None)
     return str(exc)
+
+
+def _money(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if 0 < value < 0.0001:
+        return "< $0.0001"
+    return f"${value:,.4f}"
 
 
 def _ago(moment: datetime | None) -> str:
