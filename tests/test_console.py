@@ -251,7 +251,6 @@ async def _shoot(page: Any, name: str) -> None:
         overflow = await page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"{name} at {label} width is {overflow}px wider than the screen"
         if target:
-            Path(target).mkdir(parents=True, exist_ok=True)
             await page.screenshot(path=str(Path(target) / f"{name}-{label}.png"), full_page=True)
     await page.set_viewport_size(LAPTOP)
 

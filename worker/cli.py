@@ -9,7 +9,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -448,7 +448,7 @@ async def _cmd_events(args: argparse.Namespace) -> int:
     return await run_command(args)
 
 
-def _ops_commands() -> dict[str, Any]:
+def _ops_commands() -> dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]]:
     from worker.ops_cli import COMMANDS
 
     return dict(COMMANDS)

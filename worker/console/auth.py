@@ -69,9 +69,13 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(got, expected)
 
 
+def _viewer_only() -> list[Role]:
+    return ["viewer"]
+
+
 class User(BaseModel):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._@-]+$")
-    roles: list[Role] = Field(default_factory=lambda: ["viewer"], min_length=1)
+    roles: list[Role] = Field(default_factory=_viewer_only, min_length=1)
     password_hash: str = Field(pattern=r"^scrypt\$")
 
     def can(self, role: Role) -> bool:
