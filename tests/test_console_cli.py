@@ -80,9 +80,10 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         assert found, banner
         pipeline = state / "reviewed.yaml"
         pipeline.write_text(yaml.safe_dump(PIPELINE))
+        # kernelflow dev encrypts with a key under its state folder: commands beside it use that key.
         yield {
-            **env, "TEMPORAL_ADDRESS": f"127.0.0.1:{port}", "CONSOLE": found.group(1),
-            "DEV_PASSWORD": found.group(2), "PIPELINE": str(pipeline), "STATE": str(state),
+            **env, "KERNELFLOW_ENCRYPTION_KEYS_DIR": str(state / "keys"), "TEMPORAL_ADDRESS": f"127.0.0.1:{port}",
+            "CONSOLE": found.group(1), "DEV_PASSWORD": found.group(2), "PIPELINE": str(pipeline), "STATE": str(state),
         }  # fmt: skip
     finally:
         _stop(process)

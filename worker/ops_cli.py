@@ -46,9 +46,10 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
 async def _client(args: argparse.Namespace) -> Any:
     from worker.app import connect
+    from worker.cli import _client_payloads
 
     settings = WorkerSettings.from_env(**_overrides(args))
-    return await connect(settings.temporal_address, settings.namespace)
+    return await connect(settings.temporal_address, settings.namespace, payloads=_client_payloads())
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -191,7 +192,7 @@ async def _cmd_reroute(args: argparse.Namespace) -> int:
 
 
 async def _cmd_console(args: argparse.Namespace) -> int:
-    from worker.app import build_registry, connect
+    from worker.app import build_registry
     from worker.console import create_app
     from worker.console.auth import hash_password
     from worker.console.serve import ConsoleServer, settings_from_env
@@ -207,7 +208,7 @@ async def _cmd_console(args: argparse.Namespace) -> int:
     configure_logging(settings.log_format, settings.log_level)
     registry = build_registry(load_config(settings.config_file))
     console = settings_from_env(registry, namespace=settings.namespace, task_queue=settings.task_queue)
-    client = await connect(settings.temporal_address, settings.namespace)
+    client = await _client(args)
     import os
 
     host = args.host or os.environ.get("KERNELFLOW_CONSOLE_HOST", "127.0.0.1")
