@@ -204,6 +204,8 @@ def test_console_command_signs_in_users_of_a_file_and_attributes_decisions(dev: 
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
             csrf = _sign_in(http, "ada", "s3cret-for-test")
             assert workflow_id in http.get("/approvals").text
+            # Apart from the workers, the console holds no provider keys and does not claim to know theirs.
+            assert "OPENAI_API_KEY on the workers: check" in http.get("/providers").text
             done = http.post(
                 "/approvals/decide",
                 data={

@@ -195,7 +195,7 @@ async def _cmd_console(args: argparse.Namespace) -> int:
     from worker.app import build_registry
     from worker.console import create_app
     from worker.console.auth import hash_password
-    from worker.console.serve import ConsoleServer, settings_from_env
+    from worker.console.serve import ConsoleServer, settings_from_env, without_credentials
     from worker.logs import configure_logging
 
     if args.hash_password:
@@ -207,7 +207,10 @@ async def _cmd_console(args: argparse.Namespace) -> int:
     settings = WorkerSettings.from_env(**_overrides(args))
     configure_logging(settings.log_format, settings.log_level)
     registry = build_registry(load_config(settings.config_file))
-    console = settings_from_env(registry, namespace=settings.namespace, task_queue=settings.task_queue)
+    console = settings_from_env(
+        registry, namespace=settings.namespace, task_queue=settings.task_queue,
+        describe_providers=lambda: without_credentials(registry.describe()),
+    )  # fmt: skip
     client = await _client(args)
     import os
 

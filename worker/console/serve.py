@@ -27,7 +27,7 @@ from worker.console.app import ConsoleSettings
 from worker.console.auth import User, Users, hash_password, load_users
 from worker.console.sources import MetricsReader, NoMetrics, PrometheusMetrics, ScrapedMetrics
 
-__all__ = ["ConsoleServer", "dev_user", "metrics_from_env", "settings_from_env"]
+__all__ = ["ConsoleServer", "dev_user", "metrics_from_env", "settings_from_env", "without_credentials"]
 
 _log = structlog.get_logger("kernelflow.console")
 
@@ -71,6 +71,12 @@ def settings_from_env(
     }
     values.update(overrides)
     return ConsoleSettings(**values)
+
+
+def without_credentials(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Provider rows of a console running apart from the workers: it holds no provider keys, so
+    whether a worker has them is not known here (the page says so, and a check finds out)."""
+    return [{**row, "credentials_present": None} for row in rows]
 
 
 def dev_user() -> tuple[Users, str]:
