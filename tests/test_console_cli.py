@@ -228,3 +228,22 @@ def test_console_command_signs_in_users_of_a_file_and_attributes_decisions(dev: 
     )
     refused = _kf("console", "--port", str(free_port()), env=env)
     assert refused.returncode == 2 and "viewer, operator, approver" in refused.stderr
+
+
+def test_dev_console_reads_the_workers_metrics_endpoint(dev: dict[str, str]) -> None:
+    """After the pipelines above, the Providers page of ``kernelflow dev``'s console shows the model
+    calls its worker counted, read from the worker's /metrics."""
+    with httpx.Client(base_url=dev["CONSOLE"]) as http:
+        _sign_in(http, "dev", dev["DEV_PASSWORD"])
+        deadline = time.monotonic() + 30
+        while True:
+            page = http.get("/providers").text
+            found = re.search(r'<tr data-provider="openai">.*?<td class="num calls">([^<]*)</td>', page, re.S)
+            assert found is not None
+            calls = found.group(1)
+            if calls.isdigit() or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    assert "since the workers started" in page
+    # Kim's pipeline called two models, Lee's (rejected) one: the draft steps and one send.
+    assert calls == "3", calls

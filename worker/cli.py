@@ -371,12 +371,18 @@ async def _dev_console(
         return
     from worker.console import create_app
     from worker.console.serve import ConsoleServer, dev_user, settings_from_env
+    from worker.console.sources import ScrapedMetrics
     from worker.devserver import free_port
 
     made = None if os.environ.get("KERNELFLOW_CONSOLE_USERS") else dev_user()
+    extra: dict[str, Any] = {}
+    if ops_url and not (
+        os.environ.get("KERNELFLOW_PROMETHEUS_URL") or os.environ.get("KERNELFLOW_METRICS_URLS")
+    ):
+        extra["metrics"] = ScrapedMetrics([f"{ops_url}/metrics"])
     console = settings_from_env(
         registry, namespace=settings.namespace, task_queue=settings.task_queue,
-        users=made[0] if made else None, ui_url=os.environ.get("KERNELFLOW_TEMPORAL_UI_URL") or ui_url,
+        users=made[0] if made else None, ui_url=os.environ.get("KERNELFLOW_TEMPORAL_UI_URL") or ui_url, **extra,
     )  # fmt: skip
     async with ConsoleServer(create_app(client, console), port=free_port(args.console_port)) as server:
         sign_in = f"  (sign in as dev / {made[1]})" if made else ""

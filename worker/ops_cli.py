@@ -45,21 +45,15 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
 
 async def _client(args: argparse.Namespace) -> Any:
-    from worker.app import connect
-    from worker.cli import _client_payloads
+    from worker.cli import _client as client_of
 
-    settings = WorkerSettings.from_env(**_overrides(args))
-    return await connect(settings.temporal_address, settings.namespace, payloads=_client_payloads())
+    return await client_of(WorkerSettings.from_env(**_overrides(args)))
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = {
-        "address": "temporal_address",
-        "namespace": "namespace",
-        "task_queue": "task_queue",
-        "config": "config_file",
-    }
-    return {t: getattr(args, s) for s, t in keys.items() if getattr(args, s, None) is not None}
+    from worker.cli import _overrides as overrides
+
+    return overrides(args)
 
 
 async def _refusable(args: argparse.Namespace, call: Awaitable[Any], describe: Callable[[Any], str]) -> int:
