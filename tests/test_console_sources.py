@@ -6,10 +6,14 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
+import subprocess
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import pytest
 from temporalio.client import Client
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
@@ -17,7 +21,13 @@ from worker.app import build_registry
 from worker.console import ConsoleSettings, create_app
 from worker.console.auth import User, Users, hash_password
 from worker.console.serve import ConsoleServer, metrics_from_env
-from worker.console.sources import NoMetrics, PrometheusMetrics, ScrapedMetrics, parse_exposition
+from worker.console.sources import (
+    NoMetrics,
+    PrometheusMetrics,
+    ProviderFigures,
+    ScrapedMetrics,
+    parse_exposition,
+)
 from worker.devserver import free_port
 
 T = TypeVar("T")
@@ -118,3 +128,63 @@ async def test_scraped_workers_add_up_and_show_on_the_providers_page(client: Cli
     assert "open" in anthropic.group(1)
     assert "since the workers started" in page
     await registry.aclose()
+
+
+def _start_prometheus(folder: Path, port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [shutil.which("prometheus") or "prometheus", f"--config.file={folder / 'prometheus.yml'}",
+         f"--storage.tsdb.path={folder / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(
+    shutil.which("prometheus") is None, reason="Debian's prometheus is not installed (`make ops-tools`)"
+)
+async def test_prometheus_reader_reports_the_last_hour_from_a_real_prometheus(tmp_path: Path) -> None:
+    port = free_port()
+    runtime = Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=f"127.0.0.1:{port}")))
+    _RUNTIMES.append(runtime)
+    meter = runtime.metric_meter
+    calls = meter.create_counter("kernelflow_model_calls", "Model calls (attempts) by outcome.")
+    ok = {"provider": "openai", "model": "gpt-4o", "outcome": "ok", "pipeline": "p"}
+    failed = {**ok, "outcome": "RateLimited"}
+    duration = meter.create_histogram_float(
+        "gen_ai_client_operation_duration", "GenAI operation duration.", "s"
+    )
+    timing = {"gen_ai_provider_name": "openai", "gen_ai_operation_name": "chat"}
+    # The series exist before Prometheus first scrapes them: increase() counts from there.
+    calls.add(0, ok)
+    calls.add(0, failed)
+    duration.record(2.0, timing)
+    meter.create_gauge("kernelflow_circuit_breaker_state", "0 closed, 1 half-open, 2 open.").set(
+        1, {"provider": "openai", "model": "gpt-4o"}
+    )
+    prom_port = free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s}\n"
+        f"scrape_configs: [{{job_name: w, static_configs: [{{targets: ['127.0.0.1:{port}']}}]}}]\n"
+    )
+    prometheus = _start_prometheus(tmp_path, prom_port)
+    try:
+        reader = PrometheusMetrics(f"http://127.0.0.1:{prom_port}")
+
+        async def scraped() -> dict[str, ProviderFigures]:
+            try:
+                return await reader.providers()
+            except httpx.HTTPError:
+                return {}
+
+        await _until(scraped, lambda f: "openai" in f and bool(f["openai"].breakers), "the first scrape")
+        calls.add(6, ok)
+        calls.add(2, failed)
+        duration.record(1.0, timing)
+        figures = await _until(scraped, lambda f: f["openai"].calls >= 8, "the calls since then")
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=20)
+    openai = figures["openai"]
+    # increase() extrapolates over the window's edges, so the figures are close, not exact.
+    assert openai.error_ratio is not None and 0.2 <= openai.error_ratio <= 0.3
+    assert openai.breakers == {"gpt-4o": "half-open"}
+    assert reader.window == "last hour"
