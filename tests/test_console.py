@@ -393,3 +393,35 @@ async def test_viewer_cannot_approve_and_a_form_without_its_token_is_refused(
     assert [a.status for a in (await status(client, handle.id)).approvals] == ["waiting"]
     await handle.cancel()
     await page.context.close()
+
+
+@browser_only
+async def test_a_running_steps_tokens_show_as_they_stream(stack: dict[str, Any], browser: Any) -> None:
+    reply = " ".join(f"word{n}" for n in range(30))
+    spec = parse_pipeline(
+        {
+            "name": "streamed",
+            "steps": [
+                {"id": "story", "model": "openai/gpt-4o-mini", "stream": True,
+                 "prompt": f'[[sim: token_delay=0.15 reply="{reply}"]] tell'},
+                {"id": "hold", "type": "approval"},
+            ],
+        }
+    )  # fmt: skip
+    handle = await start_pipeline(stack["client"], spec, {}, task_queue=stack["queue"])
+    page = await _page_as(browser, stack, "vic")
+    await page.goto(f"/pipelines/{handle.id}")
+    story = page.locator("#live [data-step=story] pre")
+    seen: list[str] = []
+
+    async def text() -> str:
+        current = await story.inner_text() if await story.count() else ""
+        if current and (not seen or seen[-1] != current):
+            seen.append(current)
+        return current
+
+    await _until(text, lambda t: t.strip() == reply, "the whole streamed reply", within=60)
+    # It arrived in pieces while the step ran, each a beginning of the reply.
+    assert len(seen) > 2 and all(reply.startswith(t.strip()) for t in seen), seen
+    await handle.cancel()
+    await page.context.close()

@@ -8,10 +8,11 @@ small script in ``static/`` only refreshes the page of a running pipeline.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,15 +22,18 @@ import structlog
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.responses import PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.client import Client, WorkflowFailureError, WorkflowUpdateFailedError
+from temporalio.common import RawValue
+from temporalio.contrib.workflow_streams import WorkflowStreamClient
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
+from activities.streaming import TokenEvent, is_tokens_topic
 from kernel.pipeline import parse_pipeline
 from worker import client as kf
 from worker.client import PipelineSummary
@@ -263,6 +267,20 @@ def create_app(client: Client, settings: ConsoleSettings) -> Starlette:
             f"/pipelines/{urllib.parse.quote(workflow_id)}?notice={urllib.parse.quote(notice)}", 303
         )
 
+    async def tokens(request: Request, user: User) -> Response:
+        """The pipeline's streamed tokens as server-sent events, from the start (or ``Last-Event-ID``)
+        until the workflow ends; the pipeline page shows them live."""
+        workflow_id = request.path_params["workflow_id"]
+        try:
+            start = int(request.headers.get("last-event-id", "-1")) + 1
+        except ValueError:
+            start = 0
+        return StreamingResponse(
+            _token_events(client, workflow_id, start),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
     # --- approvals --------------------------------------------------------------------------------
 
     async def approvals(request: Request, user: User) -> Response:
@@ -434,6 +452,7 @@ def create_app(client: Client, settings: ConsoleSettings) -> Starlette:
         Route("/logout", guarded(logout), methods=["POST"]),
         Route("/pipelines", guarded(pipelines)),
         Route("/pipelines/{workflow_id:path}/control", guarded(pipeline_control), methods=["POST"]),
+        Route("/pipelines/{workflow_id:path}/tokens", guarded(tokens)),
         Route("/pipelines/{workflow_id:path}", guarded(pipeline_detail)),
         Route("/approvals", guarded(approvals)),
         Route("/approvals/decide", guarded(decide), methods=["POST"]),
@@ -515,6 +534,26 @@ def _span(seconds: float) -> str:
     if seconds < 86400:
         return f"{seconds // 3600}h {seconds % 3600 // 60}m"
     return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+
+
+async def _token_events(client: Client, workflow_id: str, start: int) -> AsyncIterator[str]:
+    stream = WorkflowStreamClient.create(client, workflow_id)
+    converter = client.data_converter.payload_converter
+    try:
+        async for item in stream.subscribe(None, from_offset=start, result_type=RawValue):
+            if not is_tokens_topic(item.topic):
+                continue
+            try:
+                event = converter.from_payload(item.data.payload, TokenEvent)
+            except Exception:  # an event of a newer shape is skipped
+                continue
+            data = {"step": event.step_id, "kind": event.kind, "attempt": event.attempt, "model": event.model,
+                    "text": event.text, "error": event.error_type}  # fmt: skip
+            yield f"id: {item.offset}\ndata: {json.dumps(data)}\n\n"
+    except (RPCError, WorkflowFailureError) as exc:
+        yield f"event: failed\ndata: {json.dumps({'error': getattr(exc, 'message', str(exc))})}\n\n"
+        return
+    yield "event: end\ndata: {}\n\n"
 
 
 @dataclass

@@ -99,7 +99,9 @@ class ConsoleServer:
     """uvicorn serving the console on the running event loop, until the context exits."""
 
     def __init__(self, app: Starlette, *, host: str = "127.0.0.1", port: int = 8500) -> None:
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", lifespan="off", timeout_graceful_shutdown=2
+        )
         self._server = _Server(config)
         self.host, self.port = host, port
         self._task: asyncio.Task[None] | None = None
