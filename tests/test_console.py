@@ -203,6 +203,37 @@ async def test_roles_and_csrf_are_enforced_on_every_endpoint(stack: dict[str, An
         await other.cancel()
 
 
+async def test_operator_pauses_resumes_and_cancels_a_pipeline(stack: dict[str, Any]) -> None:
+    client: Client = stack["client"]
+    handle = await _start_reviewed(stack, "Pat")
+    path = f"/pipelines/{handle.id}/control"
+    async with httpx.AsyncClient(base_url=stack["url"]) as vic:
+        await _sign_in(vic, "vic")
+        assert 'value="pause"' not in (await vic.get(f"/pipelines/{handle.id}")).text  # a viewer gets no form
+    async with httpx.AsyncClient(base_url=stack["url"]) as otto:
+        csrf = await _sign_in(otto, "otto")
+        page = (await otto.get(f"/pipelines/{handle.id}")).text
+        assert 'value="pause"' in page and 'value="cancel"' in page
+        done = await otto.post(path, data={"csrf": csrf, "action": "pause"}, follow_redirects=True)
+        assert "pause: applied" in done.text
+        state = await status(client, handle.id)
+        assert state.paused and state.pause_reason == "pause by otto from the console"
+        done = await otto.post(
+            path, data={"csrf": csrf, "action": "resume", "reason": "all clear"}, follow_redirects=True
+        )
+        assert "resume: applied" in done.text and not (await status(client, handle.id)).paused
+        bad = await otto.post(path, data={"csrf": csrf, "action": "explode"})
+        assert bad.status_code == 400 and "pause, resume, cancel" in bad.text
+        done = await otto.post(
+            path, data={"csrf": csrf, "action": "cancel", "reason": "customer left"}, follow_redirects=True
+        )
+        assert "cancel: applied" in done.text
+        assert (await handle.result()).status == "cancelled"
+        # A finished pipeline refuses, and the page says why instead of failing.
+        again = await otto.post(path, data={"csrf": csrf, "action": "pause"}, follow_redirects=True)
+        assert "pause refused" in again.text or "pause: not applied" in again.text
+
+
 # --- in a real browser ----------------------------------------------------------------------------
 
 browser_only = pytest.mark.skipif(

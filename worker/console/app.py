@@ -251,7 +251,7 @@ def create_app(client: Client, settings: ConsoleSettings) -> Starlette:
         workflow_id = request.path_params["workflow_id"]
         _, data = await action(request, "operator")
         verb = data.get("action", "")
-        reason = data.get("reason") or f"{verb} from the console"
+        reason = data.get("reason") or f"{verb} by {user.name} from the console"
         controls = {"pause": kf.pause, "resume": kf.resume, "cancel": kf.cancel}
         if verb not in controls:
             raise _Refused(400, f"action must be one of pause, resume, cancel, not {verb!r}")
