@@ -37,7 +37,8 @@ from activities.streaming import TokenEvent, is_tokens_topic
 from kernel.pipeline import parse_pipeline
 from worker import client as kf
 from worker.client import PipelineSummary
-from worker.console.auth import Role, Session, SessionSigner, User, Users
+from worker.console.auth import ROLES, Role, Session, SessionSigner, User, Users
+from worker.console.oidc import OidcClient, OidcError, OidcSettings, pkce_pair
 from worker.console.sources import EventsReader, MetricsReader, NoEvents, NoMetrics
 
 __all__ = ["ConsoleSettings", "create_app"]
@@ -46,6 +47,7 @@ _log = structlog.get_logger("kernelflow.console")
 _HERE = Path(__file__).parent
 _COOKIE = "kf_session"
 _LOGIN_COOKIE = "kf_login"
+_OIDC_COOKIE = "kf_oidc"
 _MAX_FORM_BYTES = 64 * 1024
 
 
@@ -64,6 +66,7 @@ class ConsoleSettings:
     events: EventsReader = field(default_factory=NoEvents)
     secure_cookies: bool = False
     check_timeout_s: float = 60.0
+    oidc: OidcSettings | None = None
 
 
 class _Refused(Exception):
@@ -75,6 +78,7 @@ class _Refused(Exception):
 
 def create_app(client: Client, settings: ConsoleSettings) -> Starlette:
     signer = SessionSigner(settings.secret)
+    oidc = OidcClient(settings.oidc) if settings.oidc is not None else None
     templates = Jinja2Templates(directory=str(_HERE / "templates"))
     templates.env.filters["ago"] = _ago
     templates.env.filters["money"] = _money
@@ -84,6 +88,8 @@ def create_app(client: Client, settings: ConsoleSettings) -> Starlette:
         session = signer.load(request.cookies.get(_COOKIE))
         if session is None:
             return None
+        if session.roles is not None:  # signed in through the OIDC provider
+            return User(name=session.user, roles=session.roles), session
         user = settings.users.find(session.user)
         return (user, session) if user is not None else None
 
@@ -199,6 +205,96 @@ def create_app(client: Client, settings: ConsoleSettings) -> Starlette:
             samesite="lax", secure=settings.secure_cookies,
         )  # fmt: skip
         response.delete_cookie(_LOGIN_COOKIE)
+        return response
+
+    def start_session(target: str, name: str, roles: list[Role] | None) -> Response:
+        if not target.startswith("/") or target.startswith("//"):
+            target = "/pipelines"
+        response = RedirectResponse(target, 303)
+        response.set_cookie(
+            _COOKIE, signer.dump(signer.new(name, roles)), max_age=int(signer.max_age_s), httponly=True,
+            samesite="lax", secure=settings.secure_cookies,
+        )  # fmt: skip
+        response.delete_cookie(_LOGIN_COOKIE)
+        return response
+
+    async def oidc_start(request: Request) -> Response:
+        if oidc is None:
+            return PlainTextResponse("sign-in through an OIDC provider is not configured\n", 404)
+        try:
+            data = await form(request)
+        except _Refused as exc:
+            return PlainTextResponse(exc.message, exc.status)
+        expected = request.cookies.get(_LOGIN_COOKIE, "")
+        if not expected or not _same(data.get("csrf", ""), expected):
+            return PlainTextResponse(
+                "this form was not sent from the console (CSRF token missing or wrong)\n", 403
+            )
+        verifier, challenge = pkce_pair()
+        state, nonce = uuid.uuid4().hex, uuid.uuid4().hex
+        try:
+            url = await oidc.authorize_url(_callback(request), state=state, nonce=nonce, challenge=challenge)
+        except OidcError as exc:
+            return PlainTextResponse(f"the sign-in provider cannot be used: {exc}\n", 502)
+        response = RedirectResponse(url, 303)
+        flow = {
+            "state": state,
+            "nonce": nonce,
+            "verifier": verifier,
+            "next": data.get("next", ""),
+            "at": time.time(),
+        }
+        response.set_cookie(
+            _OIDC_COOKIE,
+            signer.seal(flow),
+            max_age=600,
+            httponly=True,
+            samesite="lax",
+            secure=settings.secure_cookies,
+        )
+        return response
+
+    async def oidc_callback(request: Request) -> Response:
+        if oidc is None:
+            return PlainTextResponse("sign-in through an OIDC provider is not configured\n", 404)
+        flow = signer.unseal(request.cookies.get(_OIDC_COOKIE))
+        q = request.query_params
+        if flow is None or time.time() - float(flow.get("at", 0)) > 600:
+            return PlainTextResponse("the sign-in took too long or did not start here; sign in again\n", 400)
+        if not _same(q.get("state", ""), str(flow.get("state", ""))):
+            _log.warning("console.oidc_refused", reason="state")
+            return PlainTextResponse(
+                "the provider's answer does not belong to this sign-in (state differs)\n", 400
+            )
+        if q.get("error"):
+            return PlainTextResponse(
+                f"the provider refused the sign-in: {q.get('error')} {q.get('error_description', '')}\n", 403
+            )
+        try:
+            claims = await oidc.exchange(
+                q.get("code", ""),
+                redirect_uri=_callback(request),
+                verifier=str(flow["verifier"]),
+                nonce=str(flow["nonce"]),
+            )
+        except OidcError as exc:
+            _log.warning("console.oidc_refused", reason=str(exc))
+            return PlainTextResponse(f"sign-in refused: {exc}\n", 403)
+        name = str(claims.get(oidc.settings.name_claim) or claims.get("sub") or "")
+        claimed = claims.get(oidc.settings.roles_claim)
+        roles: list[Role] = [r for r in ROLES if isinstance(claimed, list) and r in claimed]
+        if not roles and (known := settings.users.find(name)) is not None:
+            roles = list(known.roles)
+        if not name or not roles:
+            _log.warning("console.oidc_refused", user=name, reason="no roles")
+            return PlainTextResponse(
+                f"{name or 'this account'} has no console role: the token's {oidc.settings.roles_claim!r} claim "
+                f"names none of {', '.join(ROLES)} and the users file has no such user\n",
+                403,
+            )
+        _log.info("console.signed_in", by=name, roles=roles, through="oidc")
+        response = start_session(str(flow.get("next", "")), name, roles)
+        response.delete_cookie(_OIDC_COOKIE)
         return response
 
     async def logout(request: Request, user: User) -> Response:
@@ -449,6 +545,8 @@ def create_app(client: Client, settings: ConsoleSettings) -> Starlette:
         Route("/healthz", healthz),
         Route("/login", login_form, methods=["GET"]),
         Route("/login", login, methods=["POST"]),
+        Route("/login/oidc", oidc_start, methods=["POST"]),
+        Route("/login/oidc/callback", oidc_callback),
         Route("/logout", guarded(logout), methods=["POST"]),
         Route("/pipelines", guarded(pipelines)),
         Route("/pipelines/{workflow_id:path}/control", guarded(pipeline_control), methods=["POST"]),
@@ -490,6 +588,10 @@ class _SecurityHeaders:
 
 
 # --- helpers --------------------------------------------------------------------------------------
+
+
+def _callback(request: Request) -> str:
+    return str(request.url_for("oidc_callback"))
 
 
 def _same(given: str, expected: str) -> bool:

@@ -76,7 +76,9 @@ def _viewer_only() -> list[Role]:
 class User(BaseModel):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._@-]+$")
     roles: list[Role] = Field(default_factory=_viewer_only, min_length=1)
-    password_hash: str = Field(pattern=r"^scrypt\$")
+    password_hash: str | None = Field(
+        default=None, pattern=r"^scrypt\$", description="None: signs in only through the OIDC provider."
+    )
 
     def can(self, role: Role) -> bool:
         return role == "viewer" or role in self.roles
@@ -92,6 +94,9 @@ class Users(BaseModel):
         """The user if the password matches. An unknown name costs as much as a wrong password."""
         user = self.find(name)
         if user is None:
+            verify_password(password, _dummy_hash())
+            return None
+        if user.password_hash is None:
             verify_password(password, _dummy_hash())
             return None
         return user if verify_password(password, user.password_hash) else None
@@ -127,6 +132,7 @@ class Session(BaseModel):
     user: str
     csrf: str
     expires: float
+    roles: list[Role] | None = Field(default=None, description="Set for OIDC sign-ins: roles from the token.")
 
 
 class SessionSigner:
@@ -139,8 +145,27 @@ class SessionSigner:
         self._secret = secret
         self.max_age_s = max_age_s
 
-    def new(self, user: str) -> Session:
-        return Session(user=user, csrf=secrets.token_urlsafe(24), expires=time.time() + self.max_age_s)
+    def new(self, user: str, roles: list[Role] | None = None) -> Session:
+        return Session(
+            user=user, csrf=secrets.token_urlsafe(24), expires=time.time() + self.max_age_s, roles=roles
+        )
+
+    def seal(self, data: dict[str, Any]) -> str:
+        """Any small JSON object, signed (the OIDC flow's state between redirect and callback)."""
+        body = _b64(json.dumps(data).encode())
+        return f"{body}.{self._sign(body)}"
+
+    def unseal(self, cookie: str | None) -> dict[str, Any] | None:
+        if not cookie or "." not in cookie:
+            return None
+        body, _, signature = cookie.rpartition(".")
+        if not hmac.compare_digest(signature, self._sign(body)):
+            return None
+        try:
+            data = json.loads(_unb64(body))
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
 
     def dump(self, session: Session) -> str:
         body = _b64(session.model_dump_json().encode())

@@ -25,6 +25,7 @@ from kernel.errors import ConfigurationError
 from kernel.registry import Registry
 from worker.console.app import ConsoleSettings
 from worker.console.auth import User, Users, hash_password, load_users
+from worker.console.oidc import OidcSettings
 from worker.console.sources import MetricsReader, NoMetrics, PrometheusMetrics, ScrapedMetrics
 
 __all__ = ["ConsoleServer", "dev_user", "metrics_from_env", "settings_from_env", "without_credentials"]
@@ -49,14 +50,18 @@ def settings_from_env(
     **overrides: Any,
 ) -> ConsoleSettings:
     env = os.environ if environ is None else environ
+    oidc = OidcSettings.from_env(env)
     if users is None:
         path = env.get("KERNELFLOW_CONSOLE_USERS")
-        if not path:
+        if not path and oidc is not None:
+            users = Users()  # roles come from the provider's tokens
+        elif not path:
             raise ConfigurationError(
                 "KERNELFLOW_CONSOLE_USERS names no users file; create one with users, roles and password "
                 "hashes (`kernelflow console --hash-password`)"
             )
-        users = load_users(path)
+        else:
+            users = load_users(path)
     secret = env.get("KERNELFLOW_CONSOLE_SECRET", "").encode() or secrets.token_bytes(32)
     values: dict[str, Any] = {
         "users": users,
@@ -68,6 +73,7 @@ def settings_from_env(
         "aliases": lambda: dict(registry.aliases),
         "metrics": metrics_from_env(env),
         "secure_cookies": env.get("KERNELFLOW_CONSOLE_SECURE_COOKIES", "") in ("1", "true", "yes"),
+        "oidc": oidc,
     }
     values.update(overrides)
     return ConsoleSettings(**values)
