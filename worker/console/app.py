@@ -100,6 +100,7 @@ def create_app(client: Client, settings: ConsoleSettings) -> Starlette:
             "csrf": who[1].csrf if who else "",
             "nav": name.split(".")[0],
             "ui_url": settings.ui_url,
+            "oidc": oidc is not None,
             **context,
         }
         return templates.TemplateResponse(request, name, context, status_code=status)
