@@ -40,6 +40,7 @@ from worker.client import PipelineSummary
 from worker.console.auth import ROLES, Role, Session, SessionSigner, User, Users
 from worker.console.oidc import OidcClient, OidcError, OidcSettings, pkce_pair
 from worker.console.sources import EventsReader, MetricsReader, NoEvents, NoMetrics
+from workflows.contract import PipelineStatus
 
 __all__ = ["ConsoleSettings", "create_app"]
 
@@ -49,6 +50,8 @@ _COOKIE = "kf_session"
 _LOGIN_COOKIE = "kf_login"
 _OIDC_COOKIE = "kf_oidc"
 _MAX_FORM_BYTES = 64 * 1024
+_CONCURRENCY = 16
+"""Queries and updates sent at once by one page (the inbox, moving running work)."""
 
 
 @dataclass
@@ -458,22 +461,24 @@ def create_app(client: Client, settings: ConsoleSettings) -> Starlette:
         matches = await _matching(client, source) if source else []
         report: list[dict[str, Any]] | None = None
         if not errors:
-            report = []
-            for summary, models in matches:
-                routes = {m: target for m in models}
-                try:
-                    in_force = await kf.reroute(
-                        client, summary.workflow_id, routes, reason=reason, by=user.name
-                    )
-                    report.append(
-                        {
-                            "workflow_id": summary.workflow_id,
-                            "moved": True,
-                            "detail": ", ".join(f"{k} → {v}" for k, v in in_force.items()),
-                        }
-                    )
-                except (WorkflowUpdateFailedError, RPCError) as exc:
-                    report.append({"workflow_id": summary.workflow_id, "moved": False, "detail": _why(exc)})
+            gate = asyncio.Semaphore(_CONCURRENCY)
+
+            async def move_one(summary: PipelineSummary, models: list[str]) -> dict[str, Any]:
+                async with gate:
+                    try:
+                        in_force = await kf.reroute(
+                            client,
+                            summary.workflow_id,
+                            {m: target for m in models},
+                            reason=reason,
+                            by=user.name,
+                        )
+                    except (WorkflowUpdateFailedError, RPCError) as exc:
+                        return {"workflow_id": summary.workflow_id, "moved": False, "detail": _why(exc)}
+                detail = ", ".join(f"{k} → {v}" for k, v in in_force.items())
+                return {"workflow_id": summary.workflow_id, "moved": True, "detail": detail}
+
+            report = list(await asyncio.gather(*(move_one(s, m) for s, m in matches)))
             _log.info("console.reroute", by=user.name, source=source, target=target, report=report)
         return page(
             request, "routing.html",
@@ -678,11 +683,18 @@ class _Pending:
 
 async def _inbox(client: Client) -> list[_Pending]:
     items: list[_Pending] = []
-    for summary in await kf.list_pipelines(client, awaiting=True, running=True, limit=200):
-        try:
-            status = await kf.status(client, summary.workflow_id)
-        except (RPCError, WorkflowFailureError):
-            status = None
+    waiting = await kf.list_pipelines(client, awaiting=True, running=True, limit=200)
+    gate = asyncio.Semaphore(_CONCURRENCY)
+
+    async def status_of(workflow_id: str) -> PipelineStatus | None:
+        async with gate:
+            try:
+                return await kf.status(client, workflow_id)
+            except (RPCError, WorkflowFailureError):
+                return None
+
+    statuses = await asyncio.gather(*(status_of(s.workflow_id) for s in waiting))
+    for summary, status in zip(waiting, statuses, strict=True):
         for step_id in summary.awaiting:
             approval = next((a for a in status.approvals if a.step_id == step_id), None) if status else None
             if status is not None and (approval is None or approval.status != "waiting"):
