@@ -281,6 +281,11 @@ async def _shoot(page: Any, name: str) -> None:
         await page.set_viewport_size(viewport)
         overflow = await page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"{name} at {label} width is {overflow}px wider than the screen"
+        hidden = await page.evaluate(
+            "Array.from(document.querySelectorAll('table')).filter(t => t.parentElement.scrollWidth > "
+            "t.parentElement.clientWidth + 1).map(t => t.id || t.className)"
+        )
+        assert not hidden, f"{name} at {label} width: tables {hidden} need sideways scrolling"
         if target:
             await page.screenshot(path=str(Path(target) / f"{name}-{label}.png"), full_page=True)
     await page.set_viewport_size(LAPTOP)
