@@ -673,6 +673,9 @@ class _Pending:
     deadline: datetime | None
     draft: Any
     draft_step: str | None
+    tool: str | None = None
+    arguments: Any = None
+    approvers: list[str] | None = None
 
     def time_left(self) -> str | None:
         if self.deadline is None:
@@ -700,17 +703,23 @@ async def _inbox(client: Client) -> list[_Pending]:
             if status is not None and (approval is None or approval.status != "waiting"):
                 continue  # decided since visibility was updated
             steps = status.steps if status else []
-            index = next((i for i, s in enumerate(steps) if s.id == step_id), len(steps))
-            before = [s for s in steps[:index] if s.output is not None and s.type != "approval"]
-            step = steps[index] if index < len(steps) else None
+            # An agent's tool call waits under "<step>.<turn>.<call>": its step is the agent step.
+            owner = step_id if approval is None or approval.tool is None else step_id.split(".", 1)[0]
+            index = next((i for i, s in enumerate(steps) if s.id == owner), None)
+            step = steps[index] if index is not None else None
+            before = [s for s in steps[: index or 0] if s.output is not None and s.type != "approval"]
+            is_call = approval is not None and approval.tool is not None
             items.append(
                 _Pending(
                     summary=summary, step_id=step_id,
                     message=approval.message if approval else None,
                     detail=step.detail if step else None,
                     deadline=approval.deadline if approval else None,
-                    draft=before[-1].output if before else None,
-                    draft_step=before[-1].id if before else None,
+                    draft=before[-1].output if before and not is_call else None,
+                    draft_step=before[-1].id if before and not is_call else None,
+                    tool=approval.tool if approval else None,
+                    arguments=approval.arguments if approval else None,
+                    approvers=approval.approvers if approval else None,
                 )
             )  # fmt: skip
     return items
