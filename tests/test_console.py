@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 from temporalio.client import Client, WorkflowHandle
 
 from kernel.pipeline import parse_pipeline
@@ -179,9 +180,12 @@ async def test_roles_and_csrf_are_enforced_on_every_endpoint(stack: dict[str, An
             base_url=stack["url"], cookies={"kf_session": cookie[:-2] + "xx"}
         ) as forged:
             assert (await forged.get("/approvals")).status_code == 303
-        # The approver with the token decides; the decision names her.
-        answer = await ada.post("/approvals/decide", data={**decide, "csrf": ada_csrf})
+        # The approver with the token decides; the decision names her, in the pipeline and in the log.
+        with capture_logs() as logs:
+            answer = await ada.post("/approvals/decide", data={**decide, "csrf": ada_csrf})
         assert answer.status_code == 303
+        logged = [e for e in logs if e["event"] == "console.decision"]
+        assert logged and logged[0]["by"] == "ada" and logged[0]["workflow_id"] == handle.id
         result = await handle.result()
         assert result.status == "completed"
         review = (await status(client, handle.id)).approvals[0]
@@ -229,6 +233,11 @@ async def test_operator_pauses_resumes_and_cancels_a_pipeline(stack: dict[str, A
         )
         assert "cancel: applied" in done.text
         assert (await handle.result()).status == "cancelled"
+        # Without an event broker the Events page says so, and a replay is reported as impossible.
+        events = await otto.get("/events")
+        assert events.status_code == 200 and "No event broker is connected" in events.text
+        replay = await otto.post("/events/replay", data={"csrf": csrf, "id": "1"}, follow_redirects=True)
+        assert "not replayed: no event broker is configured" in replay.text
         # A finished pipeline refuses, and the page says why instead of failing.
         again = await otto.post(path, data={"csrf": csrf, "action": "pause"}, follow_redirects=True)
         assert "pause refused" in again.text or "pause: not applied" in again.text
