@@ -233,6 +233,11 @@ async def test_operator_pauses_resumes_and_cancels_a_pipeline(stack: dict[str, A
         )
         assert "cancel: applied" in done.text
         assert (await handle.result()).status == "cancelled"
+        # A check through a provider whose key the worker lacks shows the error type, not a crash.
+        checked = await otto.post("/providers/check", data={"csrf": csrf, "model": "echo/echo-1"})
+        result = re.search(r'<div class="check-result bad" id="check-result">(.*?)</div>', checked.text, re.S)
+        assert checked.status_code == 200 and result is not None, checked.text[-800:]
+        assert "<b>MissingCredentials</b>" in result.group(1) and "ECHO_API_KEY" in result.group(1)
         # Without an event broker the Events page says so, and a replay is reported as impossible.
         events = await otto.get("/events")
         assert events.status_code == 200 and "No event broker is connected" in events.text

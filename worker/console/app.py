@@ -766,6 +766,15 @@ async def _check(client: Client, model: str, settings: ConsoleSettings) -> dict[
         cause: BaseException | None = exc.cause
         while cause is not None and not isinstance(cause, ApplicationError):
             cause = cause.__cause__
+        try:  # the model's own error class, as the step recorded it
+            failures = (await kf.status(client, handle.id)).steps[0].failures
+        except (RPCError, WorkflowFailureError, IndexError):
+            failures = []
+        if failures:
+            return {
+                "model": model, "ok": False, "latency_s": time.perf_counter() - started, "workflow_id": handle.id,
+                "error_type": failures[-1].error_type, "error": failures[-1].message,
+            }  # fmt: skip
         return {
             "model": model, "ok": False, "latency_s": time.perf_counter() - started, "workflow_id": handle.id,
             "error_type": cause.type if isinstance(cause, ApplicationError) else exc.__class__.__name__,
