@@ -248,6 +248,24 @@ async def test_operator_pauses_resumes_and_cancels_a_pipeline(stack: dict[str, A
         assert "pause refused" in again.text or "pause: not applied" in again.text
 
 
+async def test_moving_all_of_a_providers_running_work(stack: dict[str, Any]) -> None:
+    client: Client = stack["client"]
+    handle = await _start_reviewed(stack, "Quinn")
+    async with httpx.AsyncClient(base_url=stack["url"]) as otto:
+        csrf = await _sign_in(otto, "otto")
+        counted = (await otto.get("/routing", params={"source": "openai"})).text
+        assert handle.id in counted and "openai/gpt-4.1" in counted
+        moved = await otto.post("/routing/move", data={"csrf": csrf, "source": "openai", "target": "careful"})
+        assert moved.status_code == 200
+        row = re.search(rf"{handle.id}</a></td><td>(.*?)</tr>", moved.text, re.S)
+        assert row is not None and "moved" in row.group(1) and "openai/gpt-4.1 → careful" in row.group(1)
+        missing = await otto.post("/routing/move", data={"csrf": csrf, "source": "", "target": "careful"})
+        assert missing.status_code == 400 and "name a model (provider/model) or a provider" in missing.text
+    state = await status(client, handle.id)
+    assert state.routes == {"openai/gpt-4.1": "careful"} and state.reroutes[-1].by == "otto"
+    await handle.cancel()
+
+
 # --- in a real browser ----------------------------------------------------------------------------
 
 browser_only = pytest.mark.skipif(
