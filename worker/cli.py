@@ -289,7 +289,7 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
                 client, task_queue=settings.task_queue, llm_activities=ops.activities(registry, config),
                 pipelines=catalog, events=embedded.publisher,
             ), ops.serving(client), _dev_console(
-                args, client, registry, settings, server.ui_url
+                args, client, registry, settings, server.ui_url, ops.url
             ) as console_line:  # fmt: skip
                 print(f"Temporal   {server.target}  (namespace {settings.namespace}, data {server.db_path})")
                 print(f"Web UI     {server.ui_url}")
@@ -612,8 +612,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "keys": _cmd_keys,
             "bridge": _cmd_events,
             "events": _cmd_events,
-
-
             **_ops_commands(),
         }[args.command]
         return asyncio.run(handler(args))
