@@ -123,6 +123,9 @@ def test_dev_serves_the_console_with_a_printed_sign_in(dev: dict[str, str]) -> N
         page = http.get("/providers")
         assert page.status_code == 200 and "openai" in page.text
         assert page.headers["x-frame-options"] == "DENY"
+        # The Events page reads the embedded event broker.
+        events = http.get("/events").text
+        assert "Dead letters" in events and "No event broker is connected" not in events
 
 
 def test_operating_commands_drive_a_pipeline_from_the_terminal(dev: dict[str, str]) -> None:

@@ -289,7 +289,7 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
                 client, task_queue=settings.task_queue, llm_activities=ops.activities(registry, config),
                 pipelines=catalog, events=embedded.publisher,
             ), ops.serving(client), _dev_console(
-                args, client, registry, settings, server.ui_url, ops.url
+                args, client, registry, settings, server.ui_url, ops.url, embedded.broker_url
             ) as console_line:  # fmt: skip
                 print(f"Temporal   {server.target}  (namespace {settings.namespace}, data {server.db_path})")
                 print(f"Web UI     {server.ui_url}")
@@ -364,6 +364,7 @@ async def _dev_console(
     settings: WorkerSettings,
     ui_url: str | None,
     ops_url: str | None = None,
+    broker_url: str | None = None,
 ) -> AsyncIterator[str | None]:
     """The operator console beside the dev stack; without a users file, a ``dev`` user is made."""
     if not args.console_port:
@@ -384,7 +385,17 @@ async def _dev_console(
         registry, namespace=settings.namespace, task_queue=settings.task_queue,
         users=made[0] if made else None, ui_url=os.environ.get("KERNELFLOW_TEMPORAL_UI_URL") or ui_url, **extra,
     )  # fmt: skip
-    async with ConsoleServer(create_app(client, console), port=free_port(args.console_port)) as server:
+    async with contextlib.AsyncExitStack() as stack:
+        if broker_url:  # the Events page reads the embedded broker
+            from worker.console.broker_events import BrokerEvents
+            from worker.events_cli import _broker, _events_config
+
+            broker = await stack.enter_async_context(_broker(broker_url))
+            events_config = _events_config(load_config(settings.config_file), broker_url)
+            console.events = BrokerEvents(broker, events_config)
+        server = await stack.enter_async_context(
+            ConsoleServer(create_app(client, console), port=free_port(args.console_port))
+        )
         sign_in = f"  (sign in as dev / {made[1]})" if made else ""
         yield f"Console    {server.url}{sign_in}"
 

@@ -1,0 +1,83 @@
+"""The Events page over a real NATS JetStream server: dead letters with their reasons, replayed by an
+operator to their original subject, and recent inbound events."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.client import Client
+
+from brokers.nats import NatsBroker
+from kernel.triggers import EventsConfig
+from worker.console import ConsoleSettings, create_app
+from worker.console.auth import User, Users, hash_password
+from worker.console.broker_events import BrokerEvents
+from worker.console.serve import ConsoleServer
+from worker.devserver import free_port
+
+
+@pytest.fixture
+async def broker(nats_server: str) -> AsyncIterator[NatsBroker]:
+    async with NatsBroker(nats_server) as connected:
+        yield connected
+
+
+async def test_dead_letters_are_listed_with_why_and_replayed_by_an_operator(
+    broker: NatsBroker, client: Client
+) -> None:
+    suffix = os.urandom(3).hex()
+    inbound = f"shop{suffix}"
+    config = EventsConfig.model_validate(
+        {
+            "subjects": [f"{inbound}.>"],
+            "dead_letter_subject": f"dlq{suffix}",
+            "dead_letter_stream": f"DLQ{suffix}",
+        }
+    )
+    await broker.ensure_stream(f"IN{suffix}", [f"{inbound}.>"])
+    await broker.ensure_stream(f"DLQ{suffix}", [f"dlq{suffix}.>"])
+    event = {"specversion": "1.0", "id": "order-1", "source": "shop", "type": "order.paid", "data": {"n": 1}}
+    body = json.dumps(event).encode()
+    await broker.publish(
+        f"dlq{suffix}.{inbound}.orders.paid", body,
+        headers={"Kernelflow-Dead-Letter-Reason": "no trigger matches", "Kernelflow-Dead-Letter-Subject": f"{inbound}.orders.paid",
+                 "Kernelflow-Dead-Letter-Attempts": "1", "Kernelflow-Dead-Letter-Time": "1700000000"},
+    )  # fmt: skip
+    reader = BrokerEvents(broker, config)
+    letters = await reader.dead_letters()
+    assert [(d.subject, d.reason, d.attempts) for d in letters] == [
+        (f"{inbound}.orders.paid", "no trigger matches", 1)
+    ]
+
+    users = Users(users=[User(name="otto", roles=["operator"], password_hash=hash_password("pw"))])
+    settings = ConsoleSettings(users=users, secret=os.urandom(32), events=reader)
+    async with (
+        ConsoleServer(create_app(client, settings), port=free_port()) as server,
+        httpx.AsyncClient(base_url=server.url) as http,
+    ):
+        token: Any = re.search(r'name="csrf" value="([^"]+)"', (await http.get("/login")).text)
+        await http.post("/login", data={"csrf": token.group(1), "username": "otto", "password": "pw"})
+        page = (await http.get("/events")).text
+        assert "no trigger matches" in page and letters[0].id in page
+        csrf: Any = re.search(r'name="csrf" value="([^"]+)"', page)
+        done = await http.post(
+            "/events/replay", data={"csrf": csrf.group(1), "id": letters[0].id}, follow_redirects=True
+        )
+        assert f"replayed dead letter {letters[0].id} to {inbound}.orders.paid" in done.text
+        unknown = await http.post(
+            "/events/replay", data={"csrf": csrf.group(1), "id": "nope"}, follow_redirects=True
+        )
+        assert "not replayed: no dead letter" in unknown.text
+        # The replayed event is back on its subject with its bytes, and says who replayed it.
+        again = await reader._read(f"{inbound}.>", 10)
+        assert [(s, b) for s, b, _ in again] == [(f"{inbound}.orders.paid", body)]
+        assert again[0][2]["Kernelflow-Replayed-By"] == "otto"
+        assert not any(k.startswith("Kernelflow-Dead-Letter-") for k in again[0][2])
+        recent = (await http.get("/events")).text
+        assert "order.paid" in recent
