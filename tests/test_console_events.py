@@ -3,9 +3,11 @@ operator to their original subject, and recent inbound events."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
+import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -81,3 +83,39 @@ async def test_dead_letters_are_listed_with_why_and_replayed_by_an_operator(
         assert not any(k.startswith("Kernelflow-Dead-Letter-") for k in again[0][2])
         recent = (await http.get("/events")).text
         assert "order.paid" in recent
+
+
+async def test_dead_letter_commands_list_and_replay(
+    broker: NatsBroker, nats_server: str, tmp_path: Any
+) -> None:
+    suffix = os.urandom(3).hex()
+    await broker.ensure_stream(f"DLQ{suffix}", [f"dlq{suffix}.>"])
+    await broker.ensure_stream(f"IN{suffix}", [f"in{suffix}.>"])
+    await broker.publish(
+        f"dlq{suffix}.in{suffix}.x", b'{"specversion": "1.0", "id": "e1", "source": "s", "type": "t"}',
+        headers={"Kernelflow-Dead-Letter-Reason": "the filter failed", "Kernelflow-Dead-Letter-Subject": f"in{suffix}.x",
+                 "Kernelflow-Dead-Letter-Attempts": "3", "Kernelflow-Dead-Letter-Time": "1700000000"},
+    )  # fmt: skip
+    config = tmp_path / "kernelflow.yaml"
+    config.write_text(f"events:\n  dead_letter_subject: dlq{suffix}\n  dead_letter_stream: DLQ{suffix}\n")
+    env = {**os.environ, "KERNELFLOW_CONFIG": str(config), "KERNELFLOW_BROKER_URL": nats_server}
+
+    def kf(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["kernelflow", "events", "dlq", *args], capture_output=True, text=True, env=env, timeout=60
+        )
+
+    listed = await asyncio.to_thread(kf, "ls", "--json")
+    assert listed.returncode == 0, listed.stderr
+    letters = json.loads(listed.stdout)
+    assert [(d["subject"], d["reason"], d["attempts"]) for d in letters] == [
+        (f"in{suffix}.x", "the filter failed", 3)
+    ]
+    table = await asyncio.to_thread(kf, "ls")
+    assert table.stdout.startswith("ID") and "the filter failed" in table.stdout
+    replayed = await asyncio.to_thread(kf, "replay", letters[0]["id"], "--by", "ops")
+    assert replayed.returncode == 0 and f"to in{suffix}.x" in replayed.stdout
+    missing = await asyncio.to_thread(kf, "replay", "nope")
+    assert missing.returncode == 4 and "no dead letter" in missing.stderr
+    back = await BrokerEvents(broker, EventsConfig())._read(f"in{suffix}.>", 10)
+    assert len(back) == 1 and back[0][2]["Kernelflow-Replayed-By"] == "ops"

@@ -54,7 +54,10 @@ def add_commands(sub: Any, temporal_options: Callable[[argparse.ArgumentParser],
     tail.add_argument("--all", action="store_true", help="from the start of the stream, not only new ones")
     tail.add_argument("--count", type=int, help="stop after this many")
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
-    for verb in (publish, tail):
+    from worker.ops_cli import add_dlq_parser
+
+    dlq = add_dlq_parser(verbs)
+    for verb in (publish, tail, dlq):
         verb.add_argument("--broker", help=f"broker URL (env {BROKER_ENV}, else events.broker in the config)")
         verb.add_argument("--config", help="YAML config file (env KERNELFLOW_CONFIG)")
 
@@ -76,6 +79,10 @@ async def run_command(args: argparse.Namespace) -> int:
         return await _cmd_bridge(args)
     if args.events_command == "publish":
         return await _cmd_publish(args)
+    if args.events_command == "dlq":
+        from worker.ops_cli import dlq_command
+
+        return await dlq_command(args, _events_config(load_config(_config_path(args)), args.broker), _broker)
     return await _cmd_tail(args)
 
 

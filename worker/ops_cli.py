@@ -22,7 +22,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from kernel.errors import ConfigurationError
 from worker.config import WorkerSettings, load_config
 
-__all__ = ["COMMANDS", "add_parsers"]
+__all__ = ["COMMANDS", "add_dlq_parser", "add_parsers", "dlq_command"]
 
 
 def _by(args: argparse.Namespace) -> str:
@@ -222,6 +222,52 @@ async def _cmd_console(args: argparse.Namespace) -> int:
         await stop.wait()
     await registry.aclose()
     return 0
+
+
+def add_dlq_parser(verbs: Any) -> argparse.ArgumentParser:
+    """``kernelflow events dlq ls|replay``, registered under ``kernelflow events``."""
+    dlq: argparse.ArgumentParser = verbs.add_parser(
+        "dlq", help="list dead-lettered events with their reasons, or replay one"
+    )
+    actions = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    listing = actions.add_parser("ls", help="dead letters, oldest first, with why")
+    listing.add_argument("--json", action="store_true")
+    replay = actions.add_parser("replay", help="publish a dead letter again to its original subject")
+    replay.add_argument("letter_id", metavar="ID")
+    replay.add_argument("--by", help="who replays (default: your login name)")
+    replay.add_argument("--json", action="store_true")
+    return dlq
+
+
+async def dlq_command(args: argparse.Namespace, events: Any, open_broker: Callable[[str], Any]) -> int:
+    from worker.console.broker_events import BrokerEvents
+
+    if not events.broker:
+        raise ConfigurationError(
+            "no broker: give --broker, KERNELFLOW_BROKER_URL or events.broker in the config"
+        )
+    async with open_broker(events.broker) as broker:
+        reader = BrokerEvents(broker, events)
+        if args.dlq_command == "ls":
+            letters = await reader.dead_letters(limit=1000)
+            if args.json:
+                _print_json([asdict(d) for d in letters])
+            else:
+                _table(
+                    ["ID", "SUBJECT", "ATTEMPTS", "WHEN", "REASON"],
+                    [[d.id, d.subject, d.attempts, d.time.strftime("%Y-%m-%d %H:%M:%S") if d.time else None,
+                      d.reason] for d in letters],
+                )  # fmt: skip
+            return 0
+        try:
+            done = await reader.replay(args.letter_id, by=_by(args))
+        except LookupError as exc:
+            return _refused(args, str(exc))
+        if args.json:
+            _print_json({"replayed": True, "detail": done})
+        else:
+            print(done)
+        return 0
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
