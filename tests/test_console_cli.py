@@ -77,13 +77,14 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     try:
         banner = _wait_line(process, "Ctrl-C stops everything")
         found = re.search(r"Console\s+(http://\S+)\s+\(sign in as dev / (\S+)\)", banner)
-        assert found, banner
+        nats = re.search(r"NATS\s+(nats://\S+)", banner)
+        assert found and nats, banner
         pipeline = state / "reviewed.yaml"
         pipeline.write_text(yaml.safe_dump(PIPELINE))
         # kernelflow dev encrypts with a key under its state folder: commands beside it use that key.
         yield {
             **env, "KERNELFLOW_ENCRYPTION_KEYS_DIR": str(state / "keys"), "TEMPORAL_ADDRESS": f"127.0.0.1:{port}",
-            "CONSOLE": found.group(1), "DEV_PASSWORD": found.group(2), "PIPELINE": str(pipeline), "STATE": str(state),
+            "NATS": nats.group(1), "CONSOLE": found.group(1), "DEV_PASSWORD": found.group(2), "PIPELINE": str(pipeline), "STATE": str(state),
         }  # fmt: skip
     finally:
         _stop(process)
@@ -195,7 +196,10 @@ def test_console_command_signs_in_users_of_a_file_and_attributes_decisions(dev: 
         )
     )
     port = free_port()
-    env = {**dev, "KERNELFLOW_CONSOLE_USERS": str(users), "KERNELFLOW_CONSOLE_SECRET": "x" * 32}
+    env = {
+        **dev, "KERNELFLOW_CONSOLE_USERS": str(users), "KERNELFLOW_CONSOLE_SECRET": "x" * 32,
+        "KERNELFLOW_BROKER_URL": dev["NATS"],
+    }  # fmt: skip
     process = subprocess.Popen(
         ["kernelflow", "console", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
@@ -209,6 +213,7 @@ def test_console_command_signs_in_users_of_a_file_and_attributes_decisions(dev: 
             assert workflow_id in http.get("/approvals").text
             # Apart from the workers, the console holds no provider keys and does not claim to know theirs.
             assert "OPENAI_API_KEY on the workers: check" in http.get("/providers").text
+            assert "Dead letters" in http.get("/events").text  # the broker of KERNELFLOW_BROKER_URL
             done = http.post(
                 "/approvals/decide",
                 data={

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import json
 import sys
@@ -214,7 +215,17 @@ async def _cmd_console(args: argparse.Namespace) -> int:
     from worker.cli import _on_signals
 
     _on_signals(stop)
-    async with ConsoleServer(create_app(client, console), host=host, port=port) as server:
+    async with contextlib.AsyncExitStack() as stack:
+        from worker.events_cli import _broker, _events_config
+
+        events = _events_config(load_config(settings.config_file), None)
+        if events.broker:  # the Events page reads the broker the bridge uses
+            from worker.console.broker_events import BrokerEvents
+
+            console.events = BrokerEvents(await stack.enter_async_context(_broker(events.broker)), events)
+        server = await stack.enter_async_context(
+            ConsoleServer(create_app(client, console), host=host, port=port)
+        )
         print(
             f"Console    {server.url}  (Temporal {settings.temporal_address}, namespace {settings.namespace})",
             flush=True,
