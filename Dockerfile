@@ -13,6 +13,7 @@ COPY pyproject.toml README.md ./
 COPY kernelflow/ kernelflow/
 COPY kernel/ kernel/
 COPY providers/ providers/
+COPY brokers/ brokers/
 COPY activities/ activities/
 COPY workflows/ workflows/
 COPY worker/ worker/
