@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,38 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     with NatsServer(state_dir=tmp_path_factory.mktemp("nats"), port=None) as server:
         yield server.url
+
+
+@pytest.fixture
+def worker_process(
+    temporal_target: str, sim: SimulatorServer, tmp_path: Path
+) -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
+    """Starts `kernelflow worker` as a real process pointed at the test server and the simulator, by
+    task queue; every process still running is stopped at the end of the test."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(queue: str) -> subprocess.Popen[bytes]:
+        env = {
+            **os.environ,
+            "TEMPORAL_ADDRESS": temporal_target,
+            "KERNELFLOW_TASK_QUEUE": queue,
+            "OPENAI_BASE_URL": f"{sim.url}/v1",
+            "OPENAI_API_KEY": "sim-key",
+            "KERNELFLOW_LOG_FORMAT": "json",
+        }
+        log = (tmp_path / f"worker-{len(started)}.log").open("wb")
+        binary = shutil.which("kernelflow")
+        assert binary, "the kernelflow console script is not installed"
+        process = subprocess.Popen([binary, "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -5,12 +5,9 @@ items run realtime, cancelling the pipeline cancels the provider batch."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -173,40 +170,6 @@ def test_batch_mode_outside_a_map_is_refused_before_start() -> None:
 def test_batch_mode_refuses_streaming() -> None:
     with pytest.raises(PipelineError, match="mode: batch cannot be combined with stream"):
         parse_pipeline(_spec(stream=True))
-
-
-@pytest.fixture
-def worker_process(
-    temporal_target: str, sim: SimulatorServer, tmp_path: Path
-) -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
-    """`kernelflow worker` as a real process pointed at the test server and the simulator."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(queue: str) -> subprocess.Popen[bytes]:
-        env = {
-            **os.environ,
-            "TEMPORAL_ADDRESS": temporal_target,
-            "KERNELFLOW_TASK_QUEUE": queue,
-            "OPENAI_BASE_URL": f"{sim.url}/v1",
-            "OPENAI_API_KEY": "sim-key",
-            "KERNELFLOW_LOG_FORMAT": "json",
-        }
-        log = (tmp_path / f"worker-{len(started)}.log").open("wb")
-        binary = shutil.which("kernelflow")
-        assert binary, "the kernelflow console script is not installed"
-        process = subprocess.Popen([binary, "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 async def _until(check: Callable[[], bool], what: str, within: float = 60.0) -> None:

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
@@ -33,40 +30,6 @@ async def _eventually(check: Callable[[], Any], *, within: float = 30.0, what: s
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-def worker_process(
-    temporal_target: str, sim: SimulatorServer, tmp_path: Path
-) -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
-    """Starts `kernelflow worker` as a real process pointed at the test server and the simulator."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(queue: str) -> subprocess.Popen[bytes]:
-        env = {
-            **os.environ,
-            "TEMPORAL_ADDRESS": temporal_target,
-            "KERNELFLOW_TASK_QUEUE": queue,
-            "OPENAI_BASE_URL": f"{sim.url}/v1",
-            "OPENAI_API_KEY": "sim-key",
-            "KERNELFLOW_LOG_FORMAT": "json",
-        }
-        log = (tmp_path / f"worker-{len(started)}.log").open("wb")
-        binary = shutil.which("kernelflow")
-        assert binary, "the kernelflow console script is not installed"
-        process = subprocess.Popen([binary, "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 async def test_killed_worker_resumes_on_a_new_worker_without_repeating_completed_steps(
