@@ -166,10 +166,7 @@ class TemporalEffects:
                 summary=op.summary,
             )
         except ActivityError as exc:
-            cause = exc.cause
-            kind = (
-                cause.type if isinstance(cause, ApplicationError) and cause.type else FailureType.STEP_FAILED
-            )
+            kind = _cause_type(exc)
             raise StepFailure(
                 f"step {op.step_id!r} batch {op.op} failed: {failure_cause(exc)}", kind
             ) from None
@@ -196,10 +193,7 @@ class TemporalEffects:
                 summary=call.summary,
             )
         except ActivityError as exc:
-            cause = exc.cause
-            kind = (
-                cause.type if isinstance(cause, ApplicationError) and cause.type else FailureType.STEP_FAILED
-            )
+            kind = _cause_type(exc)
             raise StepFailure(f"step {call.step_id!r} failed: {failure_cause(exc)}", kind) from None
         return result
 
