@@ -315,9 +315,10 @@ async def test_a_server_gone_mid_run_is_an_error_given_to_the_model(
 async def test_a_server_gone_fails_the_step_when_so_configured(
     client: Client, queue: str, mcp_server: McpServer
 ) -> None:
+    gate = mcp_server.log.parent / "never"
     turns = script(
         calls(("lookup_order", {"order_id": "A100"})),
-        calls(("lookup_order", {"order_id": "B200"})),
+        calls(("hold", {"gate": str(gate)})),
         {"text": "x"},
     )
     retry = {"max_attempts": 2, "initial_interval_s": 0.2}
@@ -329,17 +330,16 @@ async def test_a_server_gone_fails_the_step_when_so_configured(
         timeout_s=10,
     )
     handle = await start(client, spec, queue)
-    await until(handle, lambda s: "turn 1" in (s.steps[0].detail or ""))
-    while True:
-        if mcp_server.calls("lookup_order"):
-            break
+    deadline = time.monotonic() + 30
+    while not mcp_server.calls("hold:start"):
+        assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
-    mcp_server.stop()
+    mcp_server.stop()  # the server goes away with the call in flight
     with pytest.raises(WorkflowFailureError) as failure:
         await handle.result()
     cause = failure.value.cause
     assert isinstance(cause, ApplicationError)
-    assert "tool 'lookup_order' failed" in cause.message and "MCP server 'orders' failed" in cause.message
+    assert "tool 'hold' failed" in cause.message and "MCP server 'orders' failed" in cause.message
 
 
 async def test_unknown_server_and_unknown_tool_fail_at_start(client: Client, queue: str) -> None:
