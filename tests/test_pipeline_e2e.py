@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -16,7 +17,13 @@ from kernel.provider import ProviderSettings
 from simulator.server import SimulatorServer
 from worker.app import build_registry, build_worker
 from worker.client import follow, start_pipeline
-from workflows.pipeline import PIPELINE_WORKFLOW, PipelineRequest, PipelineResult, PipelineStatus
+from workflows.pipeline import (
+    PIPELINE_WORKFLOW,
+    PipelineRequest,
+    PipelineResult,
+    PipelineStatus,
+    PipelineWorkflow,
+)
 
 
 def _spec(steps: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -231,22 +238,21 @@ async def test_cancel_signal_stops_the_call_in_flight_and_keeps_finished_work(
     )
     handle = await start_pipeline(client, parse_pipeline(spec), {"topic": "x"}, task_queue=task_queue)
 
-    def stuck_running(status: PipelineStatus) -> None:
+    # Poll both sides each time: the status alone stops changing once the step is running, so waiting
+    # for a status change could miss the moment the simulator receives the held call.
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        status = await handle.query(PipelineWorkflow.status)
         if status.current_step == "stuck" and sim.stats()["by_tag"].get("stuck"):
-            raise _Reached
-
-    with pytest.raises(_Reached):
-        await follow(handle, stuck_running, every=0.05)
+            break
+        assert asyncio.get_running_loop().time() < deadline, f"the held call never arrived: {status}"
+        await asyncio.sleep(0.05)
     await handle.signal("cancel", {"reason": "customer withdrew the ticket"})
     result = await handle.result()
     assert result.status == "cancelled" and result.reason == "customer withdrew the ticket"
     assert [s.status for s in result.steps] == ["completed", "cancelled", "pending"]
     assert result.steps[0].output
     assert "never" not in sim.stats()["by_tag"]
-
-
-class _Reached(Exception):
-    pass
 
 
 async def test_api_key_never_enters_the_history(client: Client, sim: SimulatorServer) -> None:
