@@ -1,0 +1,158 @@
+"""The shadow store: pairs of answers kept outside pipelines' histories.
+
+``open_store("sqlite:///path/shadow.db")`` (the default, a file under ``.state/``) or a plain path opens
+SQLite. Each pair is one row: the columns a query filters on in the clear (pipeline, step, models,
+time, tenant), the whole pair as JSON in ``body``, sealed by a ``Sealer`` when encryption is on (prompts
+and answers are never stored in the clear then).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+from kernel.errors import ConfigurationError
+from kernel.shadow import PairSource, ShadowPair, ShadowStore
+
+__all__ = ["DEFAULT_STORE", "Sealer", "SqliteShadowStore", "open_store"]
+
+DEFAULT_STORE = "sqlite:///.state/shadow.db"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS shadow_pairs (
+    id TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    recorded_at TEXT NOT NULL,
+    pipeline TEXT NOT NULL,
+    step_id TEXT NOT NULL,
+    workflow_id TEXT NOT NULL,
+    tenant TEXT,
+    primary_model TEXT NOT NULL,
+    candidate_model TEXT NOT NULL,
+    sealed INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS shadow_pairs_by_step ON shadow_pairs (pipeline, step_id, recorded_at);
+CREATE INDEX IF NOT EXISTS shadow_pairs_by_time ON shadow_pairs (recorded_at);
+"""
+
+
+class Sealer(Protocol):
+    """Encrypts a pair's body at rest (the worker's key ring); ``unseal`` reverses ``seal``."""
+
+    def seal(self, data: bytes) -> bytes: ...
+
+    def unseal(self, data: bytes) -> bytes: ...
+
+
+def _utc(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+class SqliteShadowStore:
+    """A ``ShadowStore`` in one SQLite file (WAL mode: a worker writes while a report reads)."""
+
+    def __init__(self, path: str | Path, *, sealer: Sealer | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._sealer = sealer
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+
+    def add(self, pairs: Iterable[ShadowPair]) -> int:
+        rows = []
+        for pair in pairs:
+            body = pair.model_dump_json().encode()
+            if self._sealer is not None:
+                body = self._sealer.seal(body)
+            rows.append(
+                (
+                    pair.id,
+                    pair.source,
+                    _utc(pair.recorded_at),
+                    pair.pipeline,
+                    pair.step_id,
+                    pair.workflow_id,
+                    pair.tenant,
+                    pair.primary.model,
+                    pair.candidate.model,
+                    int(self._sealer is not None),
+                    body,
+                )
+            )
+        with self._lock, self._db:
+            before = self._db.total_changes
+            self._db.executemany(
+                "INSERT OR IGNORE INTO shadow_pairs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+            )
+            return self._db.total_changes - before
+
+    def pairs(
+        self,
+        *,
+        pipeline: str | None = None,
+        step_id: str | None = None,
+        candidate: str | None = None,
+        source: PairSource | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[ShadowPair]:
+        where: list[str] = []
+        args: list[object] = []
+        for column, value in (
+            ("pipeline", pipeline),
+            ("step_id", step_id),
+            ("candidate_model", candidate),
+            ("source", source),
+        ):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if since is not None:
+            where.append("recorded_at >= ?")
+            args.append(_utc(since))
+        query = "SELECT sealed, body FROM shadow_pairs"
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        query += " ORDER BY recorded_at, id"
+        if limit is not None:
+            query += " LIMIT ?"
+            args.append(limit)
+        with self._lock:
+            rows = self._db.execute(query, args).fetchall()
+        return [self._read(bool(sealed), body) for sealed, body in rows]
+
+    def _read(self, sealed: bool, body: bytes) -> ShadowPair:
+        if sealed:
+            if self._sealer is None:
+                raise ConfigurationError(
+                    f"the shadow store {self.path} holds encrypted pairs: configure the encryption keys "
+                    "(KERNELFLOW_ENCRYPTION_KEYS or the config's encryption section) to read them"
+                )
+            body = self._sealer.unseal(body)
+        return ShadowPair.model_validate_json(body)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def open_store(url: str | None = None, *, sealer: Sealer | None = None) -> ShadowStore:
+    """Open the store a URL names: ``sqlite:///relative/or/absolute/path.db`` or a plain file path."""
+    url = url or DEFAULT_STORE
+    if url.startswith("sqlite:///"):
+        return SqliteShadowStore(url.removeprefix("sqlite:///"), sealer=sealer)
+    if "://" not in url:
+        return SqliteShadowStore(url, sealer=sealer)
+    scheme = url.split("://", 1)[0]
+    raise ConfigurationError(
+        f"unknown shadow store {scheme!r} in {url!r}: use sqlite:///path/to/shadow.db or a file path"
+    )
