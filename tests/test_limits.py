@@ -176,11 +176,11 @@ async def _current_details(handle: Any) -> str:
     return str(metadata.current_details)
 
 
-def _assert_within_limit(sim: SimulatorServer, calls: int) -> list[float]:
+def _assert_within_limit(sim: SimulatorServer, calls: int, *, lost_in_flight: int = 0) -> list[float]:
     stats = sim.simulator.stats()
     times = sim.simulator.admitted_times("gpt-4o-mini")
     assert stats["rate_limited"] == 0, "no request may go over the provider's limit"
-    assert len(times) == calls
+    assert calls <= len(times) <= calls + lost_in_flight, f"{len(times)} requests for {calls} calls"
     assert max_in_window(times, 1.0) <= 5
     return times
 
@@ -291,7 +291,10 @@ async def test_four_worker_processes_share_one_limit_and_a_killed_worker_loses_n
     finally:
         for worker in workers:
             worker.stop()
-    times = _assert_within_limit(limited_sim, pipelines * 3)
+    # A call the killed worker had sent reaches the provider and its answer is lost with the worker:
+    # the call runs again elsewhere, admitted again, so still within the limit. The calls in flight at
+    # the kill are at most those admitted in the last second: the per-second limit, 5.
+    times = _assert_within_limit(limited_sim, pipelines * 3, lost_in_flight=5)
     assert state["active"] == 0 and state["waiting"] == 0, "every reservation was released"
     assert described.status == WorkflowExecutionStatus.RUNNING
     span = max(times) - min(times)
