@@ -495,7 +495,8 @@ async def run_compare(
             kind = side.error_type or "Error"
             stats.candidate_errors[kind] = stats.candidate_errors.get(kind, 0) + 1
         stats.asked += 1
-        stats.stored += await asyncio.to_thread(store.add, [_pair(call, side, candidate_ref)])
+        added = await asyncio.to_thread(store.add, [_pair(call, side, candidate_ref)])
+        stats.stored += added  # read after the await: calls finish concurrently
         progress.step(not side.ok)
 
     await asyncio.gather(*(one(call) for call in todo))
