@@ -475,7 +475,7 @@ async def run_compare(
         f"{'s' if stats.calls != 1 else ''}"
         + (f" ({stats.already} already compared)" if stats.already else "")
         + (
-            f", {stats.skipped_local} local-activity calls skipped (no input in history)"
+            f", {stats.skipped_local} local-activity call{'s' if stats.skipped_local != 1 else ''} skipped (no input in history)"
             if stats.skipped_local
             else ""
         )
