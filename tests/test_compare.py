@@ -41,6 +41,7 @@ TICKETS = [
     "How do I add a second admin to our account?",
 ]
 FAILING_WORD = "refund"  # the candidate answers 500 to every input that mentions it
+PRIMARY_FAILS_ON = "VAT"
 
 
 def _kernelflow() -> str:
@@ -64,7 +65,13 @@ def recorded(
     """Five ticket-triage runs recorded by a separate encrypting worker process, then compared once."""
     sim = simulator_server
     sim.reset()
-    sim.add_faults([{"fault": "500", "model": "claude-sonnet-4-5", "match": FAILING_WORD}])
+    sim.add_faults(
+        [
+            {"fault": "500", "model": "claude-sonnet-4-5", "match": FAILING_WORD},
+            # the primary drafting model fails on one ticket: the step falls back to openai/gpt-4o
+            {"fault": "500", "model": "gpt-4.1", "match": PRIMARY_FAILS_ON},
+        ]
+    )
     home = tmp_path_factory.mktemp("compare")
     queue = f"compare-{uuid.uuid4().hex[:8]}"
     key = base64.b64encode(os.urandom(32)).decode()
@@ -138,7 +145,19 @@ async def test_histories_are_encrypted_and_compare_reads_them_through_the_conver
     assert b"VAT" not in b"".join(p.data for p in inputs)
 
     pairs = _pairs(recorded)
-    assert len(pairs) == len(TICKETS) * 3, recorded["first"].stderr  # three llm steps per run
+    # three llm steps per run, and the failed call of the draft that fell back
+    assert len(pairs) == len(TICKETS) * 3 + 1, recorded["first"].stderr
+    (failed,) = [p for p in pairs if not p.primary.ok]
+    assert (failed.step_id, failed.primary.model, failed.primary.error_type) == (
+        "draft", "openai/gpt-4.1", "UpstreamError"
+    )  # fmt: skip
+    assert failed.primary.error and "500" in failed.primary.error  # the failure's message was decrypted
+    assert PRIMARY_FAILS_ON in str(failed.request)
+    fallback = [
+        p for p in pairs if p.step_id == "draft" and p.workflow_id == failed.workflow_id and p.primary.ok
+    ]
+    assert [p.primary.model for p in fallback] == ["openai/gpt-4o"]
+    pairs = [p for p in pairs if p is not failed]
     assert {(p.pipeline, p.source, p.candidate.model) for p in pairs} == {
         ("ticket-triage", "compare", CANDIDATE)
     }

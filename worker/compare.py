@@ -460,12 +460,21 @@ async def run_compare(
     ref = registry.resolve_ref(candidate)
     candidate_ref = f"{ref.provider}/{ref.model}"
     stats = CompareStats()
-    calls: list[RecordedCall] = []
-    async for run_id, workflow_id, pipeline, tenant in _runs(client, visibility_query(query, since), limit):
-        found, skipped = await recorded_calls(client, workflow_id, run_id, pipeline=pipeline, tenant=tenant)
-        stats.runs += 1
+    runs = [run async for run in _runs(client, visibility_query(query, since), limit)]
+    stats.runs = len(runs)
+    reading = asyncio.Semaphore(8)
+
+    async def read(
+        run_id: str, workflow_id: str, pipeline: str | None, tenant: str | None
+    ) -> list[RecordedCall]:
+        async with reading:
+            found, skipped = await recorded_calls(
+                client, workflow_id, run_id, pipeline=pipeline, tenant=tenant
+            )
         stats.skipped_local += skipped
-        calls.extend(c for c in found if step_id is None or c.step_id == step_id)
+        return [c for c in found if step_id is None or c.step_id == step_id]
+
+    calls = [call for found in await asyncio.gather(*(read(*run) for run in runs)) for call in found]
     stats.calls = len(calls)
     known = {p.id for p in store.pairs(candidate=candidate_ref, source="compare")}
     todo = [c for c in calls if pair_id(c, candidate_ref) not in known]
