@@ -21,6 +21,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from kernel.errors import ConfigurationError, KernelflowError, error_type
 from kernel.pricing import PriceTable
 from kernel.registry import Registry
 from kernel.shadow import ShadowPair, ShadowSide, ShadowStore, request_digest
-from kernel.shadow_report import judge_output
+from kernel.shadow_report import judge_output, output_schema_of
 
 __all__ = [
     "CodecSealer",
@@ -140,8 +141,6 @@ def _run_sync(work: Any) -> Any:
             result.append(asyncio.run(work))
         except BaseException as exc:  # handed to the caller's thread
             errors.append(exc)
-
-    import threading
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -373,7 +372,7 @@ def pair_id(call: RecordedCall, candidate: str) -> str:
 def _pair(call: RecordedCall, candidate: ShadowSide, candidate_ref: str) -> ShadowPair:
     request = call.request.model_dump(mode="json", exclude_none=True, by_alias=True)
     request.pop("model", None)
-    _, schema = _schema(request)
+    _, schema = output_schema_of(request)
     return ShadowPair(
         id=pair_id(call, candidate_ref),
         source="compare",
@@ -389,12 +388,6 @@ def _pair(call: RecordedCall, candidate: ShadowSide, candidate_ref: str) -> Shad
         primary=call.primary,
         candidate=candidate,
     )
-
-
-def _schema(request: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
-    from kernel.shadow_report import output_schema_of
-
-    return output_schema_of(request)
 
 
 @dataclass
