@@ -106,7 +106,8 @@ def recorded(
         first = _cli(env, home, "compare", "--candidate", CANDIDATE, "--query", query, "--since", "1h",
                      "--rate", "50/s")  # fmt: skip
         assert first.returncode == 0, first.stderr
-        yield {"env": env, "home": home, "queue": queue, "runs": runs, "query": query, "first": first, "sim": sim,
+        asked = sim.stats()["by_model"].get("claude-sonnet-4-5", 0)
+        yield {"env": env, "home": home, "queue": queue, "runs": runs, "query": query, "first": first, "sim": sim, "asked": asked,
                "key": key}  # fmt: skip
     finally:
         worker.terminate()
@@ -171,7 +172,7 @@ async def test_histories_are_encrypted_and_compare_reads_them_through_the_conver
         p for p in pairs if p.step_id == "draft" and p.workflow_id == failed.workflow_id and p.primary.ok
     ]
     assert [p.primary.model for p in fallback] == ["openai/gpt-4o"]
-    pairs = [p for p in pairs if p is not failed]
+    every, pairs = pairs, [p for p in pairs if p is not failed]
     assert {(p.pipeline, p.source, p.candidate.model) for p in pairs} == {
         ("ticket-triage", "compare", CANDIDATE)
     }
@@ -195,6 +196,9 @@ async def test_histories_are_encrypted_and_compare_reads_them_through_the_conver
             assert pair.candidate.error_type == "UpstreamError" and pair.candidate.error
         else:
             assert pair.candidate.output and pair.candidate.cost_usd is not None
+    # a retryable failure was tried twice more before it was recorded (--retries 2 by default)
+    failing = sum(not p.candidate.ok for p in every)
+    assert recorded["asked"] == (len(every) - failing) + 3 * failing
     assert "candidate error" in recorded["first"].stderr and "closed runs" in recorded["first"].stderr
     assert "retention" in recorded["first"].stderr
 

@@ -340,23 +340,36 @@ class _RateLimiter:
 
 
 async def ask_candidate(
-    registry: Registry, prices: PriceTable, candidate: str, request: ChatRequest
+    registry: Registry,
+    prices: PriceTable,
+    candidate: str,
+    request: ChatRequest,
+    *,
+    retries: int = 2,
+    backoff: float = 1.0,
 ) -> ShadowSide:
-    """One call to the candidate; its failure is recorded on the side, never raised. No retries, no
-    tools run."""
-    started = time.perf_counter()
-    try:
-        provider, model_name = registry.resolve(candidate)
-        prepared = provider.prepare_chat(request.model_copy(update={"model": model_name}))
-        provider.check_chat(prepared.request)
-        response = await provider.chat(prepared.request)
-    except KernelflowError as exc:
-        return ShadowSide(
-            model=candidate,
-            error_type=error_type(exc),
-            error=str(exc),
-            latency_ms=(time.perf_counter() - started) * 1000,
-        )
+    """One call to the candidate, tools never run. A retryable failure (rate limited, overloaded, a
+    server error) is tried again up to ``retries`` times after its Retry-After or ``backoff`` doubling,
+    so the comparison's own pace does not count against the candidate; the last failure is recorded on
+    the side, never raised. The latency is the successful (or last) attempt's."""
+    for attempt in range(retries + 1):
+        started = time.perf_counter()
+        try:
+            provider, model_name = registry.resolve(candidate)
+            prepared = provider.prepare_chat(request.model_copy(update={"model": model_name}))
+            provider.check_chat(prepared.request)
+            response = await provider.chat(prepared.request)
+            break
+        except KernelflowError as exc:
+            if exc.retryable and attempt < retries:
+                await asyncio.sleep(getattr(exc, "retry_after", None) or backoff * 2**attempt)
+                continue
+            return ShadowSide(
+                model=candidate,
+                error_type=error_type(exc),
+                error=str(exc),
+                latency_ms=(time.perf_counter() - started) * 1000,
+            )
     latency = (time.perf_counter() - started) * 1000
     ref = f"{provider.name}/{model_name}"
     side = _answer(ref, response, request, prices.cost(provider.name, model_name, response.usage))
@@ -444,6 +457,7 @@ async def run_compare(
     step_id: str | None = None,
     rate: float = 5.0,
     concurrency: int = 4,
+    retries: int = 2,
     limit: int | None = None,
     out: TextIO = sys.stderr,
 ) -> CompareStats:
@@ -492,7 +506,7 @@ async def run_compare(
     async def one(call: RecordedCall) -> None:
         async with gate:
             await limiter.wait()
-            side = await ask_candidate(registry, prices, candidate, call.request)
+            side = await ask_candidate(registry, prices, candidate, call.request, retries=retries)
         if not side.ok:
             kind = side.error_type or "Error"
             stats.candidate_errors[kind] = stats.candidate_errors.get(kind, 0) + 1
@@ -547,6 +561,8 @@ async def compare_command(args: argparse.Namespace) -> int:
     rate = parse_rate(args.rate)
     if args.concurrency < 1:
         raise ConfigurationError(f"--concurrency must be at least 1, got {args.concurrency}")
+    if args.retries < 0:
+        raise ConfigurationError(f"--retries must be 0 or more, got {args.retries}")
     settings = WorkerSettings.from_env(**_overrides(args))
     config = load_config(settings.config_file)
     registry = build_registry(config)
@@ -562,7 +578,7 @@ async def compare_command(args: argparse.Namespace) -> int:
     try:
         stats = await run_compare(
             client, store, registry, candidate=args.candidate, prices=prices, query=args.query, since=since,
-            step_id=args.step, rate=rate, concurrency=args.concurrency, limit=args.limit,
+            step_id=args.step, rate=rate, concurrency=args.concurrency, retries=args.retries, limit=args.limit,
         )  # fmt: skip
     finally:
         await registry.aclose()
@@ -594,6 +610,9 @@ def add_parsers(sub: Any, temporal_options: Callable[[argparse.ArgumentParser], 
     compare.add_argument("--step", metavar="ID", help="only the calls of this step")
     compare.add_argument("--rate", default="5/s", help="candidate calls per second (5/s, 60/m; default 5/s)")
     compare.add_argument("--concurrency", type=int, default=4, help="candidate calls in flight (default 4)")
+    compare.add_argument(
+        "--retries", type=int, default=2, help="tries again of a retryable candidate failure (default 2)"
+    )
     compare.add_argument("--limit", type=int, help="at most this many runs")
     compare.add_argument(
         "--store", help="shadow store URL (env KERNELFLOW_SHADOW_STORE, default sqlite:///.state/shadow.db)"
