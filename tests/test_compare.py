@@ -355,6 +355,12 @@ async def test_the_html_report_renders_its_charts_and_the_pairs_figures_in_a_bro
                             assert float(value) == pytest.approx(want), (key, side, metric)
                     p50 = row[side]["latency_p50_ms"]
                     assert values[(side, "latency_p50_ms")][1] == f"{p50:.0f} ms"
+            await page.set_viewport_size(
+                {"width": 390, "height": 844}
+            )  # a phone: nothing wider than the screen
+            overflow = await page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+            assert overflow <= 0, f"the report is {overflow}px wider than a phone's screen"
+            await page.set_viewport_size({"width": 1366, "height": 860})
             target = os.environ.get("KERNELFLOW_SCREENSHOTS")
             if target:
                 await page.screenshot(path=str(Path(target) / "shadow-report.png"), full_page=True)

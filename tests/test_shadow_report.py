@@ -10,6 +10,7 @@ import pytest
 
 from kernel.shadow import ShadowPair, ShadowSide
 from kernel.shadow_report import build_report, cosine, field_agreement, judge_output, percentile
+from worker.report import render_html, render_table
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 SCHEMA_REQUEST: dict[str, Any] = {
@@ -119,3 +120,15 @@ def test_pairs_group_by_step_and_candidate_and_a_short_window_counts_as_a_day() 
     assert all(s.days == 1.0 and s.calls_per_day == 1.0 for s in report.steps)
     assert report.steps[0].primary.cost_per_call_usd is None
     assert report.steps[0].monthly_cost_difference_usd is None
+
+
+def test_the_html_and_table_of_an_empty_store_and_of_a_candidate_that_always_failed() -> None:
+    empty = build_report([])
+    assert "No pairs match" in render_html(empty) and "<svg" not in render_html(empty)
+    assert "no pairs match" in render_table(empty)
+    failed = ShadowSide(model="m/c", error_type="RateLimited", error="429", latency_ms=3)
+    page = render_html(build_report([_pair(1, _side("m/p", '{"category": "a", "urgency": "b"}'), failed)]))
+    assert page.count('class="chart"') == 3  # agreement, latency, cost
+    assert "no data" in page  # no cost known on either side: the cost chart says so
+    assert "<script" not in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
+    assert 'data-metric="exact_match" data-value=""' in page

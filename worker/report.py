@@ -229,6 +229,8 @@ svg.chart{max-width:100%;height:auto;background:#fff}
 svg .title{font:600 13px system-ui,sans-serif;fill:#212529} svg .tick{font:11px system-ui,sans-serif;fill:#495057}
 svg .label{font:12px system-ui,sans-serif;fill:#212529} svg .axis{stroke:#adb5bd}
 .diff-neg{color:#2b8a3e} .diff-pos{color:#c92a2a}
+td{overflow-wrap:anywhere}
+@media (max-width:600px){main{padding:10px}section{padding:10px}th,td{padding:4px 6px}}
 """
 
 
