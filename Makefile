@@ -45,9 +45,11 @@ pytest: $(STAMP) browser ops-tools
 
 test: lint types pytest
 
-# Refreshes the console's screenshots in docs/console/ (the console tests take them; not part of `make test`).
+# Refreshes the console's screenshots in docs/console/ and the comparison report's in docs/ (the tests take
+# them; not part of `make test`).
 screenshots: $(STAMP) browser
 	KERNELFLOW_SCREENSHOTS="$(CURDIR)/docs/console" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest tests/test_console.py -q
+	KERNELFLOW_SCREENSHOTS="$(CURDIR)/docs" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest tests/test_compare.py -q -k html
 
 # Benchmarks get their own environment: the LiteLLM baseline pins an older openai SDK than the tests use.
 BENCH_VENV := .venv-bench

@@ -466,9 +466,10 @@ async def _cmd_events(args: argparse.Namespace) -> int:
 
 
 def _ops_commands() -> dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]]:
+    from worker import compare
     from worker.ops_cli import COMMANDS
 
-    return dict(COMMANDS)
+    return {**COMMANDS, **compare.COMMANDS}
 
 
 def _on_signals(stop: asyncio.Event) -> None:
@@ -604,6 +605,9 @@ def _parser() -> argparse.ArgumentParser:
     from worker import ops_cli
 
     ops_cli.add_parsers(sub, temporal_options)
+    from worker import compare
+
+    compare.add_parsers(sub, temporal_options)
     return parser
 
 
