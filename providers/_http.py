@@ -1,6 +1,11 @@
 """What every HTTP provider shares: an injectable ``httpx.AsyncClient`` that never retries, mapping of
-transport failures and HTTP errors into the kernel's error tree, SSE and NDJSON readers, and a guard
-that turns a stream broken after its first event into a typed ``StreamError`` event.
+transport failures and HTTP errors into the kernel's error tree, SSE and NDJSON readers, the shape
+readers for vendor JSON, and a guard that turns a stream broken after its first event into a typed
+``StreamError`` event.
+
+Vendor JSON is read through the shape readers (``as_object``, ``as_list``, ``as_text``, ``as_int``,
+``required``, ``loads_object``), which raise ``WireShapeError`` naming the field. That error, and only
+it, becomes ``MalformedResponse``: a ``KeyError`` or ``TypeError`` in our own code stays what it is.
 """
 
 from __future__ import annotations
@@ -28,10 +33,14 @@ __all__ = [
     "HttpProvider",
     "ServerSentEvent",
     "WireShapeError",
+    "as_int",
     "as_list",
     "as_object",
+    "as_text",
     "iter_ndjson",
     "iter_sse",
+    "loads_object",
+    "required",
 ]
 
 
@@ -66,6 +75,37 @@ def as_text(value: Any, where: str) -> str | None:
     return value
 
 
+def as_int(value: Any, where: str, *, optional: bool = False) -> int:
+    """``value`` as an integer (a count may come as a number or a numeric string); with ``optional``,
+    an omitted or empty field reads as ``0``."""
+    if optional and not value:
+        return 0
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    raise WireShapeError(f"{where} should be an integer, got {value!r:.60}")
+
+
+def required(body: Mapping[str, Any], key: str, where: str) -> Any:
+    """``body[key]`` for a field the API always sends."""
+    if key not in body:
+        raise WireShapeError(f"{where}.{key} is missing")
+    return body[key]
+
+
+def loads_object(data: str | bytes, where: str) -> dict[str, Any]:
+    """A JSON object read from a vendor's text (a stream chunk, a line, an event payload)."""
+    try:
+        value = json.loads(data)
+    except ValueError as exc:  # not JSON, or bytes that are not UTF-8
+        raise WireShapeError(f"{where} is not JSON ({exc}): {data[:80]!r}") from exc
+    if not isinstance(value, dict):
+        raise WireShapeError(f"{where} should be an object, got {type(value).__name__}: {data[:80]!r}")
+    return value
+
+
 @dataclass(slots=True)
 class ServerSentEvent:
     event: str
@@ -94,10 +134,11 @@ async def iter_sse(response: httpx.Response) -> AsyncIterator[ServerSentEvent]:
         yield ServerSentEvent(event, "\n".join(data))
 
 
-async def iter_ndjson(response: httpx.Response) -> AsyncIterator[Any]:
+async def iter_ndjson(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """One JSON object per non-empty line."""
     async for line in response.aiter_lines():
         if line.strip():
-            yield json.loads(line)
+            yield loads_object(line, "a stream line")
 
 
 class HttpProvider(Provider):
@@ -289,7 +330,7 @@ class HttpProvider(Provider):
                     error_type=type(interrupted).__name__, message=str(interrupted), retryable=True
                 )
                 return
-            except (ValueError, TypeError, KeyError) as exc:  # what reading a vendor's JSON raises
+            except WireShapeError as exc:  # only the shape readers raise it: our own bugs stay bugs
                 malformed = MalformedResponse(
                     f"{self.name} sent a malformed stream chunk: {exc}", provider=self.name, model=model
                 )

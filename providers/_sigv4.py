@@ -21,6 +21,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+from providers._http import WireShapeError
+
 __all__ = [
     "ALGORITHM",
     "AwsCredentials",
@@ -162,17 +164,20 @@ class EventStreamDecoder:
         while len(self._buffer) >= 12:
             total, headers_length, prelude_crc = struct.unpack_from(">III", self._buffer, 0)
             if binascii.crc32(self._buffer[:8]) != prelude_crc:
-                raise ValueError("event-stream prelude CRC mismatch")
+                raise WireShapeError("event-stream prelude CRC mismatch")
             if total < 16 or total > self._MAX_MESSAGE or headers_length > total - 16:
-                raise ValueError(f"event-stream message length {total} is not valid")
+                raise WireShapeError(f"event-stream message length {total} is not valid")
             if len(self._buffer) < total:
                 return
             frame = bytes(self._buffer[:total])
             del self._buffer[:total]
             (message_crc,) = struct.unpack_from(">I", frame, total - 4)
             if binascii.crc32(frame[:-4]) != message_crc:
-                raise ValueError("event-stream message CRC mismatch")
-            headers = _decode_headers(frame[12 : 12 + headers_length])
+                raise WireShapeError("event-stream message CRC mismatch")
+            try:
+                headers = _decode_headers(frame[12 : 12 + headers_length])
+            except (IndexError, struct.error, UnicodeDecodeError) as exc:  # the bytes, not our code
+                raise WireShapeError(f"event-stream headers cannot be read ({exc})") from exc
             yield EventStreamMessage(headers, frame[12 + headers_length : -4])
 
     @property
@@ -206,8 +211,8 @@ def _decode_headers(data: bytes) -> dict[str, Any]:
             value = data[position : position + 16]
             position += 16
         else:
-            raise ValueError(f"event-stream header {name!r} has unknown type {kind}")
+            raise WireShapeError(f"event-stream header {name!r} has unknown type {kind}")
         headers[name] = value
     if position != len(data):
-        raise ValueError("event-stream headers overrun their length")
+        raise WireShapeError("event-stream headers overrun their length")
     return headers

@@ -53,7 +53,16 @@ from kernel.errors import (
     error_from_status,
 )
 from kernel.provider import Capabilities
-from providers._http import HttpProvider, as_list, as_object, iter_sse
+from providers._http import (
+    HttpProvider,
+    as_int,
+    as_list,
+    as_object,
+    as_text,
+    iter_sse,
+    loads_object,
+    required,
+)
 
 __all__ = ["AnthropicProvider"]
 
@@ -405,15 +414,25 @@ class AnthropicProvider(HttpProvider):
         """Anthropic counts cache reads and writes apart from ``input_tokens``; the kernel counts them in."""
         if not isinstance(usage, dict):
             return Usage()
-        cache_read = int(usage.get("cache_read_input_tokens") or 0)
-        cache_write = int(usage.get("cache_creation_input_tokens") or 0)
+        cache_read = as_int(
+            usage.get("cache_read_input_tokens"), "usage.cache_read_input_tokens", optional=True
+        )
+        cache_write = as_int(
+            usage.get("cache_creation_input_tokens"), "usage.cache_creation_input_tokens", optional=True
+        )
         details = usage.get("output_tokens_details") or {}
         return Usage(
-            prompt_tokens=int(usage.get("input_tokens") or 0) + cache_read + cache_write,
-            completion_tokens=int(usage.get("output_tokens") or 0),
+            prompt_tokens=as_int(usage.get("input_tokens"), "usage.input_tokens", optional=True)
+            + cache_read
+            + cache_write,
+            completion_tokens=as_int(usage.get("output_tokens"), "usage.output_tokens", optional=True),
             cached_tokens=cache_read,
             cache_write_tokens=cache_write,
-            reasoning_tokens=int(details.get("thinking_tokens") or 0) if isinstance(details, dict) else 0,
+            reasoning_tokens=as_int(
+                details.get("thinking_tokens"), "usage.output_tokens_details.thinking_tokens", optional=True
+            )
+            if isinstance(details, dict)
+            else 0,
         )
 
     def _schema_tool_name(self, request: ChatRequest) -> str | None:
@@ -488,83 +507,89 @@ class AnthropicProvider(HttpProvider):
         sent_arguments: set[int] = set()
         thinking: dict[int, dict[str, Any]] = {}  # content block index -> thinking block being built
         async with self._open_stream(self.messages_path, payload, model=request.model) as response:
-            try:
-                async for sse in iter_sse(response):
-                    if sse.event == "ping":
-                        continue
-                    event = _loads(sse.data)
-                    kind = event.get("type", sse.event)
-                    if kind == "error":
-                        raise self._error_in_body(event, request.model)
-                    if kind == "message_start":
-                        message = as_object(event["message"], "message_start.message")
-                        usage.update(as_object(message.get("usage"), "message.usage", optional=True))
-                        yield StreamStart(
-                            id=str(message.get("id") or ""),
-                            model=str(message.get("model") or request.model),
-                            provider=self.name,
+            async for sse in iter_sse(response):
+                if sse.event == "ping":
+                    continue
+                event = loads_object(sse.data, f"the {sse.event} event")
+                kind = event.get("type", sse.event)
+                if kind == "error":
+                    raise self._error_in_body(event, request.model)
+                if kind == "message_start":
+                    message = as_object(required(event, "message", kind), "message_start.message")
+                    usage.update(as_object(message.get("usage"), "message.usage", optional=True))
+                    yield StreamStart(
+                        id=str(message.get("id") or ""),
+                        model=str(message.get("model") or request.model),
+                        provider=self.name,
+                    )
+                elif kind == "content_block_start":
+                    index = as_int(required(event, "index", kind), f"{kind}.index")
+                    block = as_object(required(event, "content_block", kind), f"{kind}.content_block")
+                    block_type = block.get("type")
+                    if block_type in ("thinking", "redacted_thinking"):
+                        thinking[index] = dict(block)
+                    elif block_type == "text" and block.get("text"):
+                        yield TextDelta(text=as_text(block["text"], f"{kind}.content_block.text") or "")
+                    elif block_type == "tool_use" and block.get("name") == schema_tool:
+                        schema_blocks.add(index)
+                    elif block_type == "tool_use":
+                        tool_index[index] = len(tool_index)
+                        where = f"{kind}.content_block"
+                        yield ToolCallDelta(
+                            index=tool_index[index],
+                            id=str(required(block, "id", where)),
+                            name=str(required(block, "name", where)),
                         )
-                    elif kind == "content_block_start":
-                        index = int(event["index"])
-                        block = as_object(event["content_block"], "content_block_start.content_block")
-                        if block.get("type") in ("thinking", "redacted_thinking"):
-                            thinking[index] = dict(block)
-                        elif block.get("type") == "text" and block.get("text"):
-                            yield TextDelta(text=block["text"])
-                        elif block.get("type") == "tool_use" and block.get("name") == schema_tool:
-                            schema_blocks.add(index)
-                        elif block.get("type") == "tool_use":
-                            tool_index[index] = len(tool_index)
-                            yield ToolCallDelta(index=tool_index[index], id=block["id"], name=block["name"])
-                            if block.get("input"):
-                                sent_arguments.add(index)
-                                yield ToolCallDelta(
-                                    index=tool_index[index],
-                                    arguments=json.dumps(block["input"], separators=(",", ":")),
-                                )
-                    elif kind == "content_block_delta":
-                        index = int(event["index"])
-                        delta = as_object(event["delta"], "content_block_delta.delta")
-                        if delta.get("type") == "text_delta" and delta.get("text"):
-                            yield TextDelta(text=delta["text"])
-                        elif delta.get("type") == "thinking_delta" and index in thinking:
-                            thinking[index]["thinking"] = (
-                                thinking[index].get("thinking", "") + delta["thinking"]
+                        if block.get("input"):
+                            sent_arguments.add(index)
+                            yield ToolCallDelta(
+                                index=tool_index[index],
+                                arguments=json.dumps(block["input"], separators=(",", ":")),
                             )
-                        elif delta.get("type") == "signature_delta" and index in thinking:
-                            thinking[index]["signature"] = delta["signature"]
-                        elif delta.get("type") == "input_json_delta" and delta.get("partial_json"):
-                            if index in schema_blocks:
-                                yield TextDelta(text=delta["partial_json"])
-                            elif index in tool_index:
-                                sent_arguments.add(index)
-                                yield ToolCallDelta(index=tool_index[index], arguments=delta["partial_json"])
-                    elif kind == "content_block_stop":
-                        index = int(event["index"])
-                        if index in tool_index and index not in sent_arguments:
-                            yield ToolCallDelta(index=tool_index[index], arguments="{}")
-                    elif kind == "message_delta":
-                        delta_usage = as_object(event.get("usage"), "message_delta.usage", optional=True)
-                        usage.update({k: v for k, v in delta_usage.items() if v is not None})
-                        stop_reason = (
-                            as_object(event.get("delta"), "message_delta.delta", optional=True).get(
-                                "stop_reason"
-                            )
-                            or stop_reason
+                elif kind == "content_block_delta":
+                    index = as_int(required(event, "index", kind), f"{kind}.index")
+                    delta = as_object(required(event, "delta", kind), f"{kind}.delta")
+                    delta_type = delta.get("type")
+                    if delta_type == "text_delta" and delta.get("text"):
+                        yield TextDelta(text=as_text(delta["text"], "text_delta.text") or "")
+                    elif delta_type == "thinking_delta" and index in thinking:
+                        piece = as_text(
+                            required(delta, "thinking", "thinking_delta"), "thinking_delta.thinking"
                         )
-                    elif kind == "message_stop":
-                        if schema_blocks and stop_reason == "tool_use":
-                            stop_reason = "end_turn"
-                        state = self._state([thinking[i] for i in sorted(thinking)])
-                        if state is not None:
-                            yield ProviderStateEvent(state=state)
-                        yield StreamDone(
-                            finish_reason=_FINISH_REASONS.get(stop_reason, "stop"),
-                            usage=self._map_usage(usage),
+                        thinking[index]["thinking"] = str(thinking[index].get("thinking") or "") + (
+                            piece or ""
                         )
-                        return
-            except (KeyError, TypeError) as exc:
-                raise ValueError(f"unexpected event shape ({type(exc).__name__}: {exc})") from exc
+                    elif delta_type == "signature_delta" and index in thinking:
+                        thinking[index]["signature"] = required(delta, "signature", "signature_delta")
+                    elif delta_type == "input_json_delta" and delta.get("partial_json"):
+                        fragment = as_text(delta["partial_json"], "input_json_delta.partial_json") or ""
+                        if index in schema_blocks:
+                            yield TextDelta(text=fragment)
+                        elif index in tool_index:
+                            sent_arguments.add(index)
+                            yield ToolCallDelta(index=tool_index[index], arguments=fragment)
+                elif kind == "content_block_stop":
+                    index = as_int(required(event, "index", kind), f"{kind}.index")
+                    if index in tool_index and index not in sent_arguments:
+                        yield ToolCallDelta(index=tool_index[index], arguments="{}")
+                elif kind == "message_delta":
+                    delta_usage = as_object(event.get("usage"), "message_delta.usage", optional=True)
+                    usage.update({k: v for k, v in delta_usage.items() if v is not None})
+                    delta = as_object(event.get("delta"), "message_delta.delta", optional=True)
+                    stop_reason = (
+                        as_text(delta.get("stop_reason"), "message_delta.delta.stop_reason") or stop_reason
+                    )
+                elif kind == "message_stop":
+                    if schema_blocks and stop_reason == "tool_use":
+                        stop_reason = "end_turn"
+                    state = self._state([thinking[i] for i in sorted(thinking)])
+                    if state is not None:
+                        yield ProviderStateEvent(state=state)
+                    yield StreamDone(
+                        finish_reason=_FINISH_REASONS.get(stop_reason, "stop"),
+                        usage=self._map_usage(usage),
+                    )
+                    return
 
     def _state(self, thinking: list[dict[str, Any]]) -> ProviderState | None:
         return ProviderState(provider=self.name, data={"thinking": thinking}) if thinking else None
@@ -572,7 +597,7 @@ class AnthropicProvider(HttpProvider):
     def _error_in_body(self, event: dict[str, Any], model: str) -> ProviderError:
         """An error that arrived in a 200 body or as a stream event, classified by its Anthropic type."""
         message, code = self._error_details(event, json.dumps(event)[:300])
-        status = _ERROR_STATUS.get(code or "", 500)
+        status = _ERROR_STATUS.get(str(code or ""), 500)
         return error_from_status(status, message, provider=self.name, model=model, code=code)
 
     def _malformed(self, model: str, exc: Exception) -> MalformedResponse:
@@ -581,10 +606,3 @@ class AnthropicProvider(HttpProvider):
             provider=self.name,
             model=model,
         )
-
-
-def _loads(data: str) -> dict[str, Any]:
-    value = json.loads(data)
-    if not isinstance(value, dict):
-        raise ValueError(f"expected a JSON object, got {data[:80]!r}")
-    return value

@@ -61,7 +61,7 @@ from kernel.errors import (
 )
 from kernel.provider import Capabilities
 from providers._bedrock_content import add_reasoning, breakpoints, cache_point, document_block, image_block
-from providers._http import HttpProvider, as_list, as_object
+from providers._http import HttpProvider, as_int, as_list, as_object, loads_object, required
 from providers._sigv4 import AwsCredentials, EventStreamDecoder, EventStreamMessage, sign
 
 __all__ = ["BedrockProvider"]
@@ -480,10 +480,12 @@ class BedrockProvider(HttpProvider):
     def _map_usage(self, usage: Any) -> Usage:
         if not isinstance(usage, dict):
             return Usage()
-        cache_read = int(usage.get("cacheReadInputTokens") or 0)
-        cache_write = int(usage.get("cacheWriteInputTokens") or 0)
-        prompt = int(usage.get("inputTokens") or 0) + cache_read + cache_write
-        completion = int(usage.get("outputTokens") or 0)
+        cache_read = as_int(usage.get("cacheReadInputTokens"), "usage.cacheReadInputTokens", optional=True)
+        cache_write = as_int(usage.get("cacheWriteInputTokens"), "usage.cacheWriteInputTokens", optional=True)
+        prompt = (
+            as_int(usage.get("inputTokens"), "usage.inputTokens", optional=True) + cache_read + cache_write
+        )
+        completion = as_int(usage.get("outputTokens"), "usage.outputTokens", optional=True)
         return Usage(
             prompt_tokens=prompt,
             completion_tokens=completion,
@@ -565,15 +567,20 @@ class BedrockProvider(HttpProvider):
                         yield StreamStart(
                             id=request_id or _fallback_id(body), model=request.model, provider=self.name
                         )
-                    block = int(body.get("contentBlockIndex", 0))
+                    block = as_int(body.get("contentBlockIndex"), f"{kind}.contentBlockIndex", optional=True)
                     if kind == "contentBlockStart":
-                        use = (body.get("start") or {}).get("toolUse")
+                        start = as_object(body.get("start"), "contentBlockStart.start", optional=True)
+                        use = as_object(
+                            start.get("toolUse"), "contentBlockStart.start.toolUse", optional=True
+                        )
                         if use and use.get("name") == output_tool:
                             answer_blocks.add(block)
                         elif use:
                             tool_index[block] = len(tool_index)
                             yield ToolCallDelta(
-                                index=tool_index[block], id=str(use["toolUseId"]), name=str(use["name"])
+                                index=tool_index[block],
+                                id=str(required(use, "toolUseId", "toolUse")),
+                                name=str(required(use, "name", "toolUse")),
                             )
                     elif kind == "contentBlockDelta":
                         delta = as_object(body.get("delta"), "contentBlockDelta.delta", optional=True)
@@ -585,13 +592,14 @@ class BedrockProvider(HttpProvider):
                         elif "text" in delta:
                             yield TextDelta(text=str(delta["text"]))
                         elif "toolUse" in delta:
-                            fragment = str(delta["toolUse"].get("input") or "")
+                            use = as_object(delta["toolUse"], "contentBlockDelta.delta.toolUse")
+                            fragment = str(use.get("input") or "")
                             if block in answer_blocks:
                                 yield TextDelta(text=fragment)
                             elif block in tool_index:
                                 yield ToolCallDelta(index=tool_index[block], arguments=fragment)
                     elif kind == "messageStop":
-                        finish = _FINISH_REASONS.get(body.get("stopReason"), "stop")
+                        finish = _FINISH_REASONS.get(str(body.get("stopReason")), "stop")
                         if finish == "tool_calls" and not tool_index:
                             finish = "stop"
                     elif kind == "metadata" and finish is not None:
@@ -616,13 +624,14 @@ class BedrockProvider(HttpProvider):
         message_type = headers.get(":message-type", "event")
         if message_type == "exception":
             error_type = str(headers.get(":exception-type") or "InternalServerException")
-            body = _loads(message.payload) if message.payload else {}
+            body = loads_object(message.payload, f"the {error_type} exception") if message.payload else {}
             error_type = error_type[:1].upper() + error_type[1:]
             raise self._aws_error(error_type, str(body.get("message") or error_type), model)
         if message_type == "error":
             code = str(headers.get(":error-code") or "InternalServerException")
             raise self._aws_error(code, str(headers.get(":error-message") or code), model)
-        return str(headers.get(":event-type") or ""), _loads(message.payload) if message.payload else {}
+        kind = str(headers.get(":event-type") or "")
+        return kind, loads_object(message.payload, f"the {kind} event") if message.payload else {}
 
     def _malformed(self, model: str, exc: Exception) -> MalformedResponse:
         return MalformedResponse(
@@ -643,13 +652,6 @@ def _error_type(header: str | None, body: Any) -> str:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def _loads(payload: bytes) -> dict[str, Any]:
-    value = json.loads(payload)
-    if not isinstance(value, dict):
-        raise ValueError(f"expected a JSON object, got {payload[:80]!r}")
-    return value
 
 
 def _fallback_id(data: Any) -> str:

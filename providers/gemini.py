@@ -60,7 +60,16 @@ from kernel.errors import (
 from kernel.provider import Capabilities
 from providers import gemini_batch
 from providers._google import LEGACY_SCHEMA_MODELS, error_details, google_error, legacy_schema, retry_delay
-from providers._http import HttpProvider, as_list, as_object, iter_sse
+from providers._http import (
+    HttpProvider,
+    WireShapeError,
+    as_int,
+    as_list,
+    as_object,
+    iter_sse,
+    loads_object,
+    required,
+)
 
 __all__ = ["GeminiProvider"]
 
@@ -436,14 +445,23 @@ class GeminiProvider(HttpProvider):
         """Gemini counts thinking apart from ``candidatesTokenCount``; the kernel counts it inside."""
         if not isinstance(usage, dict):
             return Usage()
-        prompt = int(usage.get("promptTokenCount") or 0) + int(usage.get("toolUsePromptTokenCount") or 0)
-        thoughts = int(usage.get("thoughtsTokenCount") or 0)
-        completion = int(usage.get("candidatesTokenCount") or 0) + thoughts
+        prompt = as_int(
+            usage.get("promptTokenCount"), "usageMetadata.promptTokenCount", optional=True
+        ) + as_int(
+            usage.get("toolUsePromptTokenCount"), "usageMetadata.toolUsePromptTokenCount", optional=True
+        )
+        thoughts = as_int(usage.get("thoughtsTokenCount"), "usageMetadata.thoughtsTokenCount", optional=True)
+        completion = (
+            as_int(usage.get("candidatesTokenCount"), "usageMetadata.candidatesTokenCount", optional=True)
+            + thoughts
+        )
         return Usage(
             prompt_tokens=prompt,
             completion_tokens=completion,
             total_tokens=prompt + completion,
-            cached_tokens=int(usage.get("cachedContentTokenCount") or 0),
+            cached_tokens=as_int(
+                usage.get("cachedContentTokenCount"), "usageMetadata.cachedContentTokenCount", optional=True
+            ),
             reasoning_tokens=thoughts,
         )
 
@@ -495,7 +513,7 @@ class GeminiProvider(HttpProvider):
             raise self._malformed(model, exc) from exc
 
     def _tool_call(self, data: Mapping[str, Any], index: int, raw: Mapping[str, Any]) -> ToolCall:
-        name = str(raw["name"])
+        name = str(required(raw, "name", "functionCall"))
         arguments = json.dumps(raw.get("args") or {}, ensure_ascii=False)
         call_id = raw.get("id")
         if not call_id:
@@ -543,7 +561,8 @@ class GeminiProvider(HttpProvider):
                 chunk = _loads(sse.data)
                 if google_error(chunk) is not None:
                     error = google_error(chunk) or {}
-                    status = _STATUS_CODES.get(str(error.get("status")), int(error.get("code") or 500))
+                    code = as_int(error.get("code"), "error.code", optional=True) or 500
+                    status = _STATUS_CODES.get(str(error.get("status")), code)
                     raise self._classify(status, chunk, sse.data, request.model)
                 self._check_blocked(chunk, request.model)
                 if chunk.get("usageMetadata"):
@@ -570,7 +589,7 @@ class GeminiProvider(HttpProvider):
                                 )
                             )
                             calls += 1
-                        elif part.get("text") and not part.get("thought"):
+                        elif isinstance(part.get("text"), str) and part["text"] and not part.get("thought"):
                             deltas.append(TextDelta(text=part["text"]))
                     if candidate.get("finishReason"):
                         raw_finish = str(candidate["finishReason"])
@@ -668,9 +687,13 @@ def _document_part(part: DocumentPart) -> dict[str, Any]:
 
 
 def _loads(data: str) -> dict[str, Any]:
-    value = json.loads(data)
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    if not isinstance(value, dict):
-        raise ValueError(f"expected a JSON object, got {data[:80]!r}")
-    return value
+    """A stream chunk: a JSON object, or (as some proxies send it) an array holding one."""
+    if data.lstrip().startswith("["):
+        try:
+            value = json.loads(data)
+        except ValueError as exc:
+            raise WireShapeError(f"a stream chunk is not JSON ({exc}): {data[:80]!r}") from exc
+        if isinstance(value, list) and len(value) == 1:
+            return as_object(value[0], "a stream chunk")
+        raise WireShapeError(f"a stream chunk should be an object, got an array: {data[:80]!r}")
+    return loads_object(data, "a stream chunk")

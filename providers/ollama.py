@@ -41,7 +41,7 @@ from kernel.contracts import (
 )
 from kernel.errors import InvalidRequest, MalformedResponse, error_from_status
 from kernel.provider import Capabilities
-from providers._http import HttpProvider, as_list, as_object, iter_ndjson
+from providers._http import HttpProvider, as_int, as_list, as_object, iter_ndjson, required
 
 __all__ = ["OllamaProvider", "parse_ollama_host"]
 
@@ -263,8 +263,8 @@ class OllamaProvider(HttpProvider):
 
     def _map_usage(self, data: dict[str, Any]) -> Usage:
         return Usage(
-            prompt_tokens=int(data.get("prompt_eval_count") or 0),
-            completion_tokens=int(data.get("eval_count") or 0),
+            prompt_tokens=as_int(data.get("prompt_eval_count"), "prompt_eval_count", optional=True),
+            completion_tokens=as_int(data.get("eval_count"), "eval_count", optional=True),
         )
 
     def _tool_calls(self, message: dict[str, Any], offset: int = 0) -> list[ToolCall]:
@@ -272,11 +272,12 @@ class OllamaProvider(HttpProvider):
         for position, raw in enumerate(
             as_list(message.get("tool_calls"), "tool_calls", optional=True), start=offset
         ):
-            function = as_object(as_object(raw, "tool_calls[]")["function"], "tool_calls[].function")
-            name = str(function["name"])
+            call = as_object(raw, "tool_calls[]")
+            function = as_object(required(call, "function", "tool_calls[]"), "tool_calls[].function")
+            name = str(required(function, "name", "tool_calls[].function"))
             arguments = function.get("arguments")
             text = arguments if isinstance(arguments, str) else _dumps(arguments or {})
-            call_id = raw.get("id") or _call_id(position, name, text)
+            call_id = call.get("id") or _call_id(position, name, text)
             calls.append(ToolCall(id=str(call_id), function=FunctionCall(name=name, arguments=text)))
         return calls
 
@@ -311,8 +312,6 @@ class OllamaProvider(HttpProvider):
         tool_count = 0
         async with self._open_stream(self.chat_path, payload, model=request.model) as response:
             async for chunk in iter_ndjson(response):
-                if not isinstance(chunk, dict):
-                    raise ValueError(f"expected a JSON object per line, got {chunk!r:.80}")
                 if chunk.get("error"):
                     raise self._stream_error(str(chunk["error"]), request.model)
                 if not started:
@@ -325,11 +324,7 @@ class OllamaProvider(HttpProvider):
                 message = as_object(chunk.get("message"), "message", optional=True)
                 if message.get("content"):
                     yield TextDelta(text=str(message["content"]))
-                try:
-                    calls = self._tool_calls(message, offset=tool_count)
-                except (KeyError, TypeError) as exc:
-                    raise ValueError(f"unexpected tool call shape: {exc}") from exc
-                for call in calls:
+                for call in self._tool_calls(message, offset=tool_count):
                     yield ToolCallDelta(
                         index=tool_count,
                         id=call.id,
@@ -338,7 +333,7 @@ class OllamaProvider(HttpProvider):
                     )
                     tool_count += 1
                 if chunk.get("done"):
-                    reason = _FINISH_REASONS.get(chunk.get("done_reason"), "stop")
+                    reason = _FINISH_REASONS.get(str(chunk.get("done_reason")), "stop")
                     finish: FinishReason = "tool_calls" if tool_count else reason
                     yield StreamDone(finish_reason=finish, usage=self._map_usage(chunk))
                     return

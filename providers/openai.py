@@ -43,7 +43,7 @@ from kernel.errors import (
 )
 from kernel.provider import Capabilities
 from providers import openai_batch, openai_responses
-from providers._http import HttpProvider, as_list, as_object, as_text, iter_sse
+from providers._http import HttpProvider, as_int, as_list, as_object, as_text, iter_sse, loads_object
 
 __all__ = ["OpenAIProvider"]
 
@@ -299,11 +299,21 @@ class OpenAIProvider(HttpProvider):
             usage.get("completion_tokens_details"), "usage.completion_tokens_details", optional=True
         )
         return Usage(
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-            total_tokens=int(usage.get("total_tokens") or 0),
-            cached_tokens=int(prompt_details.get("cached_tokens") or 0),
-            reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
+            prompt_tokens=as_int(usage.get("prompt_tokens"), "usage.prompt_tokens", optional=True),
+            completion_tokens=as_int(
+                usage.get("completion_tokens"), "usage.completion_tokens", optional=True
+            ),
+            total_tokens=as_int(usage.get("total_tokens"), "usage.total_tokens", optional=True),
+            cached_tokens=as_int(
+                prompt_details.get("cached_tokens"),
+                "usage.prompt_tokens_details.cached_tokens",
+                optional=True,
+            ),
+            reasoning_tokens=as_int(
+                completion_details.get("reasoning_tokens"),
+                "usage.completion_tokens_details.reasoning_tokens",
+                optional=True,
+            ),
         )
 
     def _parse_response(self, data: Any, model: str) -> ChatResponse:
@@ -379,7 +389,7 @@ class OpenAIProvider(HttpProvider):
                     if finish is not None:
                         yield StreamDone(finish_reason=finish, usage=usage)
                     return
-                chunk = _loads(sse.data)
+                chunk = loads_object(sse.data, "a stream chunk")
                 if chunk.get("object") == "error" or isinstance(chunk.get("error"), dict):
                     raise self._stream_error(chunk, sse.data, request.model)
                 if not started:
@@ -410,13 +420,13 @@ class OpenAIProvider(HttpProvider):
                         if call.get("id"):
                             calls_seen += 1
                         yield ToolCallDelta(
-                            index=int(index),
-                            id=call.get("id"),
-                            name=function.get("name"),
+                            index=as_int(index, "delta.tool_calls[].index"),
+                            id=as_text(call.get("id"), "delta.tool_calls[].id"),
+                            name=as_text(function.get("name"), "delta.tool_calls[].function.name"),
                             arguments=self._call_arguments(function.get("arguments")),
                         )
                     if choice.get("finish_reason"):
-                        finish = self.finish_reasons.get(choice["finish_reason"], "stop")
+                        finish = self.finish_reasons.get(str(choice["finish_reason"]), "stop")
 
     def _delta_text(self, content: Any) -> str:
         """The text of a streamed ``delta.content``."""
@@ -452,10 +462,3 @@ class OpenAIProvider(HttpProvider):
 def _derived_call_id(position: int, name: str, arguments: str) -> str:
     digest = hashlib.blake2b(f"{position}:{name}:{arguments}".encode(), digest_size=12).hexdigest()
     return f"call_{digest}"
-
-
-def _loads(data: str) -> dict[str, Any]:
-    value = json.loads(data)
-    if not isinstance(value, dict):
-        raise ValueError(f"expected a JSON object, got {data[:80]!r}")
-    return value

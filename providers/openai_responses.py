@@ -49,12 +49,11 @@ from kernel.contracts import (
 )
 from kernel.errors import (
     ContentFiltered,
-    MalformedResponse,
     ProviderError,
     error_from_status,
     status_for_error_code,
 )
-from providers._http import as_list, as_object, as_text, iter_sse
+from providers._http import as_int, as_list, as_object, as_text, iter_sse, loads_object, required
 
 if TYPE_CHECKING:
     from providers.openai import OpenAIProvider
@@ -269,8 +268,8 @@ def _reasoning_item(item: Mapping[str, Any]) -> dict[str, Any]:
     """A reasoning item as it must go back: its id, summary and encrypted content (no status)."""
     return {
         "type": "reasoning",
-        "id": item["id"],
-        "summary": list(item.get("summary") or []),
+        "id": required(item, "id", "reasoning"),
+        "summary": list(as_list(item.get("summary") or [], "reasoning.summary")),
         "encrypted_content": item["encrypted_content"],
     }
 
@@ -288,11 +287,15 @@ def map_usage(usage: Any) -> Usage:
     inputs = as_object(usage.get("input_tokens_details"), "usage.input_tokens_details", optional=True)
     outputs = as_object(usage.get("output_tokens_details"), "usage.output_tokens_details", optional=True)
     return Usage(
-        prompt_tokens=int(usage.get("input_tokens") or 0),
-        completion_tokens=int(usage.get("output_tokens") or 0),
-        total_tokens=int(usage.get("total_tokens") or 0),
-        cached_tokens=int(inputs.get("cached_tokens") or 0),
-        reasoning_tokens=int(outputs.get("reasoning_tokens") or 0),
+        prompt_tokens=as_int(usage.get("input_tokens"), "usage.input_tokens", optional=True),
+        completion_tokens=as_int(usage.get("output_tokens"), "usage.output_tokens", optional=True),
+        total_tokens=as_int(usage.get("total_tokens"), "usage.total_tokens", optional=True),
+        cached_tokens=as_int(
+            inputs.get("cached_tokens"), "usage.input_tokens_details.cached_tokens", optional=True
+        ),
+        reasoning_tokens=as_int(
+            outputs.get("reasoning_tokens"), "usage.output_tokens_details.reasoning_tokens", optional=True
+        ),
     )
 
 
@@ -327,11 +330,7 @@ async def stream_events(
     reasoning: list[dict[str, Any]] = []
     async with provider._open_stream(RESPONSES_PATH, payload, model=request.model) as response:
         async for sse in iter_sse(response):
-            event = json.loads(sse.data)
-            if not isinstance(event, dict):
-                raise MalformedResponse(
-                    f"{provider.name} sent a stream event that is not an object", provider=provider.name
-                )
+            event = loads_object(sse.data, f"the {sse.event} event")
             kind = event.get("type", sse.event)
             if kind in ("error", "response.failed"):
                 raise _failed(provider, event, request.model)
@@ -345,23 +344,27 @@ async def stream_events(
             elif kind == "response.output_text.delta" and event.get("delta"):
                 yield TextDelta(text=as_text(event["delta"], "output_text.delta") or "")
             elif kind == "response.output_item.added":
-                item = as_object(event["item"], "output_item.added.item")
+                item = as_object(required(event, "item", kind), f"{kind}.item")
                 if item.get("type") == "function_call":
-                    index = int(event["output_index"])
+                    index = as_int(required(event, "output_index", kind), f"{kind}.output_index")
                     calls[index] = len(calls)
-                    yield ToolCallDelta(index=calls[index], id=str(item["call_id"]), name=str(item["name"]))
+                    yield ToolCallDelta(
+                        index=calls[index],
+                        id=str(required(item, "call_id", f"{kind}.item")),
+                        name=str(required(item, "name", f"{kind}.item")),
+                    )
             elif kind == "response.function_call_arguments.delta":
-                index = int(event["output_index"])
+                index = as_int(required(event, "output_index", kind), f"{kind}.output_index")
                 if index in calls and event.get("delta"):
                     yield ToolCallDelta(
                         index=calls[index], arguments=as_text(event["delta"], "arguments.delta") or ""
                     )
             elif kind == "response.output_item.done":
-                item = as_object(event["item"], "output_item.done.item")
+                item = as_object(required(event, "item", kind), f"{kind}.item")
                 if item.get("type") == "reasoning" and item.get("encrypted_content"):
                     reasoning.append(_reasoning_item(item))
             elif kind in ("response.completed", "response.incomplete"):
-                final = as_object(event["response"], f"{kind}.response")
+                final = as_object(required(event, "response", kind), f"{kind}.response")
                 if reasoning:
                     yield ProviderStateEvent(
                         state=ProviderState(provider=provider.name, data={"reasoning": reasoning})

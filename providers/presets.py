@@ -21,6 +21,7 @@ from kernel.catalog import REQUEST_OPTIONS
 from kernel.contracts import ChatRequest, Usage
 from kernel.errors import ConfigurationError
 from kernel.provider import Capabilities, Provider
+from providers._http import as_int
 from providers.openai import OpenAIProvider
 
 __all__ = [
@@ -128,7 +129,7 @@ class PresetProvider(OpenAIProvider):
         mapped = super()._map_usage(usage)
         key = self.usage_cached_tokens
         if key and isinstance(usage, dict) and usage.get(key) is not None:
-            mapped.cached_tokens = int(usage[key])
+            mapped.cached_tokens = as_int(usage[key], f"usage.{key}")
         return mapped
 
 

@@ -20,7 +20,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from simulator.app import ErrorReply, JSONReply, Reply, StreamReply, Wire, WireError, dump_json, exchange
+from simulator.app import (
+    ErrorReply,
+    JSONReply,
+    Reply,
+    StreamReply,
+    Wire,
+    WireError,
+    dump_json,
+    exchange,
+    sse_frame,
+)
 from simulator.core import (
     Admission,
     Completion,
@@ -140,6 +150,13 @@ class AnthropicWire(Wire):
                 "text/event-stream",
             )
         return b'{"id": "msg_sim_malformed", "type": "message", "content": [{"type": ', "application/json"
+
+    def mistyped(self, request: SimRequest) -> tuple[bytes, str]:
+        if request.stream:
+            start = {"type": "message_start", "message": "msg_sim_mistyped"}
+            return sse_frame(start, "message_start"), "text/event-stream"
+        body = {"id": "msg_sim_mistyped", "type": "message", "model": request.model, "content": "Hi"}
+        return dump_json(body), "application/json"
 
     # ---- parsing ---------------------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ __all__ = [
     "exchange",
     "quiet_server_logs",
     "run_offline",
+    "sse_frame",
     "wire_modules",
 ]
 
@@ -129,6 +130,26 @@ class Wire:
             return b'data: {"id": "sim-malformed", "choices": [\n\n', "text/event-stream"
         return b'{"id": "sim-malformed", "choices": [{"message": ', "application/json"
 
+    def mistyped(self, request: SimRequest) -> tuple[bytes, str]:
+        """A 200 body that parses, in which one documented field has the wrong type, with its content type.
+        A stream's first chunk is sound and the second is not."""
+        if request.stream:
+            first = {
+                "id": "sim-mistyped",
+                "model": request.model,
+                "choices": [{"index": 0, "delta": {"content": "Hi"}}],
+            }
+            call = {"index": "first", "id": "call_1", "function": {"name": "lookup", "arguments": ""}}
+            second = {
+                "id": "sim-mistyped",
+                "model": request.model,
+                "choices": [{"index": 0, "delta": {"tool_calls": [call]}}],
+            }
+            return sse_frame(first) + sse_frame(second) + b"data: [DONE]\n\n", "text/event-stream"
+        return dump_json(
+            {"id": "sim-mistyped", "choices": [{"index": 0, "message": ["Hi"]}]}
+        ), "application/json"
+
 
 Parse = Callable[[Any, Request], SimRequest]
 Succeed = Callable[[SimRequest, Admission], Reply]
@@ -163,8 +184,10 @@ async def exchange(request: Request, sim: Simulator, wire: Wire, parse: Parse, s
     if not is_known_model(wire.name, sim_request.model, sim.extra_models(wire.name)):
         return _error(wire.unknown_model(sim_request.model))
     reply = succeed(sim_request, admission)
-    if fault is not None and fault.kind == "malformed":
-        body, media_type = wire.malformed(sim_request)
+    if fault is not None and fault.kind in ("malformed", "mistyped"):
+        body, media_type = (
+            wire.malformed(sim_request) if fault.kind == "malformed" else wire.mistyped(sim_request)
+        )
         return Response(body, media_type=media_type)
     cut = fault is not None and fault.kind == "cut"
     if isinstance(reply, StreamReply):
@@ -344,3 +367,9 @@ async def _batches(request: Request) -> Response:
 async def _reset(request: Request) -> Response:
     _sim(request).reset()
     return JSONResponse({"status": "reset"})
+
+
+def sse_frame(data: Any, event: str | None = None) -> bytes:
+    """One server-sent event carrying ``data`` as JSON."""
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {dump_json(data).decode()}\n\n".encode()

@@ -143,6 +143,16 @@ class BedrockWire(Wire):
             return bytes(frame), EVENT_STREAM
         return b'{"output":{"message":{"role":"assistant","content":[', "application/json"
 
+    def mistyped(self, request: SimRequest) -> tuple[bytes, str]:
+        if request.stream:
+            start = encode_event("messageStart", {"role": "assistant"})
+            use = {"toolUseId": "tooluse_1", "name": "lookup"}
+            block = encode_event(
+                "contentBlockStart", {"contentBlockIndex": "first", "start": {"toolUse": use}}
+            )
+            return start + block, EVENT_STREAM
+        return dump_json({"output": {"message": {"role": "assistant", "content": "Hi"}}}), "application/json"
+
     # ---- converse ----------------------------------------------------------------------------------
 
     def parse_converse(self, payload: Any, request: Request) -> SimRequest:

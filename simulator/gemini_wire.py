@@ -20,7 +20,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from simulator.app import ErrorReply, JSONReply, Reply, StreamReply, Wire, WireError, dump_json, exchange
+from simulator.app import (
+    ErrorReply,
+    JSONReply,
+    Reply,
+    StreamReply,
+    Wire,
+    WireError,
+    dump_json,
+    exchange,
+    sse_frame,
+)
 from simulator.core import (
     Admission,
     Completion,
@@ -161,6 +171,12 @@ class GeminiWire(Wire):
         if request.stream:
             return b'data: {"candidates": [{"content": {"parts": [\r\n\r\n', "text/event-stream"
         return b'{"candidates": [{"content": {"parts": [{"text": ', "application/json"
+
+    def mistyped(self, request: SimRequest) -> tuple[bytes, str]:
+        body = {"candidates": [{"content": [{"text": "Hi"}], "finishReason": "STOP"}]}
+        if request.stream:
+            return sse_frame(body), "text/event-stream"
+        return dump_json(body), "application/json"
 
     # ---- generateContent -------------------------------------------------------------------------
 

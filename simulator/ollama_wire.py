@@ -74,6 +74,14 @@ class OllamaWire(Wire):
             )
         return b'{"model":"' + request.model.encode() + b'","message":', "application/json"
 
+    def mistyped(self, request: SimRequest) -> tuple[bytes, str]:
+        message = {"role": "assistant", "content": "Hi", "tool_calls": [{"function": "lookup"}]}
+        if request.stream:
+            first = {"model": request.model, "message": {"role": "assistant", "content": "Hi"}, "done": False}
+            second = {"model": request.model, "message": message, "done": False}
+            return dump_json(first) + b"\n" + dump_json(second) + b"\n", "application/x-ndjson"
+        return dump_json({"model": request.model, "message": message, "done": True}), "application/json"
+
     # ---- chat --------------------------------------------------------------------------------------
 
     def parse_chat(self, payload: Any, request: Request) -> SimRequest:

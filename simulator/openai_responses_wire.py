@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from simulator.app import JSONReply, Reply, StreamReply, WireError, dump_json, exchange
+from simulator.app import JSONReply, Reply, StreamReply, WireError, dump_json, exchange, sse_frame
 from simulator.core import (
     Admission,
     Completion,
@@ -40,6 +40,21 @@ _ROLES = {"user", "assistant", "system", "developer"}
 
 class OpenAIResponsesWire(OpenAIWire):
     name: ClassVar[str] = "openai"
+
+    def mistyped(self, request: SimRequest) -> tuple[bytes, str]:
+        response = {"id": "resp_sim_mistyped", "object": "response", "model": request.model, "output": "Hi"}
+        if not request.stream:
+            return dump_json(response), "application/json"
+        created = {
+            "type": "response.created",
+            "response": {**response, "status": "in_progress", "output": []},
+        }
+        call = {"type": "function_call", "call_id": "call_1", "name": "lookup", "arguments": ""}
+        added = {"type": "response.output_item.added", "output_index": "first", "item": call}
+        return (
+            sse_frame(created, "response.created") + sse_frame(added, "response.output_item.added"),
+            "text/event-stream",
+        )
 
     def parse_responses(self, payload: Any, request: Request) -> SimRequest:
         if not isinstance(payload, dict):
