@@ -26,6 +26,7 @@ __all__ = [
     "REQUEST_OPTIONS",
     "ModelCatalog",
     "ModelFacts",
+    "ModelRules",
     "Prepared",
     "PriceFacts",
     "apply_rules",
@@ -51,6 +52,8 @@ REQUEST_OPTIONS: tuple[str, ...] = (
 )
 """The optional ``ChatRequest`` fields a provider or a model may refuse."""
 
+_REMEMBERED = 4096
+"""How many (vendor, model) lookups and compiled rules are remembered before starting afresh."""
 _NEEDS = {"reasoning_effort": "reasoning_effort", "thinking_budget": "thinking"}
 """Options a known model takes only when its capabilities list the named one."""
 _FACTS = ("context_window", "max_output_tokens", "reasoning", "refuses", "ignores", "exclusive",
@@ -119,6 +122,7 @@ class ModelCatalog:
         self._models: dict[str, dict[str, ModelFacts]] = {}
         for facts in models:
             self._models.setdefault(facts.vendor, {})[facts.name] = facts
+        self._found: dict[tuple[str, str], ModelFacts | None] = {}  # lookups made, the catalog is fixed
 
     def vendors(self) -> list[str]:
         return sorted(self._models)
@@ -127,6 +131,17 @@ class ModelCatalog:
         return list(self._models.get(vendor, {}).values())
 
     def lookup(self, vendor: str, model: str) -> ModelFacts | None:
+        key = (vendor, model)
+        try:
+            return self._found[key]
+        except KeyError:
+            pass
+        if len(self._found) >= _REMEMBERED:
+            self._found.clear()  # model names come from requests: keep the memory bounded
+        found = self._found[key] = self._find(vendor, model)
+        return found
+
+    def _find(self, vendor: str, model: str) -> ModelFacts | None:
         known = self._models.get(vendor)
         if not known:
             return None
@@ -179,12 +194,92 @@ def default_catalog() -> ModelCatalog:
 
 def set_fields(request: ChatRequest) -> list[str]:
     """The optional request options this request actually uses, in ``REQUEST_OPTIONS`` order."""
+    values = request.__dict__
     used = []
     for name in REQUEST_OPTIONS:
-        value = getattr(request, name)
+        value = values[name]
         if value is not None and value != [] and value != {}:
             used.append(name)
     return used
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRules:
+    """What ``provider`` cannot honour and what ``model`` refuses, worked out once per provider and
+    model (``ModelRules.build``); ``apply`` then does only the per-request part: which options the
+    request uses. ``Provider.prepare_chat`` keeps one per model."""
+
+    provider: str
+    model: str
+    drops: tuple[tuple[str, str], ...] = ()
+    """(option, why it is dropped), in the order the reasons are reported."""
+    exclusive: tuple[tuple[str, ...], ...] = ()
+    max_output_tokens: int | None = None
+    watched: frozenset[str] = frozenset()
+    """Every option a rule names: a request using none of them passes as it is."""
+
+    @classmethod
+    def build(
+        cls, *, provider: str, model: str, unsupported: Iterable[str] = (), facts: ModelFacts | None = None
+    ) -> ModelRules:
+        label = f"{provider}/{model}"
+        drops: dict[str, str] = {}
+        for name in unsupported:
+            drops.setdefault(name, f"{provider} has no equivalent of {name!r}")
+        exclusive: tuple[tuple[str, ...], ...] = ()
+        max_output: int | None = None
+        if facts is not None:
+            for name in facts.refuses:
+                drops.setdefault(name, f"model {label} refuses {name!r}")
+            for name in facts.ignores:
+                drops.setdefault(name, f"model {label} ignores {name!r}")
+            for name, capability in _NEEDS.items():
+                if facts.capabilities and capability not in facts.capabilities:
+                    drops.setdefault(
+                        name, f"model {label} has no {capability} (it has {', '.join(facts.capabilities)})"
+                    )
+            exclusive = facts.exclusive
+            max_output = facts.max_output_tokens
+        watched = frozenset(drops) | frozenset(name for group in exclusive for name in group)
+        return cls(provider, model, tuple(drops.items()), exclusive, max_output, watched)
+
+    def apply(self, request: ChatRequest, *, lenient: bool | None = None) -> Prepared:
+        """``request`` checked against these rules (see ``apply_rules``); ``lenient`` overrides the
+        request's own ``lenient``."""
+        clamp: int | None = None
+        if self.max_output_tokens and (request.max_tokens or 0) > self.max_output_tokens:
+            clamp = self.max_output_tokens
+        used = set_fields(request)
+        if clamp is None and self.watched.isdisjoint(used):
+            return Prepared(request)
+        drops = {name: why for name, why in self.drops if name in used}
+        label = f"{self.provider}/{request.model}"
+        for group in self.exclusive:
+            given = [name for name in group if name in used and name not in drops]
+            for name in given[1:]:
+                drops[name] = f"model {label} takes only one of {', '.join(group)} (kept {given[0]!r})"
+        if not drops and clamp is None:
+            return Prepared(request)
+        if not (request.lenient if lenient is None else lenient):
+            problems = [f"{name}: {why}" for name, why in drops.items()]
+            if clamp is not None:
+                problems.append(
+                    f"max_tokens: {request.max_tokens} is above the model's output limit of {clamp}"
+                )
+            raise UnsupportedCapability(
+                f"request for {label} cannot be sent as is: {'; '.join(problems)}. Remove these fields, or "
+                "set lenient to drop them with a warning",
+                provider=self.provider,
+                model=request.model,
+            )
+        update: dict[str, Any] = {name: None for name in drops}
+        warnings = [f"dropped {name}: {why}" for name, why in drops.items()]
+        if clamp is not None:
+            update["max_tokens"] = clamp
+            warnings.append(
+                f"lowered max_tokens from {request.max_tokens} to {clamp}, the output limit of {label}"
+            )
+        return Prepared(request.model_copy(update=update), tuple(warnings))
 
 
 def apply_rules(
@@ -197,51 +292,5 @@ def apply_rules(
     """Check ``request`` against what ``provider`` cannot honour (``unsupported``) and what the model
     refuses (``facts``, when the model is known). Strict (the default): raise ``UnsupportedCapability``
     naming every offending field. Lenient (``request.lenient``): drop them and say so in warnings."""
-    used = set_fields(request)
-    label = f"{provider}/{request.model}"
-    drops: dict[str, str] = {}
-    for name in unsupported:
-        if name in used:
-            drops[name] = f"{provider} has no equivalent of {name!r}"
-    if facts is not None:
-        for name in facts.refuses:
-            if name in used and name not in drops:
-                drops[name] = f"model {label} refuses {name!r}"
-        for name in facts.ignores:
-            if name in used and name not in drops:
-                drops[name] = f"model {label} ignores {name!r}"
-        for name, capability in _NEEDS.items():
-            if (
-                name in used
-                and name not in drops
-                and facts.capabilities
-                and capability not in facts.capabilities
-            ):
-                drops[name] = f"model {label} has no {capability} (it has {', '.join(facts.capabilities)})"
-        for group in facts.exclusive:
-            given = [name for name in group if name in used and name not in drops]
-            for name in given[1:]:
-                drops[name] = f"model {label} takes only one of {', '.join(group)} (kept {given[0]!r})"
-    clamp: int | None = None
-    if facts is not None and facts.max_output_tokens and (request.max_tokens or 0) > facts.max_output_tokens:
-        clamp = facts.max_output_tokens
-    if not drops and clamp is None:
-        return Prepared(request)
-    if not request.lenient:
-        problems = [f"{name}: {why}" for name, why in drops.items()]
-        if clamp is not None:
-            problems.append(f"max_tokens: {request.max_tokens} is above the model's output limit of {clamp}")
-        raise UnsupportedCapability(
-            f"request for {label} cannot be sent as is: {'; '.join(problems)}. Remove these fields, or "
-            "set lenient to drop them with a warning",
-            provider=provider,
-            model=request.model,
-        )
-    update: dict[str, Any] = {name: None for name in drops}
-    warnings = [f"dropped {name}: {why}" for name, why in drops.items()]
-    if clamp is not None:
-        update["max_tokens"] = clamp
-        warnings.append(
-            f"lowered max_tokens from {request.max_tokens} to {clamp}, the output limit of {label}"
-        )
-    return Prepared(request.model_copy(update=update), tuple(warnings))
+    rules = ModelRules.build(provider=provider, model=request.model, unsupported=unsupported, facts=facts)
+    return rules.apply(request)

@@ -76,6 +76,7 @@ class PriceTable:
         source = DEFAULT_PRICES if prices is None else prices
         self._prices: dict[str, dict[str, Price]] = {p: dict(m) for p, m in source.items()}
         self._free_providers: set[str] = {"ollama", "sim-local"}
+        self._found: dict[tuple[str, str], Price | None] = {}  # lookups made since the last change
 
     def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> PriceTable:
         """A copy with ``{"provider": {"model": {"input": .., "output": .., "cached_input": ..}}}`` applied."""
@@ -86,9 +87,21 @@ class PriceTable:
                 table._prices.setdefault(provider, {})[model] = (
                     price if isinstance(price, Price) else Price.model_validate(price)
                 )
+        table._found.clear()
         return table
 
     def lookup(self, provider: str, model: str) -> Price | None:
+        key = (provider, model)
+        try:
+            return self._found[key]
+        except KeyError:
+            pass
+        if len(self._found) >= 4096:
+            self._found.clear()  # model names come from requests: keep the memory bounded
+        found = self._found[key] = self._find(provider, model)
+        return found
+
+    def _find(self, provider: str, model: str) -> Price | None:
         models = self._prices.get(provider)
         if models:
             exact = models.get(model)

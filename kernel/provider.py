@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kernel.batch import BatchItem, BatchItemResult, BatchJob, BatchLimits
-from kernel.catalog import ModelFacts, Prepared, apply_rules, default_catalog
+from kernel.catalog import ModelFacts, ModelRules, Prepared, default_catalog
 from kernel.contracts import (
     AssistantMessage,
     ChatRequest,
@@ -165,10 +165,24 @@ class Provider(ABC):
         it does not list (they pass through unchecked)."""
         return default_catalog().lookup(self.catalog_vendor or self.name, model)
 
-    def prepare_chat(self, request: ChatRequest) -> Prepared:
-        """``request`` as this provider and model can take it. In lenient mode options they cannot
-        honour are dropped (listed in ``warnings``); otherwise such a request raises
-        ``UnsupportedCapability`` naming them. Values outside the provider's ranges raise
+    def model_rules(self, model: str) -> ModelRules:
+        """The option rules for ``model`` as this provider serves it, worked out on first use."""
+        unsupported = self.refused_options()
+        key = (model, unsupported)
+        known: dict[tuple[str, frozenset[str]], ModelRules] = self.__dict__.setdefault("_rules", {})
+        rules: ModelRules | None = known.get(key)
+        if rules is None:
+            if len(known) >= 1024:
+                known.clear()  # model names come from requests: keep the memory bounded
+            rules = known[key] = ModelRules.build(
+                provider=self.name, model=model, unsupported=unsupported, facts=self.model_facts(model)
+            )
+        return rules
+
+    def prepare_chat(self, request: ChatRequest, *, lenient: bool | None = None) -> Prepared:
+        """``request`` as this provider and model can take it. In lenient mode (``lenient``, else the
+        request's own) options they cannot honour are dropped (listed in ``warnings``); otherwise such a
+        request raises ``UnsupportedCapability`` naming them. Values outside the provider's ranges raise
         ``InvalidRequest`` in both modes."""
         for name, (low, high) in self.option_ranges.items():
             value = getattr(request, name)
@@ -181,17 +195,12 @@ class Provider(ABC):
                     provider=self.name,
                     model=request.model,
                 )
-        return apply_rules(
-            request,
-            provider=self.name,
-            unsupported=self.refused_options(),
-            facts=self.model_facts(request.model),
-        )
+        return self.model_rules(request.model).apply(request, lenient=lenient)
 
     def check_chat(self, request: ChatRequest, *, stream: bool = False) -> None:
         """Refuse a request whose features the provider does not declare, or that the model is known
         to refuse, before any network call."""
-        self.prepare_chat(request.model_copy(update={"lenient": False}))
+        self.prepare_chat(request, lenient=False)
         caps = self.capabilities
         missing: list[str] = []
         if not caps.chat:

@@ -78,6 +78,8 @@ def as_text(value: Any, where: str) -> str | None:
 def as_int(value: Any, where: str, *, optional: bool = False) -> int:
     """``value`` as an integer (a count may come as a number or a numeric string); with ``optional``,
     an omitted or empty field reads as ``0``."""
+    if type(value) is int:
+        return value
     if optional and not value:
         return 0
     if isinstance(value, int | float | str) and not isinstance(value, bool):

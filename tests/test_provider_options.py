@@ -151,6 +151,34 @@ def test_lenient_mode_drops_with_a_warning_and_keeps_the_rest() -> None:
     provider.check_chat(prepared.request)  # what is left passes the strict check
 
 
+def test_a_models_rules_are_worked_out_once_and_give_the_same_answers_every_call() -> None:
+    looked_up: list[str] = []
+
+    class Counting(OpenAIProvider):
+        def model_facts(self, model: str) -> Any:
+            looked_up.append(model)
+            return super().model_facts(model)
+
+    provider = Counting(settings=ProviderSettings(api_key="k"))
+    for _ in range(3):
+        with pytest.raises(UnsupportedCapability, match="model openai/o4-mini refuses 'temperature'"):
+            provider.check_chat(_ask("o4-mini", temperature=0.2))
+        assert provider.prepare_chat(_ask("o4-mini", temperature=0.2), lenient=True).warnings == (
+            "dropped temperature: model openai/o4-mini refuses 'temperature'",
+        )
+        assert provider.prepare_chat(_ask("o4-mini", seed=1)).request.seed == 1
+        provider.check_chat(_ask("gpt-4o", temperature=0.2))
+    assert looked_up == ["o4-mini", "gpt-4o"]
+    assert default_catalog().lookup("openai", "o4-mini-2025-04-16") is default_catalog().lookup(
+        "openai", "o4-mini"
+    )
+    table = PriceTable()
+    assert table.lookup("openai", "gpt-4o-2024-08-06") == table.lookup("openai", "gpt-4o")
+    overridden = table.with_overrides({"openai": {"gpt-4o": {"input": 1.0, "output": 2.0}}})
+    assert overridden.lookup("openai", "gpt-4o-2024-08-06") == overridden.lookup("openai", "gpt-4o")
+    assert overridden.lookup("openai", "gpt-4o") != table.lookup("openai", "gpt-4o")
+
+
 def test_unknown_models_and_fine_tunes_pass_through() -> None:
     provider = OpenAIProvider(settings=ProviderSettings(api_key="k"))
     for model in ("ft:o4-mini-2025-04-16:acme::x1", "my-new-model"):
