@@ -89,7 +89,8 @@ async def test_an_opted_in_pipeline_publishes_its_lifecycle_in_order(
     assert completed.extensions["kftenant"] == "acme" and completed.subject == handle.id
     assert "Hello" not in str([e.data for _, e in published])  # summaries, never the model's output
 
-    # The run replays on today's code (tests/histories/lifecycle-events.json keeps one such run).
+    # The run replays on today's code (tests/histories/lifecycle-events-linger.json keeps one such run;
+    # lifecycle-events.json one from before the outbox lingered).
     history = await handle.fetch_history()
     replayer = Replayer(
         workflows=[PipelineWorkflow],
@@ -100,6 +101,69 @@ async def test_an_opted_in_pipeline_publishes_its_lifecycle_in_order(
     if os.environ.get("KERNELFLOW_RECORD_HISTORY"):
         target = Path(os.environ["KERNELFLOW_RECORD_HISTORY"])
         await asyncio.to_thread(target.write_text, history.to_json(), encoding="utf-8")
+
+
+async def test_events_gather_briefly_and_a_waiting_run_has_published_them_before_it_ends(
+    client: Client, broker: NatsBroker, registry: Registry
+) -> None:
+    """A workflow task is not completed while a local activity it started runs, so the outbox lets
+    events gather (up to ``LINGER``) instead of holding back each task: every publication is either
+    the drain before the close or follows the linger timer firing. A run waiting for an approval has
+    published what happened so far while it waits."""
+    from temporalio.api.enums.v1 import EventType
+
+    from workflows.engine.outbox import LIFECYCLE_LINGER_PATCH
+
+    prefix = "lg" + uuid.uuid4().hex[:6]
+    config = OutboundConfig(stream=prefix.upper(), subject_prefix=prefix)
+    await broker.ensure_stream(config.stream, [prefix + ".>"], duplicate_window_s=config.duplicate_window_s)
+    publisher = EventPublisher(broker, config)
+    gated = PipelineSpec.model_validate(
+        {
+            "name": "gathered",
+            "events": True,
+            "steps": [
+                {"id": "draft", "model": "openai/gpt-4o-mini", "prompt": "Draft a reply"},
+                {"id": "review", "type": "approval", "timeout_s": 600},
+            ],
+        }
+    )
+    queue = f"lg-{uuid.uuid4().hex[:8]}"
+    async with build_worker(client, task_queue=queue, registry=registry, events=publisher):
+        handle = await start_pipeline(client, gated, {}, task_queue=queue)
+        seen: list[str] = []
+        async with asyncio.timeout(60):
+            while "kernelflow.approval.requested" not in seen:
+                await asyncio.sleep(0.2)
+                seen = [e.type for _, e in await read_all(broker, config.stream)]
+        assert seen == [
+            "kernelflow.pipeline.started",
+            "kernelflow.step.completed",
+            "kernelflow.approval.requested",
+        ], seen
+        assert (await handle.query("status"))["status"] == "running"  # published while it waits
+        await approve(client, handle.id, "review", by="alice")
+        assert (await handle.result()).status == "completed"
+        history = await handle.fetch_history()
+    published = await read_all(broker, config.stream)
+    assert [e.id for _, e in published] == [f"{handle.id}:{n}" for n in range(1, len(published) + 1)]
+    assert published[-1][1].type == "kernelflow.pipeline.completed"
+    kinds = [event.event_type for event in history.events]
+    markers = [
+        event.marker_recorded_event_attributes.marker_name
+        for event in history.events
+        if event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
+    ]
+    publications = markers.count("core_local_activity")
+    fired = kinds.count(EventType.EVENT_TYPE_TIMER_FIRED)
+    assert 2 <= publications <= fired + 1, (publications, fired)
+    patches = [
+        json.loads(payload.data)["id"]
+        for event in history.events
+        if event.marker_recorded_event_attributes.marker_name == "core_patch"
+        for payload in event.marker_recorded_event_attributes.details["patch-data"].payloads
+    ]
+    assert LIFECYCLE_LINGER_PATCH in patches
 
 
 async def test_without_opt_in_nothing_is_published_and_without_a_broker_nothing_waits(

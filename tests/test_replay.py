@@ -35,6 +35,8 @@ def test_histories_are_present() -> None:
         "refund-agent",
         "batch-summaries",
         "batch-cancelled",
+        "lifecycle-events",
+        "lifecycle-events-linger",
     } <= names
 
 
@@ -125,3 +127,17 @@ def test_the_agent_recording_replays_with_no_mcp_server_at_all() -> None:
     assert names.count("mcp_list_tools") == 1 and names.count("mcp_call_tool") == 3
     assert names.count("llm_chat") == 3
     assert any(e.HasField("workflow_execution_update_accepted_event_attributes") for e in history.events)
+
+
+def test_the_lifecycle_recordings_before_and_after_the_outbox_lingered() -> None:
+    """The older run sent each batch at once; the newer one records the linger patch, started a timer
+    and published all its events in the one local activity that drained the outbox before the close."""
+    assert "kernelflow-lifecycle-events" in _patches("lifecycle-events")
+    assert "kernelflow-lifecycle-linger" not in _patches("lifecycle-events")
+    assert "kernelflow-lifecycle-linger" in _patches("lifecycle-events-linger")
+    history = WorkflowHistory.from_json("lifecycle-events-linger", _TEXT["lifecycle-events-linger"])
+    published = [
+        e for e in history.events if e.marker_recorded_event_attributes.marker_name == "core_local_activity"
+    ]
+    assert len(published) == 1
+    assert any(e.HasField("timer_canceled_event_attributes") for e in history.events)

@@ -2,6 +2,14 @@
 ``publish_events`` local activity at a time carries everything queued so far to the broker (in sequence
 order, deduplicated there by ``<workflow id>:<sequence>``).
 
+A workflow task is not completed while a local activity it started runs, so a batch sent at once would
+hold back the commands of that task (the next step's activity, the close). Runs that record the
+``kernelflow-lifecycle-linger`` patch therefore let events wait up to ``LINGER`` (a timer) so that the
+events of one stretch of the run go out together: a pipeline finishing within ``LINGER`` of its start
+publishes all its events in the one local activity that drains the outbox before the close, and a
+longer one publishes what has gathered when the timer fires, in a workflow task of its own. An event
+leaves at most ``LINGER`` after it happened (its ``time`` says when it did).
+
 A bus outage never fails or stalls the pipeline: steps go on while a batch is retried, and a batch
 the activity gives up on (after ``PUBLISH_RETRY_SPAN``) is dropped with a warning. The pipeline
 drains the outbox before it closes or continues as new, so its final events are sent (a close waits
@@ -11,7 +19,9 @@ at most ``PUBLISH_RETRY_SPAN`` during an outage).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -29,10 +39,16 @@ with workflow.unsafe.imports_passed_through():
     from kernel.engine import LifecycleEvent
     from kernel.pipeline import EventsSpec
 
-__all__ = ["LIFECYCLE_EVENTS_PATCH", "Outbox"]
+__all__ = ["LIFECYCLE_EVENTS_PATCH", "LIFECYCLE_LINGER_PATCH", "LINGER", "Outbox"]
 
 LIFECYCLE_EVENTS_PATCH = "kernelflow-lifecycle-events"
 """Patch marker of runs that publish lifecycle events (only pipelines that opt in record it)."""
+
+LIFECYCLE_LINGER_PATCH = "kernelflow-lifecycle-linger"
+"""Patch marker of runs whose outbox lingers (see the module's docstring); earlier runs send at once."""
+
+LINGER = timedelta(seconds=1)
+"""The longest an event waits for others to join its batch before it is sent."""
 
 _BATCH = 100
 
@@ -58,6 +74,8 @@ class Outbox:
         self._traceparent: str | None = None
         self._traced = False
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._linger = workflow.patched(LIFECYCLE_LINGER_PATCH)
 
     def add(self, event: LifecycleEvent) -> None:
         if not self.spec.wants(event.type):
@@ -86,12 +104,20 @@ class Outbox:
             self._task = asyncio.ensure_future(self._send_forever())
 
     async def drain(self) -> None:
-        """Return once everything queued has been published or given up on."""
+        """Send what is queued now and return once everything has been published or given up on."""
+        self._closing = True
         await workflow.wait_condition(lambda: not self._pending and not self._sending)
 
     async def _send_forever(self) -> None:
         while True:
             await workflow.wait_condition(lambda: bool(self._pending))
+            if self._linger and not self._closing:
+                with contextlib.suppress(TimeoutError):  # on time out, what has gathered goes
+                    await workflow.wait_condition(
+                        lambda: self._closing or len(self._pending) >= _BATCH,
+                        timeout=LINGER,
+                        timeout_summary="lifecycle events gather",
+                    )
             batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
             self._sending = True
             try:
