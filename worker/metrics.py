@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -113,12 +114,26 @@ def _split_model(model: str) -> tuple[str, str]:
     return (provider, name) if sep else ("alias", model)
 
 
+@dataclass(frozen=True, slots=True)
+class _FinishedCall:
+    duration: Any
+    input_tokens: Any
+    output_tokens: Any
+    calls: Any
+    prompt: Any
+    completion: Any
+    cached: Any
+    reasoning: Any
+    cost: Any
+
+
 class KernelflowMetrics:
     """The process-side instruments (activities, breakers, visibility), on the runtime's meter."""
 
     def __init__(self, meter: MetricMeter, *, labels: Sequence[str] = ("pipeline",)) -> None:
         self.labels = frozenset(labels)
         self._cache: dict[tuple[int, tuple[tuple[str, str], ...]], Any] = {}
+        self._finished: dict[tuple[str, str, str, str, str | None], _FinishedCall] = {}
         self.duration = meter.create_histogram_float(
             "gen_ai_client_operation_duration", "GenAI operation duration.", "s"
         )
@@ -154,30 +169,51 @@ class KernelflowMetrics:
         provider = str(result.provider)
         model = str(result.model_ref).split("/", 1)[-1]
         requested = _split_model(str(call.model))[1]
+        answered = str(getattr(result.response, "model", None) or model)
+        pipeline = self._pipeline(call).get("pipeline")
+        key = (provider, model, requested, answered, pipeline)
+        bound = self._finished.get(key)
+        if bound is None:
+            bound = self._finished[key] = self._bind_finished(provider, model, requested, answered, pipeline)
+        bound.duration.record(seconds)
+        usage = result.response.usage
+        bound.input_tokens.record(int(usage.prompt_tokens))
+        bound.output_tokens.record(int(usage.completion_tokens))
+        bound.calls.add(1)
+        for counter, value in (
+            (bound.prompt, usage.prompt_tokens),
+            (bound.completion, usage.completion_tokens),
+            (bound.cached, getattr(usage, "cached_tokens", 0) or 0),
+            (bound.reasoning, getattr(usage, "reasoning_tokens", 0) or 0),
+        ):
+            if value:
+                counter.add(int(value))
+        if result.cost_usd is not None:
+            bound.cost.record(float(result.cost_usd))
+
+    def _bind_finished(
+        self, provider: str, model: str, requested: str, answered: str, pipeline: str | None
+    ) -> _FinishedCall:
+        """Every instrument a finished call records, bound to its labels once per label set."""
         base = {
             "gen_ai_operation_name": "chat",
             "gen_ai_provider_name": provider,
             "gen_ai_request_model": requested,
-            "gen_ai_response_model": str(getattr(result.response, "model", None) or model),
+            "gen_ai_response_model": answered,
         }
-        self._bound(self.duration, base).record(seconds)
-        usage = result.response.usage
-        self._bound(self.token_usage, {**base, "gen_ai_token_type": "input"}).record(int(usage.prompt_tokens))
-        self._bound(self.token_usage, {**base, "gen_ai_token_type": "output"}).record(
-            int(usage.completion_tokens)
-        )
         short = {"provider": provider, "model": model}
-        self._bound(self.calls, {**short, "outcome": "ok", **self._pipeline(call)}).add(1)
-        for kind, value in (
-            ("prompt", usage.prompt_tokens),
-            ("completion", usage.completion_tokens),
-            ("cached", getattr(usage, "cached_tokens", 0) or 0),
-            ("reasoning", getattr(usage, "reasoning_tokens", 0) or 0),
-        ):
-            if value:
-                self._bound(self.tokens, {**short, "kind": kind}).add(int(value))
-        if result.cost_usd is not None:
-            self._bound(self.cost, short).record(float(result.cost_usd))
+        calls = {**short, "outcome": "ok", **({"pipeline": pipeline} if pipeline else {})}
+        return _FinishedCall(
+            duration=self._bound(self.duration, base),
+            input_tokens=self._bound(self.token_usage, {**base, "gen_ai_token_type": "input"}),
+            output_tokens=self._bound(self.token_usage, {**base, "gen_ai_token_type": "output"}),
+            calls=self._bound(self.calls, calls),
+            prompt=self._bound(self.tokens, {**short, "kind": "prompt"}),
+            completion=self._bound(self.tokens, {**short, "kind": "completion"}),
+            cached=self._bound(self.tokens, {**short, "kind": "cached"}),
+            reasoning=self._bound(self.tokens, {**short, "kind": "reasoning"}),
+            cost=self._bound(self.cost, short),
+        )
 
     def call_failed(self, call: Any, error: str, seconds: float) -> None:
         provider, model = _split_model(str(call.model))

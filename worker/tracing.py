@@ -128,22 +128,20 @@ class _ModelCallSpan(ActivityInboundInterceptor):
                 raise
             response = getattr(result, "response", None)
             usage = getattr(response, "usage", None)
-            span.set_attribute("gen_ai.provider.name", str(getattr(result, "provider", provider)))
-            span.set_attribute(
-                "gen_ai.response.model",
-                str(
+            answered: dict[str, Any] = {
+                "gen_ai.provider.name": str(getattr(result, "provider", provider)),
+                "gen_ai.response.model": str(
                     getattr(response, "model", None)
                     or str(getattr(result, "model_ref", "")).split("/", 1)[-1]
                 ),
-            )
+            }
             if usage is not None:
-                span.set_attribute("gen_ai.usage.input_tokens", int(usage.prompt_tokens))
-                span.set_attribute("gen_ai.usage.output_tokens", int(usage.completion_tokens))
+                answered["gen_ai.usage.input_tokens"] = int(usage.prompt_tokens)
+                answered["gen_ai.usage.output_tokens"] = int(usage.completion_tokens)
             finish = getattr(response, "finish_reason", None)
             if finish:
-                span.set_attribute("gen_ai.response.finish_reasons", [str(finish)])
+                answered["gen_ai.response.finish_reasons"] = [str(finish)]
             if self.root.record_content and response is not None:
-                span.set_attribute(
-                    "gen_ai.output.messages", json.dumps({"text": getattr(response, "text", None)})
-                )
+                answered["gen_ai.output.messages"] = json.dumps({"text": getattr(response, "text", None)})
+            span.set_attributes(answered)  # one call: the span takes its lock once
             return result
