@@ -4,8 +4,9 @@ readers for vendor JSON, and a guard that turns a stream broken after its first 
 ``StreamError`` event.
 
 Vendor JSON is read through the shape readers (``as_object``, ``as_list``, ``as_text``, ``as_int``,
-``required``, ``loads_object``), which raise ``WireShapeError`` naming the field. That error, and only
-it, becomes ``MalformedResponse``: a ``KeyError`` or ``TypeError`` in our own code stays what it is.
+``required``, ``loads_object``), which raise ``WireShapeError`` naming the field. In a stream that error
+and a ``json.JSONDecodeError`` (a plugin parsing lines itself) alone become ``MalformedResponse``: a
+``KeyError``, ``TypeError`` or ``ValueError`` in our own code stays what it is.
 """
 
 from __future__ import annotations
@@ -136,11 +137,15 @@ async def iter_sse(response: httpx.Response) -> AsyncIterator[ServerSentEvent]:
         yield ServerSentEvent(event, "\n".join(data))
 
 
-async def iter_ndjson(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    """One JSON object per non-empty line."""
+async def iter_ndjson(response: httpx.Response) -> AsyncIterator[Any]:
+    """One JSON value per non-empty line; a line that is not JSON raises ``WireShapeError``."""
     async for line in response.aiter_lines():
         if line.strip():
-            yield loads_object(line, "a stream line")
+            try:
+                value = json.loads(line)
+            except ValueError as exc:
+                raise WireShapeError(f"a stream line is not JSON ({exc}): {line[:80]!r}") from exc
+            yield value
 
 
 class HttpProvider(Provider):
@@ -332,7 +337,7 @@ class HttpProvider(Provider):
                     error_type=type(interrupted).__name__, message=str(interrupted), retryable=True
                 )
                 return
-            except WireShapeError as exc:  # only the shape readers raise it: our own bugs stay bugs
+            except (WireShapeError, json.JSONDecodeError) as exc:  # the vendor's bytes, never our own bugs
                 malformed = MalformedResponse(
                     f"{self.name} sent a malformed stream chunk: {exc}", provider=self.name, model=model
                 )

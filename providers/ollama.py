@@ -311,7 +311,8 @@ class OllamaProvider(HttpProvider):
         started = False
         tool_count = 0
         async with self._open_stream(self.chat_path, payload, model=request.model) as response:
-            async for chunk in iter_ndjson(response):
+            async for line in iter_ndjson(response):
+                chunk = as_object(line, "a stream line")
                 if chunk.get("error"):
                     raise self._stream_error(str(chunk["error"]), request.model)
                 if not started:
