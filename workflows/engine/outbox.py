@@ -3,12 +3,13 @@
 order, deduplicated there by ``<workflow id>:<sequence>``).
 
 A workflow task is not completed while a local activity it started runs, so a batch sent at once would
-hold back the commands of that task (the next step's activity, the close). Runs that record the
-``kernelflow-lifecycle-linger`` patch therefore let events wait up to ``LINGER`` (a timer) so that the
-events of one stretch of the run go out together: a pipeline finishing within ``LINGER`` of its start
-publishes all its events in the one local activity that drains the outbox before the close, and a
-longer one publishes what has gathered when the timer fires, in a workflow task of its own. An event
-leaves at most ``LINGER`` after it happened (its ``time`` says when it did).
+hold back the commands of that task (the first step's activity, the close). Runs that record the
+``kernelflow-lifecycle-linger`` patch therefore let their first events wait up to ``LINGER`` (one timer
+per run) for the ones that follow: a pipeline finishing within ``LINGER`` of its first event publishes
+all its events in the one local activity that drains the outbox before the close; a longer one
+publishes what has gathered when the timer fires, in a workflow task of its own, and each later batch
+at once as before. So a run's history grows by at most five events (the timer's two, a workflow task's three), and
+an event leaves at most ``LINGER`` after it happened (its ``time`` says when it did).
 
 A bus outage never fails or stalls the pipeline: steps go on while a batch is retried, and a batch
 the activity gives up on (after ``PUBLISH_RETRY_SPAN``) is dropped with a warning. The pipeline
@@ -48,7 +49,7 @@ LIFECYCLE_LINGER_PATCH = "kernelflow-lifecycle-linger"
 """Patch marker of runs whose outbox lingers (see the module's docstring); earlier runs send at once."""
 
 LINGER = timedelta(seconds=1)
-"""The longest an event waits for others to join its batch before it is sent."""
+"""The longest a run's first events wait for others to join their batch before they are sent."""
 
 _BATCH = 100
 
@@ -112,6 +113,7 @@ class Outbox:
         while True:
             await workflow.wait_condition(lambda: bool(self._pending))
             if self._linger and not self._closing:
+                self._linger = False  # the first batch only
                 with contextlib.suppress(TimeoutError):  # on time out, what has gathered goes
                     await workflow.wait_condition(
                         lambda: self._closing or len(self._pending) >= _BATCH,
