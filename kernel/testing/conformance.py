@@ -89,6 +89,7 @@ FAULT_EXPECTATIONS: dict[str, type[ProviderError]] = {
     "context_length": ContextLengthExceeded,
     "content_filter": ContentFiltered,
     "malformed": MalformedResponse,
+    "mistyped": MalformedResponse,
 }
 """Simulator fault kind -> the kernel error a provider must raise for it."""
 
