@@ -261,7 +261,7 @@ class GeminiProvider(HttpProvider):
     ) -> ProviderError:
         message, code = self._error_details(body, text)
         error = google_error(body) or {}
-        reasons = {d.get("reason") for d in error_details(error)}
+        reasons = {str(d.get("reason")) for d in error_details(error)}
         if "API_KEY_INVALID" in reasons or "API key not valid" in message:
             status_code = 401  # Google answers 400 INVALID_ARGUMENT for a wrong key
         exc = error_from_status(
