@@ -34,6 +34,10 @@ class ShadowSide(BaseModel):
     valid: bool | None = Field(
         default=None, description="Whether the answer matched the output schema; None without a schema."
     )
+    tool_calls: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="Tool calls the model asked for (recorded, never executed by a shadow call).",
+    )
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cost_usd: float | None = None

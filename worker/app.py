@@ -26,6 +26,7 @@ from kernel.pricing import PriceTable
 from kernel.provider import ProviderSettings
 from kernel.registry import Registry
 from kernel.routing import BreakerBoard, BreakerState, BreakerStatus
+from kernel.shadow_rules import ShadowConfig
 from worker.config import (
     ConfigWatcher,
     KernelflowConfig,
@@ -155,6 +156,7 @@ def build_worker(
     mcp_servers: Mapping[str, Any] | None = None,
     events: EventPublisher | None = None,
     limits: LimitsConfig | None = None,
+    shadow: ShadowConfig | None = None,
 ) -> Worker:
     """A worker on ``task_queue`` with ``KernelflowPlugin``. It converts payloads with ``client``'s
     converter, or with one built from ``payloads`` when given (which must match the clients')."""
@@ -178,6 +180,7 @@ def build_worker(
         extra_activities=extra_activities,
         events=events,
         limits=limits,
+        shadow=shadow,
     )
     return Worker(
         client,
@@ -338,6 +341,7 @@ async def run_worker(
         tool_allow=[*config.tool_allow, *parse_allow_list(os.environ.get("KERNELFLOW_TOOL_ALLOWLIST"))],
         mcp_servers={**config.mcp_servers, **mcp_servers_from_env()},
         limits=config.limits,
+        shadow=config.shadow,
     )
     workers = [worker, *_provider_workers(client, settings, activities)]
     stop = asyncio.Event()

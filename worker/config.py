@@ -29,6 +29,8 @@ Provider set-up comes from an optional YAML file (``KERNELFLOW_CONFIG``)::
     limits:                      # admission control shared by every worker (docs/limits.md)
       models:
         openai/gpt-4.1: {requests_per_minute: 500, tokens_per_minute: 30000, concurrent: 50}
+    shadow:                      # shadow traffic to candidate models (docs/shadow.md)
+      models: {openai/gpt-4o-mini: {model: anthropic/claude-sonnet-4-5, rate: 0.25, per_hour: 100}}
 
 A running worker re-reads the file when it changes (polled) or on SIGHUP: ``aliases``, ``providers``,
 ``presets``, ``prices`` and ``routing`` apply to the following model calls, including the next steps
@@ -59,6 +61,7 @@ from kernel.pipeline import format_validation_error
 from kernel.pricing import Price
 from kernel.provider import ProviderSettings
 from kernel.routing import BreakerSettings
+from kernel.shadow_rules import ShadowConfig
 from kernel.triggers import EventsConfig
 
 __all__ = [
@@ -188,6 +191,9 @@ class KernelflowConfig(BaseModel):
         default=None, description="Broker, triggers, webhook ingress, lifecycle events (docs/events.md)."
     )
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    shadow: ShadowConfig | None = Field(
+        default=None, description="Shadow traffic to candidate models and where pairs go (docs/shadow.md)."
+    )
 
 
 class WorkerSettings(BaseModel):

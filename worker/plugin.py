@@ -36,19 +36,24 @@ from activities.limits import LimitsActivities
 from activities.live import LiveProviders
 from activities.llm import LlmActivities
 from activities.mcp import McpActivities, McpServerConfig
+from activities.shadow import ShadowActivities
 from activities.tool import ToolActivities
 from kernel.errors import KernelflowError
 from kernel.limits import LimitsConfig
 from kernel.pricing import PriceTable
 from kernel.registry import Registry
 from kernel.routing import BreakerBoard
+from kernel.shadow_rules import ShadowConfig
 from worker.codec import ChainedCodec
 from worker.config import PayloadSettings, payload_settings_from_env
 from worker.pipelines import PipelineCatalog
+from worker.shadow_worker import StoreWriter, check_shadow_rules, key_provider_of, shadow_store_url
 from worker.storage import build_data_converter
 from workflows.engine.checks import install_model_check
+from workflows.engine.shadow import install_shadow
 from workflows.limiter import LimiterWorkflow, install_limits
 from workflows.pipeline import PipelineWorkflow
+from workflows.shadow_budget import ShadowBudgetWorkflow
 
 __all__ = ["PASSTHROUGH_MODULES", "PLUGIN_NAME", "KernelflowPlugin", "kernelflow_converter", "sandbox_runner"]
 
@@ -69,6 +74,9 @@ PASSTHROUGH_MODULES: dict[str, str] = {
     "workflows.engine.checks": "the worker's model check read by update validators (never on replay)",
     "workflows.engine.outbox": "the lifecycle events' outbox (deterministic; per-run state lives in instances)",
     "workflows.limiter": "the limiter workflow's models and the worker's limits switch (same on every worker)",
+    "workflows.engine.shadow": "shadow decisions and the worker's shadow rules (each decision is recorded in "
+    "the history, so replay does not read the rules)",
+    "workflows.shadow_budget": "the shadow budget workflow's models",
     "workflows.contract": "names and payload models of the public surface",
     "workflows.search_attributes": "search attribute keys",
     "workflows.api": "code-defined workflows' helpers",
@@ -164,6 +172,7 @@ class KernelflowPlugin(SimplePlugin):
         extra_activities: Sequence[Callable[..., Any]] = (),
         events: EventPublisher | None = None,
         limits: LimitsConfig | None = None,
+        shadow: ShadowConfig | None = None,
     ) -> None:
         if chat is not None:
             providers = chat.live
@@ -173,6 +182,8 @@ class KernelflowPlugin(SimplePlugin):
         self.payloads = payloads
         self.limits = limits
         self.limits_activities: LimitsActivities | None = None
+        self.shadow = shadow
+        self.shadow_activities: ShadowActivities | None = None
         activities: list[Callable[..., Any]] | None = None
         if providers is not None:
             chat = chat or LlmActivities(live=providers)
@@ -188,13 +199,17 @@ class KernelflowPlugin(SimplePlugin):
             ]
             self.limits_activities = LimitsActivities(limits or LimitsConfig(), providers)
             activities.append(self.limits_activities.acquire)
+            self.shadow_activities = ShadowActivities(
+                providers, shadow or ShadowConfig(), StoreWriter(shadow_store_url(shadow))
+            )
+            activities += [self.shadow_activities.chat, self.shadow_activities.rules]
             if limits is not None and limits.models:
                 chat.rate_limited = self.limits_activities.back_off
         self.chat_activities = chat
         super().__init__(
             PLUGIN_NAME,
             data_converter=lambda existing: kernelflow_converter(existing, payloads=payloads),
-            workflows=[PipelineWorkflow, LimiterWorkflow],
+            workflows=[PipelineWorkflow, LimiterWorkflow, ShadowBudgetWorkflow],
             activities=activities,
             workflow_runner=sandbox_runner,
         )
@@ -204,6 +219,14 @@ class KernelflowPlugin(SimplePlugin):
         if self.providers is not None:  # a client's plugin (no providers) leaves the switch alone
             install_model_check(self._model_problem)
             install_limits(bool(self.limits is not None and (self.limits.models or self.limits.tenants)))
+            if self.shadow is not None:
+                check_shadow_rules(self.shadow, self.providers.registry)
+            install_shadow(self.shadow)
+            client = config.get("client")
+            if self.shadow_activities is not None and client is not None:
+                writer = self.shadow_activities.record
+                if isinstance(writer, StoreWriter):
+                    writer.keys = key_provider_of(client.data_converter)
         return config
 
     def _model_problem(self, model: str) -> str | None:

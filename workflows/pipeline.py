@@ -28,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
     from kernel.pipeline import PipelineSpec, format_validation_error, parse_pipeline
     from kernel.routing import check_routes
     from kernel.run import MAX_PENDING_EVENTS, MAX_SEEN_EVENT_IDS, RunState
+    from kernel.shadow_rules import ShadowSpec
     from kernel.steps.base import MODEL_PATTERN, StepFailure, StepSpec
     from workflows import search_attributes as sa
     from workflows.calls import ModelFailure, waiting_for_capacity
@@ -57,6 +58,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.engine.checks import check_model
     from workflows.engine.effects import TemporalEffects
     from workflows.engine.outbox import LIFECYCLE_EVENTS_PATCH, Outbox
+    from workflows.engine.shadow import Shadows
 
 __all__ = [
     "CONTINUE_AS_NEW_AFTER",
@@ -138,6 +140,8 @@ class PipelineWorkflow:
             v2=self._v2,
             continue_as_new_after=self._request.continue_as_new_after,
         )
+        self._shadows = Shadows(tenant=self._request.tenant or _tenant_of(workflow.info().workflow_id))
+        self._effects.shadows = self._shadows
         self._token_stream_for_watchers = WorkflowStream(prior_state=carry.token_stream if carry else None)
         self._engine: Engine | None = None
         self._final_outputs: dict[str, Any] | None = None
@@ -444,7 +448,9 @@ class PipelineWorkflow:
         try:
             return await self._run()
         finally:
-            # The final events (completed, failed, cancelled, before a continue-as-new) go out first.
+            # Shadow calls still running finish first (each bounded by its own timeouts), so a
+            # shadowed last step records its pair; then the final events go out.
+            await self._shadows.drain()
             if self._effects.outbox is not None:
                 await self._effects.outbox.drain()
 
@@ -474,6 +480,15 @@ class PipelineWorkflow:
                 attributes.append(sa.MODELS.value_set(models))
             self._upsert(attributes)
             engine.lifecycle("pipeline.started", data={"pipeline": spec.name, "tenant": self._request.tenant})
+        shadowed = [
+            (step.id, rule)
+            for step, _ in spec.walk()
+            if isinstance(rule := getattr(step, "shadow", None), ShadowSpec)
+        ]
+        try:
+            await self._shadows.begin(shadowed)
+        except StepFailure as exc:
+            raise self._fail(exc.message, exc.type) from None
         self._main = asyncio.ensure_future(self._execute(engine, carry.position if carry else 0))
         try:
             await self._main
@@ -641,6 +656,14 @@ def _listed(steps: list[StepSpec], parent: str | None = None) -> list[tuple[Step
             for _, children in step.children():
                 listed.extend(_listed(children, step.id))
     return listed
+
+
+def _tenant_of(workflow_id: str) -> str | None:
+    """``<tenant>`` of a workflow id ``tenant/<tenant>/...`` (per-tenant keys' naming), else None."""
+    if not workflow_id.startswith("tenant/"):
+        return None
+    tenant, sep, _ = workflow_id.removeprefix("tenant/").partition("/")
+    return tenant if sep and tenant else None
 
 
 def _find(spec: PipelineSpec, step_id: str) -> StepSpec | None:

@@ -118,6 +118,10 @@ class ModelCall:
     on_failure: Callable[[ModelFailure], None] | None = None
     on_repair: Callable[[ModelFailure], None] | None = None
     route: Callable[[str], str] | None = None
+    shadow: Any = None
+    """The step's ``shadow`` (``kernel.shadow_rules.ShadowSpec``, False: never shadowed, None: the
+    worker's rules decide)."""
+    output_schema: dict[str, Any] | None = None
 
 
 @dataclass

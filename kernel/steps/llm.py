@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from kernel.contracts import ChatRequest, PromptCache, ResponseFormat, Tool
 from kernel.errors import FailureType
 from kernel.routing import Balance, weighted_order
 from kernel.schema import schema_errors
+from kernel.shadow_rules import ShadowSpec
 from kernel.steps.base import MODEL_PATTERN, RetrySpec, StepFailure, StepKind, StepSpec, _Spec
 from kernel.steps.batching import BatchOptions, BatchSlot
 from kernel.steps.context import CallResult, ModelCall, StepRun
@@ -108,6 +109,31 @@ class LlmStep(StepSpec):
         "answered within hours); the pipeline waits on durable timers.",
     )
     batch: BatchOptions | None = Field(default=None, description="How batch mode waits and retries.")
+    shadow: ShadowSpec | Literal[False] | None = Field(
+        default=None,
+        description="Also send a sampled fraction of this step's answered calls to a candidate model, "
+        "off the pipeline's path (docs/shadow.md); false: never shadow this step, whatever the worker's rules.",
+    )
+
+    @field_validator("shadow", mode="before")
+    @classmethod
+    def _shadow_spec(cls, value: Any) -> Any:
+        """One message naming the wrong field of the rule (not one per member of the union)."""
+        if value is None or value is False or isinstance(value, ShadowSpec):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(
+                f"give a rule {{model: provider/model, rate: 0.25, ...}} or false (got {value!r:.60})"
+            )
+        try:
+            return ShadowSpec.model_validate(value)
+        except ValidationError as exc:
+            problems = [
+                f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"
+                + (f" (got {error.get('input')!r})" if error["type"] == "string_pattern_mismatch" else "")
+                for error in exc.errors(include_url=False)
+            ]
+            raise ValueError("; ".join(problems)) from None
 
     @model_validator(mode="after")
     def _batch_mode(self) -> LlmStep:
@@ -115,6 +141,8 @@ class LlmStep(StepSpec):
             refused = [name for name in ("stream", "local_activity") if getattr(self, name)]
             if self.balance:
                 refused.append("balance")
+            if self.shadow:
+                refused.append("shadow")
             if refused:
                 raise ValueError(
                     f"mode: batch cannot be combined with {', '.join(refused)} "
@@ -276,6 +304,8 @@ async def run(step: LlmStep, run: StepRun) -> tuple[Any, dict[str, Any]]:
         on_failure=state.failures.append,
         on_repair=lambda failure: run.details(f"{step.id} · re-asking {failure.model}"),
         route=engine.route,
+        shadow=step.shadow,
+        output_schema=schema,
     )
     if step.mode == "batch":
         slot = run.scope.batches

@@ -54,6 +54,7 @@ with workflow.unsafe.imports_passed_through():
         PipelineResult,
     )
     from workflows.engine.outbox import Outbox
+    from workflows.engine.shadow import Shadows
 
 __all__ = ["TemporalEffects", "failure_cause"]
 
@@ -86,6 +87,8 @@ class TemporalEffects:
         self.lifecycle_events: list[LifecycleEvent] = []
         self.outbox: Outbox | None = None
         """Set for runs whose pipeline publishes lifecycle events."""
+        self.shadows: Shadows | None = None
+        """Set for runs that may shadow their model calls (``workflows.engine.shadow``)."""
 
     def now(self) -> datetime:
         return workflow.now()
@@ -114,8 +117,15 @@ class TemporalEffects:
             local_activity=call.local_activity,
             stream=call.stream,
         )
+        called: list[str] = []
+
+        def on_attempt(model: str, number: int) -> None:
+            called.append(model)
+            if call.on_attempt is not None:
+                call.on_attempt(model, number)
+
         try:
-            return await call_model(
+            result, output = await call_model(
                 call.models,
                 call.request,
                 options=options,
@@ -123,7 +133,7 @@ class TemporalEffects:
                 step_id=call.step_id,
                 pipeline=call.pipeline,
                 validate=call.validate,
-                on_attempt=call.on_attempt,
+                on_attempt=on_attempt,
                 on_failure=call.on_failure,
                 route=call.route,
                 max_repairs=call.max_repairs,
@@ -133,6 +143,9 @@ class TemporalEffects:
             raise StepFailure(exc.message, FailureType.STEP_FAILED) from None
         except ApplicationError as exc:
             raise StepFailure(exc.message, exc.type or FailureType.STEP_FAILED) from None
+        if self.shadows is not None:
+            self.shadows.after_call(call, called[-1] if called else result.model_ref, result)
+        return result, output
 
     async def embed(self, call: EmbedCall) -> EmbedResult:
         heartbeat = call.heartbeat_timeout_s

@@ -1,0 +1,82 @@
+"""The worker's side of shadow traffic: where pairs are written (``shadow.store`` in the config, or
+``KERNELFLOW_SHADOW_STORE``, default ``sqlite:///.state/shadow.db``), sealed with the worker's
+encryption keys when encryption is on, and the start-up check of the config's rules."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from kernel.errors import ConfigurationError, KernelflowError
+from kernel.keys import KeyProvider
+from kernel.registry import Registry
+from kernel.shadow import ShadowPair, ShadowStore
+from kernel.shadow_rules import DEFAULT_SHADOW_STORE, ShadowConfig
+from worker.codec import ChainedCodec, KernelflowCodec
+from worker.shadow_sealer import KeyRingSealer
+from worker.shadow_store import open_store
+
+__all__ = ["SHADOW_STORE_ENV", "StoreWriter", "check_shadow_rules", "key_provider_of", "shadow_store_url"]
+
+SHADOW_STORE_ENV = "KERNELFLOW_SHADOW_STORE"
+
+
+def shadow_store_url(config: ShadowConfig | None, environ: Mapping[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    return env.get(SHADOW_STORE_ENV) or (config.store if config else None) or DEFAULT_SHADOW_STORE
+
+
+def key_provider_of(converter: Any) -> KeyProvider | None:
+    """The key provider of a data converter's Kernelflow codec (None: encryption off)."""
+    codec = getattr(converter, "payload_codec", None)
+    if isinstance(codec, ChainedCodec):
+        codec = codec.outer
+    if isinstance(codec, KernelflowCodec) and codec.encrypting:
+        return codec.provider
+    return None
+
+
+class StoreWriter:
+    """Writes pairs to the store, opened at the first pair; with ``keys`` (encryption on) every body
+    is sealed with the ring's current key (read again for each pair, so a rotation applies at once)."""
+
+    def __init__(self, url: str, *, keys: KeyProvider | None = None) -> None:
+        self.url = url
+        self.keys = keys
+        self._store: ShadowStore | None = None
+        self._sealer: KeyRingSealer | None = None
+        self._lock = asyncio.Lock()
+
+    async def __call__(self, pair: ShadowPair) -> None:
+        async with self._lock:
+            if self.keys is not None:
+                ring = await self.keys.keys(None)
+                if self._sealer is None:
+                    self._sealer = KeyRingSealer(ring)
+                else:
+                    self._sealer.refresh(ring)
+            if self._store is None:
+                self._store = await asyncio.to_thread(open_store, self.url, sealer=self._sealer)
+            store = self._store
+        await asyncio.to_thread(store.add, [pair])
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+def check_shadow_rules(config: ShadowConfig, registry: Registry) -> None:
+    """Every rule's primary and candidate resolve on this worker, or a ``ConfigurationError`` naming
+    the rule and what is known."""
+    problems: list[str] = []
+    for primary, rule in config.models.items():
+        for field, model in (("", primary), (".model", rule.model)):
+            try:
+                registry.resolve_ref(model)
+            except KernelflowError as exc:
+                problems.append(f"shadow.models[{primary!r}]{field}: {model!r}: {exc}")
+    if problems:
+        raise ConfigurationError("; ".join(problems))
