@@ -141,3 +141,42 @@ def test_the_lifecycle_recordings_before_and_after_the_outbox_lingered() -> None
     ]
     assert len(published) == 1
     assert any(e.HasField("timer_canceled_event_attributes") for e in history.events)
+
+
+def test_the_shadowed_recording_shadows_both_steps_and_only_it_carries_the_shadow_marker() -> None:
+    history = WorkflowHistory.from_json("shadowed", _TEXT["shadowed"])
+    names = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
+    assert names == ["llm_chat", "llm_chat", "shadow_chat", "shadow_chat"]
+    assert "shadow-traffic" in _patches("shadowed")
+    assert not any("shadow-traffic" in _patches(name) for name in _TEXT if name != "shadowed")
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        None,
+        {"models": {"openai/gpt-4o-mini": {"model": "gemini/gemini-2.5-pro"}}, "opt_out_tenants": ["acme"]},
+        {"enabled": False},
+    ],
+    ids=["no-rules", "other-rules", "disabled"],
+)
+async def test_a_shadowed_run_replays_whatever_the_replaying_worker_rules(
+    rules: dict[str, object] | None,
+) -> None:
+    """The run read its worker's rules once (the shadow_rules local activity's answer is in the history);
+    a worker with other rules, or none, decides as the run did."""
+    from kernel.shadow_rules import ShadowConfig
+    from workflows.engine.shadow import install_shadow
+
+    install_shadow(ShadowConfig.model_validate(rules) if rules is not None else None)
+    try:
+        await test_history_replays_without_non_determinism(HERE_HISTORIES / "shadowed.json")
+    finally:
+        install_shadow(None)
+
+
+HERE_HISTORIES = Path(__file__).parent / "histories"

@@ -29,11 +29,11 @@ from kernel.shadow_rules import ShadowConfig
 from simulator.server import SimulatorServer
 from worker.app import build_worker
 from worker.client import start_pipeline
-from worker.config import CompressionSettings, EncryptionSettings, PayloadSettings
+from worker.config import CompressionSettings, EncryptionSettings, KernelflowConfig, PayloadSettings
 from worker.keys import FileKeyProvider, format_ring, generate_key
 from worker.shadow_sealer import KeyRingSealer
 from worker.shadow_store import open_store
-from worker.shadow_worker import check_shadow_rules
+from worker.shadow_worker import check_shadow_rules, open_configured_store
 from worker.storage import build_data_converter
 
 CANDIDATE = "anthropic/claude-sonnet-4-5"
@@ -379,6 +379,10 @@ async def test_a_sealed_store_holds_no_prompt_in_the_clear(
         open_store(f"sqlite:///{database}").pairs()
     (pair,) = open_store(f"sqlite:///{database}", sealer=KeyRingSealer([key])).pairs()
     assert TICKET in json.dumps(pair.request)
+    # What a report opens: the store and the keys of the worker's config.
+    config = KernelflowConfig(payloads=payloads, shadow=ShadowConfig(store=f"sqlite:///{database}"))
+    (again,) = (await open_configured_store(config, environ={})).pairs()
+    assert again == pair
     with pytest.raises(ConfigurationError, match="no key 'shadow-k1'"):
         open_store(f"sqlite:///{database}", sealer=KeyRingSealer([Key("other", b"x" * 32)])).pairs()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from kernel.errors import ConfigurationError, KernelflowError
@@ -18,7 +19,14 @@ from worker.codec import ChainedCodec, KernelflowCodec
 from worker.shadow_sealer import KeyRingSealer
 from worker.shadow_store import open_store
 
-__all__ = ["SHADOW_STORE_ENV", "StoreWriter", "check_shadow_rules", "key_provider_of", "shadow_store_url"]
+__all__ = [
+    "SHADOW_STORE_ENV",
+    "StoreWriter",
+    "check_shadow_rules",
+    "key_provider_of",
+    "open_configured_store",
+    "shadow_store_url",
+]
 
 SHADOW_STORE_ENV = "KERNELFLOW_SHADOW_STORE"
 
@@ -66,6 +74,23 @@ class StoreWriter:
         if self._store is not None:
             self._store.close()
             self._store = None
+
+
+async def open_configured_store(config: Any = None, environ: Mapping[str, str] | None = None) -> ShadowStore:
+    """The store a worker with ``config`` (a ``KernelflowConfig``; default: ``KERNELFLOW_CONFIG``'s)
+    writes to, able to read sealed pairs when its encryption is on: what a report reads."""
+    from worker.config import load_config, payload_settings
+    from worker.keys import load_key_provider
+    from worker.shadow_sealer import sealer_for
+
+    env = os.environ if environ is None else environ
+    if config is None:
+        path = env.get("KERNELFLOW_CONFIG")
+        config = load_config(Path(path) if path else None)
+    encryption = payload_settings(config, env).encryption
+    keys = load_key_provider(encryption.provider, encryption.options) if encryption.enabled else None
+    sealer = await sealer_for(keys)
+    return await asyncio.to_thread(open_store, shadow_store_url(config.shadow, env), sealer=sealer)
 
 
 def check_shadow_rules(config: ShadowConfig, registry: Registry) -> None:

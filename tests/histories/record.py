@@ -18,6 +18,7 @@ import asyncio
 import json
 import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ sys.path.insert(0, str(REPO))
 from activities.mcp import McpServerConfig  # noqa: E402
 from kernel.limits import LimitsConfig  # noqa: E402
 from kernel.pipeline import load_pipeline  # noqa: E402
+from kernel.shadow_rules import ShadowConfig  # noqa: E402
 from simulator.server import SimulatorServer  # noqa: E402
 from worker.app import build_registry, build_worker, connect, simulator_settings  # noqa: E402
 from worker.client import approve, pause, reroute, resume, send_event, start_pipeline  # noqa: E402
@@ -136,6 +138,8 @@ class Recording:
     """How the simulator's provider batches behave (``/_sim/batches``)."""
     cancelled: bool = False
     """The drive cancels the pipeline."""
+    shadow: dict[str, Any] | None = None
+    """The worker's ``shadow`` section (its store goes to a temporary directory)."""
 
 
 TICKET = "I was charged twice for my March invoice. Please refund the second charge."
@@ -201,6 +205,13 @@ RECORDINGS: list[Recording] = [
         limits={"models": {"openai": {"requests_per_second": 1}}},
     ),
     Recording(
+        "shadowed",
+        "tests/histories/shadowed.yaml",
+        {"ticket": TICKET},
+        faults=[{"fault": "503", "model": "claude-sonnet-4-5", "times": 1, "key": "shadowed-candidate"}],
+        shadow={"models": {"openai/gpt-4.1": {"model": "anthropic/claude-sonnet-4-5"}}},
+    ),
+    Recording(
         "driven",
         "tests/histories/driven.yaml",
         {"order": "A-1001"},
@@ -224,7 +235,13 @@ async def record(recording: Recording, client: Client, sim: SimulatorServer, out
             command=sys.executable, args=["-m", "examples.orders_mcp"], cwd=str(REPO)
         )
     limits = LimitsConfig.model_validate(recording.limits) if recording.limits is not None else None
-    async with build_worker(client, task_queue=queue, registry=registry, mcp_servers=servers, limits=limits):
+    shadow = None
+    if recording.shadow is not None:
+        store = Path(tempfile.mkdtemp(prefix="kernelflow-record-")) / "shadow.db"
+        shadow = ShadowConfig.model_validate({"store": f"sqlite:///{store}", **recording.shadow})
+    async with build_worker(
+        client, task_queue=queue, registry=registry, mcp_servers=servers, limits=limits, shadow=shadow
+    ):
         handle = await start_pipeline(
             client, spec, recording.inputs, task_queue=queue, workflow_id=f"{recording.name}-recorded"
         )
