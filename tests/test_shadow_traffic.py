@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client, WorkflowHistory
+from temporalio.client import Client, WorkflowFailureError, WorkflowHistory
+from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
 from kernel.errors import ConfigurationError, PipelineError
@@ -431,6 +432,24 @@ async def test_a_worker_refuses_to_start_with_an_unknown_candidate(
         worker: Worker = build_worker(client, task_queue="never", registry=registry, shadow=config)
         async with worker:
             pass
+
+
+async def test_a_spec_whose_candidate_the_worker_cannot_call_fails_before_its_first_step(
+    client: Client, registry: Registry, sim: SimulatorServer, store_url: str
+) -> None:
+    queue = f"shadow-{uuid.uuid4().hex[:10]}"
+    spec = _spec(shadow={"model": "nowhere/model-x"})
+    async with build_worker(
+        client, task_queue=queue, registry=registry, shadow=ShadowConfig(store=store_url)
+    ):
+        handle = await start_pipeline(client, spec, {"ticket": TICKET}, task_queue=queue)
+        with pytest.raises(WorkflowFailureError) as failed:
+            await handle.result()
+    cause = failed.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "PipelineError"
+    assert "step 'classify' shadow.model: 'nowhere/model-x'" in cause.message and "nowhere" in cause.message
+    assert "llm_chat" not in _activities(await handle.fetch_history()).values()
+    assert sim.stats()["requests"] == 0
 
 
 @pytest.fixture(autouse=True)
