@@ -287,7 +287,7 @@ async def _cmd_dev(args: argparse.Namespace) -> int:
             )  # fmt: skip
             async with events as embedded, build_worker(
                 client, task_queue=settings.task_queue, llm_activities=ops.activities(registry, config),
-                pipelines=catalog, events=embedded.publisher,
+                pipelines=catalog, events=embedded.publisher, shadow=config.shadow,
             ), ops.serving(client), _dev_console(
                 args, client, registry, settings, server.ui_url, ops.url, embedded.broker_url
             ) as console_line:  # fmt: skip
