@@ -434,6 +434,48 @@ async def test_a_worker_refuses_to_start_with_an_unknown_candidate(
             pass
 
 
+async def test_tool_calls_are_recorded_as_output_and_never_executed(
+    client: Client, registry: Registry, sim: SimulatorServer, store_url: str
+) -> None:
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "issue_refund",
+            "description": "Refund an invoice",
+            "parameters": {
+                "type": "object",
+                "required": ["invoice"],
+                "properties": {"invoice": {"type": "string"}},
+            },
+        },
+    }
+    spec = parse_pipeline(
+        {
+            "name": "tooled",
+            "inputs": {"ticket": {"type": "string"}},
+            "steps": [
+                {
+                    "id": "act",
+                    "model": "openai/gpt-4o-mini",
+                    "prompt": "Handle: {{ inputs.ticket }}",
+                    "tools": [tool],
+                    "shadow": {"model": CANDIDATE},
+                }
+            ],
+            "outputs": {"text": "{{ steps.act.output }}"},
+        }
+    )
+    result, history = await _run(client, registry, spec, shadow=ShadowConfig(store=store_url))
+    assert result.status == "completed"
+    (pair,) = open_store(store_url).pairs()
+    assert pair.request is not None and pair.request["tools"][0]["function"]["name"] == "issue_refund"
+    for side in (pair.primary, pair.candidate):
+        assert side.tool_calls and side.tool_calls[0]["function"]["name"] == "issue_refund"
+    # One call each, no tool run and no follow-up turn: the candidate's tool call is only recorded.
+    assert sim.stats()["by_model"] == {"gpt-4o-mini": 1, "claude-sonnet-4-5": 1}
+    assert sorted(_activities(history).values()) == ["llm_chat", "shadow_chat"]
+
+
 async def test_a_spec_whose_candidate_the_worker_cannot_call_fails_before_its_first_step(
     client: Client, registry: Registry, sim: SimulatorServer, store_url: str
 ) -> None:
