@@ -177,7 +177,9 @@ class ShadowActivities:
     async def chat(self, call: ShadowCallInput) -> ShadowOutcome:
         info = activity.info()
         log = _log.bind(workflow_id=call.workflow_id, step=call.step_id, candidate=call.candidate)
-        if self.config.opted_out(call.tenant) or not self.config.enabled:
+        if not self.config.enabled:
+            return self._count(call, "disabled", "shadow traffic is disabled on this worker")
+        if self.config.opted_out(call.tenant):
             return self._count(call, "opted_out", "the tenant opted out of shadow traffic")
         try:
             provider, model_name = self.live.registry.resolve(call.candidate)

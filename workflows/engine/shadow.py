@@ -63,7 +63,6 @@ class Shadows:
         self.tenant = tenant
         self.rules: ShadowRules | None = None
         """The worker's rules as this run read them at its start; None: the run never shadows."""
-        self.started = 0
         self.pending = 0
         self._answered = 0
         self._tasks: set[asyncio.Future[None]] = set()
@@ -79,14 +78,18 @@ class Shadows:
         may = may or workflow.unsafe.is_replaying()
         if not (may and workflow.patched(SHADOW_PATCH)):
             return
-        rules: ShadowRules = await workflow.execute_local_activity(
-            SHADOW_RULES,
-            ShadowRulesInput(tenant=self.tenant, candidates=spec_candidates(shadowed_steps)),
-            result_type=ShadowRules,
-            start_to_close_timeout=timedelta(seconds=10),
-            retry_policy=RetryPolicy(maximum_attempts=3),
-            summary="shadow rules",
-        )
+        try:
+            rules: ShadowRules = await workflow.execute_local_activity(
+                SHADOW_RULES,
+                ShadowRulesInput(tenant=self.tenant, candidates=spec_candidates(shadowed_steps)),
+                result_type=ShadowRules,
+                start_to_close_timeout=timedelta(seconds=10),
+                retry_policy=RetryPolicy(maximum_attempts=3),
+                summary="shadow rules",
+            )
+        except (ActivityError, ApplicationError) as exc:  # a local activity's failure may arrive unwrapped
+            workflow.logger.warning("shadow rules not read, this run is not shadowed: %s", exc.cause or exc)
+            return
         for step_id, rule in shadowed_steps:
             problem = rules.problems.get(rule.model)
             if problem is not None:
@@ -135,7 +138,6 @@ class Shadows:
             latency_ms=result.latency_ms,
             output_schema=call.output_schema,
         )
-        self.started += 1
         return ShadowCallInput(
             pair_id=f"{info.workflow_id}/{info.run_id}/{number}",
             candidate=rule.model,
