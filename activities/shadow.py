@@ -62,7 +62,9 @@ SHADOW_CHAT = "shadow_chat"
 SHADOW_RULES = "shadow_rules"
 """The local activity a run reads the worker's rules with, once, at its start."""
 
-Outcome = Literal["recorded", "opted_out", "breaker_open", "over_budget", "unknown_candidate", "same_model"]
+Outcome = Literal[
+    "recorded", "disabled", "opted_out", "breaker_open", "over_budget", "unknown_candidate", "same_model"
+]
 
 _log = structlog.get_logger("kernelflow.shadow")
 
