@@ -19,15 +19,16 @@ import pytest
 from temporalio.client import Client
 
 from kernel.errors import ConfigurationError
-from kernel.keys import Key
 from kernel.registry import Registry
 from kernel.shadow import ShadowPair, ShadowSide, request_digest
 from kernel.shadow_rules import ShadowConfig
 from simulator.server import SimulatorServer
 from worker.app import build_worker
 from worker.client import start_pipeline
+from worker.codec import KernelflowCodec
 from worker.devserver import free_port
-from worker.shadow_sealer import KeyRingSealer
+from worker.keys import FileKeyProvider, format_ring, generate_key
+from worker.shadow_sealer import CodecSealer
 from worker.shadow_store import PostgresShadowStore, open_store
 
 _BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
@@ -132,15 +133,17 @@ def test_pairs_are_stored_once_filtered_and_read_oldest_first(database: str) -> 
     again.close()
 
 
-def test_sealed_pairs_hold_no_prompt_in_the_clear(database: str) -> None:
+def test_sealed_pairs_hold_no_prompt_in_the_clear(database: str, tmp_path: Path) -> None:
     import psycopg
 
-    key = Key("pg-k1", b"k" * 32)
-    store = open_store(database, sealer=KeyRingSealer([key]))
+    keys = FileKeyProvider(dir=tmp_path / "keys")
+    keys.ring_path().parent.mkdir(parents=True)
+    keys.ring_path().write_text(format_ring([generate_key("pg-k1")]))
+    store = open_store(database, sealer=CodecSealer(KernelflowCodec(provider=keys)))
     store.add([_pair(1)])
     with psycopg.connect(database) as db:
         (body,) = db.execute("SELECT body FROM shadow_pairs").fetchone() or (b"",)
-    assert b"secret-prompt" not in bytes(body) and bytes(body).startswith(b"KFS1")
+    assert b"secret-prompt" not in bytes(body) and b"pg-k1" in bytes(body)
     assert "secret-prompt" in str(store.pairs()[0].request)
     with pytest.raises(ConfigurationError, match="holds encrypted pairs"):
         open_store(database).pairs()

@@ -3,12 +3,16 @@ cost over a sliding hour, worker rules match by model or alias, and sealed bodie
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from temporalio.api.common.v1 import Payload
 
 from kernel.errors import ConfigurationError
-from kernel.keys import Key
 from kernel.shadow_rules import HourlyBudget, ShadowConfig, ShadowSpec, sampled
-from worker.shadow_sealer import KeyRingSealer
+from worker.codec import KernelflowCodec
+from worker.keys import FileKeyProvider, format_ring, generate_key
+from worker.shadow_sealer import CodecSealer
 
 
 def test_sampling_is_the_same_every_time_and_close_to_the_rate() -> None:
@@ -52,18 +56,33 @@ def test_worker_rules_match_the_model_asked_then_the_model_that_answered() -> No
     assert config.opted_out("acme") and not config.opted_out("globex") and not config.opted_out(None)
 
 
-def test_sealed_bodies_unseal_with_any_key_of_the_ring_and_refuse_tampering() -> None:
-    old, new = Key("k-old", b"o" * 32), Key("k-new", b"n" * 32)
-    sealed_old = KeyRingSealer([old]).seal(b'{"prompt": "secret"}')
-    assert b"secret" not in sealed_old and sealed_old.startswith(b"KFS1")
-    rotated = KeyRingSealer([new, old])
-    sealed_new = rotated.seal(b"fresh")
-    assert b"k-new" in sealed_new[:16]
-    assert rotated.unseal(sealed_old) == b'{"prompt": "secret"}' and rotated.unseal(sealed_new) == b"fresh"
-    altered = sealed_new[:-1] + bytes([sealed_new[-1] ^ 1])
+def test_sealed_bodies_unseal_with_any_key_of_the_ring_and_refuse_tampering(tmp_path: Path) -> None:
+    keys = FileKeyProvider(dir=tmp_path / "keys")
+    keys.ring_path().parent.mkdir(parents=True)
+    keys.ring_path().write_text(format_ring([generate_key("k-old")]))
+    sealer = CodecSealer(KernelflowCodec(provider=keys, compress_min_bytes=0))
+    sealed_old = sealer.seal(b'{"prompt": "secret secret secret"}')
+    assert b"secret" not in sealed_old and b"k-old" in sealed_old
+    keys.add_key()  # rotation: a new key seals, the old one still unseals
+    sealed_new = sealer.seal(b"fresh")
+    assert b"k-old" not in sealed_new
+    assert (
+        sealer.unseal(sealed_old) == b'{"prompt": "secret secret secret"}'
+        and sealer.unseal(sealed_new) == b"fresh"
+    )
+    payload = Payload.FromString(sealed_new)
+    payload.data = payload.data[:-1] + bytes([payload.data[-1] ^ 1])
     with pytest.raises(ConfigurationError, match="failed authentication"):
-        rotated.unseal(altered)
+        sealer.unseal(payload.SerializeToString())
+    keys.ring_path().write_text(format_ring([generate_key("k-other")]))
     with pytest.raises(ConfigurationError, match="no key 'k-old'"):
-        KeyRingSealer([new]).unseal(sealed_old)
-    with pytest.raises(ConfigurationError, match="key ring is empty"):
-        KeyRingSealer([])
+        sealer.unseal(sealed_old)
+    assert CodecSealer.of(KernelflowCodec(provider=None)) is None  # encryption off: nothing to seal with
+
+
+async def test_a_sealer_works_from_a_thread_with_a_running_loop(tmp_path: Path) -> None:
+    keys = FileKeyProvider(dir=tmp_path / "keys")
+    keys.ring_path().parent.mkdir(parents=True)
+    keys.ring_path().write_text(format_ring([generate_key("k1")]))
+    sealer = CodecSealer(KernelflowCodec(provider=keys))
+    assert sealer.unseal(sealer.seal(b"inside a loop")) == b"inside a loop"

@@ -22,7 +22,6 @@ from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
 from kernel.errors import ConfigurationError, PipelineError
-from kernel.keys import Key
 from kernel.pipeline import parse_pipeline
 from kernel.registry import Registry
 from kernel.shadow import request_digest
@@ -32,10 +31,10 @@ from worker.app import build_worker
 from worker.client import start_pipeline
 from worker.config import CompressionSettings, EncryptionSettings, KernelflowConfig, PayloadSettings
 from worker.keys import FileKeyProvider, format_ring, generate_key
-from worker.shadow_sealer import KeyRingSealer
+from worker.shadow_sealer import CodecSealer
 from worker.shadow_store import open_store
 from worker.shadow_worker import check_shadow_rules, open_configured_store
-from worker.storage import build_data_converter
+from worker.storage import build_codec, build_data_converter
 
 CANDIDATE = "anthropic/claude-sonnet-4-5"
 TICKET = "I was charged twice for invoice 7781, please refund"
@@ -378,14 +377,15 @@ async def test_a_sealed_store_holds_no_prompt_in_the_clear(
     assert b"invoice 7781" not in raw and b"Classify this ticket" not in raw
     with pytest.raises(ConfigurationError, match="encrypted pairs"):
         open_store(f"sqlite:///{database}").pairs()
-    (pair,) = open_store(f"sqlite:///{database}", sealer=KeyRingSealer([key])).pairs()
+    (pair,) = open_store(f"sqlite:///{database}", sealer=CodecSealer.of(build_codec(payloads))).pairs()
     assert TICKET in json.dumps(pair.request)
     # What a report opens: the store and the keys of the worker's config.
     config = KernelflowConfig(payloads=payloads, shadow=ShadowConfig(store=f"sqlite:///{database}"))
     (again,) = (await open_configured_store(config, environ={})).pairs()
     assert again == pair
+    keys.ring_path().write_text(format_ring([generate_key("other")]))  # the key is gone from the ring
     with pytest.raises(ConfigurationError, match="no key 'shadow-k1'"):
-        open_store(f"sqlite:///{database}", sealer=KeyRingSealer([Key("other", b"x" * 32)])).pairs()
+        open_store(f"sqlite:///{database}", sealer=CodecSealer.of(build_codec(payloads))).pairs()
 
 
 def test_shadow_specs_and_rules_are_checked_with_what_is_wrong(registry: Registry) -> None:

@@ -47,7 +47,7 @@ from kernel.shadow_rules import ShadowConfig
 from worker.codec import ChainedCodec
 from worker.config import PayloadSettings, payload_settings_from_env
 from worker.pipelines import PipelineCatalog
-from worker.shadow_worker import StoreWriter, check_shadow_rules, key_provider_of, shadow_store_url
+from worker.shadow_worker import StoreWriter, check_shadow_rules, shadow_store_url
 from worker.storage import build_data_converter
 from workflows.engine.checks import install_model_check
 from workflows.engine.shadow import install_shadow
@@ -226,7 +226,7 @@ class KernelflowPlugin(SimplePlugin):
             if self.shadow_activities is not None and client is not None:
                 writer = self.shadow_activities.record
                 if isinstance(writer, StoreWriter):
-                    writer.keys = key_provider_of(client.data_converter)
+                    writer.codec = client.data_converter.payload_codec
         return config
 
     def _model_problem(self, model: str) -> str | None:

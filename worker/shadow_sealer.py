@@ -1,73 +1,68 @@
-"""Sealing shadow pairs at rest with the worker's encryption keys: AES-256-GCM, like payloads.
+"""Sealing shadow pairs at rest exactly as payloads are encrypted: the pair's JSON becomes a Temporal
+``Payload`` (encoding ``binary/kernelflow-shadow-pair``) that the payload codec encodes (optional zlib,
+then AES-256-GCM under the ring's current key, the key id in the clear metadata); the stored body is
+that encoded payload, serialized. Any key of the ring unseals (rotation keeps old pairs readable while
+their key stays in the ring), and a missing key or altered bytes fail with the codec's own errors.
 
-A sealed body is ``KFS1 | key id length (1 byte) | key id | 12-byte nonce | ciphertext | tag``; the
-header is bound to the ciphertext as associated data. The ring's first key seals; any key of the ring
-unseals (rotation keeps old pairs readable while their key stays in the ring). The deployment's ring
-is used (per-tenant keys are not: see docs/shadow.md).
+The same format is written by the live side (``shadow_chat``) and by ``kernelflow compare``, so a
+report reads both. The codec is asynchronous and a store is not: each call runs the codec on an event
+loop of its own when the calling thread already has one running.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from temporalio.api.common.v1 import Payload
 
-from kernel.errors import ConfigurationError
-from kernel.keys import Key, KeyProvider, KeyUnavailable
+__all__ = ["SHADOW_PAIR_ENCODING", "CodecSealer"]
 
-__all__ = ["KeyRingSealer", "sealer_for"]
+SHADOW_PAIR_ENCODING = b"binary/kernelflow-shadow-pair"
 
-_MAGIC = b"KFS1"
-_NONCE = 12
+_T = TypeVar("_T")
 
 
-class KeyRingSealer:
-    """A ``worker.shadow_store.Sealer`` over a key ring (``refresh`` takes a rotated ring)."""
+class CodecSealer:
+    """A ``worker.shadow_store.Sealer`` over a payload codec that encrypts."""
 
-    def __init__(self, keys: Sequence[Key]) -> None:
-        self.refresh(keys)
+    def __init__(self, codec: Any) -> None:
+        self.codec = codec
 
-    def refresh(self, keys: Sequence[Key]) -> None:
-        if not keys:
-            raise KeyUnavailable(
-                "encryption is on but the key ring is empty: shadow pairs cannot be sealed "
-                "(set KERNELFLOW_ENCRYPTION_KEYS or the key directory, docs/encryption.md)"
-            )
-        self._keys = list(keys)
-        self._ciphers = {key.id: AESGCM(key.material) for key in self._keys}
+    @classmethod
+    def of(cls, codec: Any) -> CodecSealer | None:
+        """``codec`` as a sealer when it encrypts; None with encryption off."""
+        return cls(codec) if codec is not None and getattr(codec, "encrypting", False) else None
 
     def seal(self, data: bytes) -> bytes:
-        key = self._keys[0]
-        key_id = key.id.encode()
-        header = _MAGIC + bytes([len(key_id)]) + key_id
-        nonce = os.urandom(_NONCE)
-        return header + nonce + self._ciphers[key.id].encrypt(nonce, data, header)
+        payload = Payload(metadata={"encoding": SHADOW_PAIR_ENCODING}, data=data)
+        (sealed,) = _run(self.codec.encode([payload]))
+        return bytes(sealed.SerializeToString())
 
     def unseal(self, data: bytes) -> bytes:
-        if not data.startswith(_MAGIC) or len(data) < len(_MAGIC) + 1:
-            raise ConfigurationError("a sealed shadow pair has an unknown format (no KFS1 header)")
-        length = data[len(_MAGIC)]
-        end = len(_MAGIC) + 1 + length
-        header, key_id = data[:end], data[len(_MAGIC) + 1 : end].decode(errors="replace")
-        cipher = self._ciphers.get(key_id)
-        if cipher is None:
-            held = ", ".join(self._ciphers) or "none"
-            raise KeyUnavailable(
-                f"no key {key_id!r} to unseal a shadow pair; this process holds keys [{held}]", key_id=key_id
-            )
+        (payload,) = _run(self.codec.decode([Payload.FromString(data)]))
+        return bytes(payload.data)
+
+
+def _run(work: Coroutine[Any, Any, _T]) -> _T:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(work)
+    result: list[_T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
         try:
-            return cipher.decrypt(data[end : end + _NONCE], data[end + _NONCE :], header)
-        except InvalidTag:
-            raise ConfigurationError(
-                f"a shadow pair sealed with key {key_id!r} failed authentication: another key under that id, "
-                "or altered bytes"
-            ) from None
+            result.append(asyncio.run(work))
+        except BaseException as exc:  # handed to the caller's thread
+            errors.append(exc)
 
-
-async def sealer_for(provider: KeyProvider | None) -> KeyRingSealer | None:
-    """The sealer of ``provider``'s deployment ring, or None when encryption is off."""
-    if provider is None:
-        return None
-    return KeyRingSealer(await provider.keys(None))
+    thread = threading.Thread(target=run, name="shadow-sealer")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result[0]

@@ -11,19 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from kernel.errors import ConfigurationError, KernelflowError
-from kernel.keys import KeyProvider
 from kernel.registry import Registry
 from kernel.shadow import ShadowPair, ShadowStore
 from kernel.shadow_rules import DEFAULT_SHADOW_STORE, ShadowConfig
-from worker.codec import ChainedCodec, KernelflowCodec
-from worker.shadow_sealer import KeyRingSealer
+from worker.shadow_sealer import CodecSealer
 from worker.shadow_store import open_store
 
 __all__ = [
     "SHADOW_STORE_ENV",
     "StoreWriter",
     "check_shadow_rules",
-    "key_provider_of",
     "open_configured_store",
     "shadow_store_url",
 ]
@@ -36,37 +33,20 @@ def shadow_store_url(config: ShadowConfig | None, environ: Mapping[str, str] | N
     return env.get(SHADOW_STORE_ENV) or (config.store if config else None) or DEFAULT_SHADOW_STORE
 
 
-def key_provider_of(converter: Any) -> KeyProvider | None:
-    """The key provider of a data converter's Kernelflow codec (None: encryption off)."""
-    codec = getattr(converter, "payload_codec", None)
-    if isinstance(codec, ChainedCodec):
-        codec = codec.outer
-    if isinstance(codec, KernelflowCodec) and codec.encrypting:
-        return codec.provider
-    return None
-
-
 class StoreWriter:
-    """Writes pairs to the store, opened at the first pair; with ``keys`` (encryption on) every body
-    is sealed with the ring's current key (read again for each pair, so a rotation applies at once)."""
+    """Writes pairs to the store, opened at the first pair; with ``codec`` (the worker's payload codec,
+    when it encrypts) every body is sealed like a payload, under the ring's current key."""
 
-    def __init__(self, url: str, *, keys: KeyProvider | None = None) -> None:
+    def __init__(self, url: str, *, codec: Any = None) -> None:
         self.url = url
-        self.keys = keys
+        self.codec = codec
         self._store: ShadowStore | None = None
-        self._sealer: KeyRingSealer | None = None
         self._lock = asyncio.Lock()
 
     async def __call__(self, pair: ShadowPair) -> None:
         async with self._lock:
-            if self.keys is not None:
-                ring = await self.keys.keys(None)
-                if self._sealer is None:
-                    self._sealer = KeyRingSealer(ring)
-                else:
-                    self._sealer.refresh(ring)
             if self._store is None:
-                self._store = await asyncio.to_thread(open_store, self.url, sealer=self._sealer)
+                self._store = await asyncio.to_thread(open_store, self.url, sealer=CodecSealer.of(self.codec))
             store = self._store
         await asyncio.to_thread(store.add, [pair])
 
@@ -80,16 +60,13 @@ async def open_configured_store(config: Any = None, environ: Mapping[str, str] |
     """The store a worker with ``config`` (a ``KernelflowConfig``; default: ``KERNELFLOW_CONFIG``'s)
     writes to, able to read sealed pairs when its encryption is on: what a report reads."""
     from worker.config import load_config, payload_settings
-    from worker.keys import load_key_provider
-    from worker.shadow_sealer import sealer_for
+    from worker.storage import build_codec
 
     env = os.environ if environ is None else environ
     if config is None:
         path = env.get("KERNELFLOW_CONFIG")
         config = load_config(Path(path) if path else None)
-    encryption = payload_settings(config, env).encryption
-    keys = load_key_provider(encryption.provider, encryption.options) if encryption.enabled else None
-    sealer = await sealer_for(keys)
+    sealer = CodecSealer.of(build_codec(payload_settings(config, env)))
     return await asyncio.to_thread(open_store, shadow_store_url(config.shadow, env), sealer=sealer)
 
 
