@@ -6,9 +6,11 @@ What it never does: execute tools (the candidate gets the same request, tools in
 calls it asks for are recorded as output), raise the candidate's failure to the workflow (a failure on
 the last attempt, or a timeout, is recorded in the pair), or call an opted-out tenant's candidate.
 
-Before calling, in order: the tenant's opt-out, the candidate's circuit breaker on this worker (open
-after ``shadow.breaker.failure_threshold`` consecutive failures) and the candidate's hourly caps (the
-fleet-wide shadow budget workflow). A call refused there is *skipped*: counted (the result's
+Before calling, in order: the tenant's opt-out, the candidate's hourly caps (the fleet-wide shadow
+budget workflow), the candidate's provider limits when the worker has a ``limits`` key for it (the
+admission-control limiter: admitted now, or skipped; a shadow call never waits for capacity) and the
+candidate's circuit breaker on this worker (open after ``shadow.breaker.failure_threshold``
+consecutive failures). A call refused there is *skipped*: counted (the result's
 ``outcome``, the worker's ``kernelflow_shadow_calls`` metric), not recorded as a pair, so the pairs
 say only how the candidate answered.
 """
@@ -30,6 +32,7 @@ from temporalio.client import WithStartWorkflowOperation
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
 
+from activities.limits import AcquireInput, LimitsActivities
 from activities.live import LiveProviders
 from kernel.contracts import ChatRequest, ChatResponse
 from kernel.errors import CircuitOpen, KernelflowError, UpstreamTimeout, error_type
@@ -37,6 +40,7 @@ from kernel.routing import BreakerBoard, Permit
 from kernel.schema import schema_errors
 from kernel.shadow import ShadowPair, ShadowSide, request_digest
 from kernel.shadow_rules import ShadowConfig, ShadowSpec
+from workflows.limiter import ReleaseRequest
 from workflows.shadow_budget import (
     BudgetInput,
     ShadowBudgetWorkflow,
@@ -63,7 +67,14 @@ SHADOW_RULES = "shadow_rules"
 """The local activity a run reads the worker's rules with, once, at its start."""
 
 Outcome = Literal[
-    "recorded", "disabled", "opted_out", "breaker_open", "over_budget", "unknown_candidate", "same_model"
+    "recorded",
+    "disabled",
+    "opted_out",
+    "breaker_open",
+    "over_budget",
+    "over_limit",
+    "unknown_candidate",
+    "same_model",
 ]
 
 _log = structlog.get_logger("kernelflow.shadow")
@@ -151,8 +162,11 @@ class ShadowActivities:
         record: Callable[[ShadowPair], Awaitable[None]],
         *,
         scope: str | None = None,
+        limits: LimitsActivities | None = None,
     ) -> None:
         self.live = live
+        self.limits = limits
+        """The worker's admission control: a candidate with a ``limits`` key is admitted there too."""
         self.config = config
         self.record = record
         self.scope = scope
@@ -195,6 +209,22 @@ class ShadowActivities:
             answer = await self._take(candidate, call)
             if not answer.admitted:
                 return self._count(call, "over_budget", f"{answer.refused_by} cap reached")
+        admission = await self._admit(candidate, call, info.attempt)
+        if admission is False:
+            return self._count(call, "over_limit", f"no capacity now under the limits of {candidate}")
+        response: ChatResponse | None = None
+        try:
+            response, outcome = await self._ask(call, candidate, provider, model_name, log)
+        finally:
+            if isinstance(admission, tuple):
+                await self._release(admission, response.usage.total_tokens if response is not None else None)
+        return outcome
+
+    async def _ask(
+        self, call: ShadowCallInput, candidate: str, provider: Any, model_name: str, log: Any
+    ) -> tuple[ChatResponse | None, ShadowOutcome]:
+        """Call the candidate once; record its answer, or its failure unless Temporal retries it."""
+        attempt = activity.info().attempt
         permit: Permit | None = None
         started = time.perf_counter()
         try:
@@ -202,7 +232,9 @@ class ShadowActivities:
             prepared = provider.prepare_chat(call.request.model_copy(update={"model": model_name}))
             provider.check_chat(prepared.request)
             try:
-                response = await asyncio.wait_for(provider.chat(prepared.request), timeout=call.timeout_s)
+                response: ChatResponse = await asyncio.wait_for(
+                    provider.chat(prepared.request), timeout=call.timeout_s
+                )
             except TimeoutError:
                 raise UpstreamTimeout(
                     f"the candidate did not answer within {call.timeout_s:g}s",
@@ -210,13 +242,11 @@ class ShadowActivities:
                     model=model_name,
                 ) from None
         except CircuitOpen as exc:
-            return self._count(call, "breaker_open", str(exc))
+            return None, self._count(call, "breaker_open", str(exc))
         except KernelflowError as exc:
             self.breakers.settle(permit, exc)
-            retry = (
-                exc.retryable and not isinstance(exc, UpstreamTimeout) and info.attempt < call.max_attempts
-            )
-            log.warning("shadow call failed", error_type=error_type(exc), attempt=info.attempt, retried=retry)
+            retry = exc.retryable and not isinstance(exc, UpstreamTimeout) and attempt < call.max_attempts
+            log.warning("shadow call failed", error_type=error_type(exc), attempt=attempt, retried=retry)
             if retry:
                 raise ApplicationError(str(exc), type=error_type(exc)) from exc
             side = ShadowSide(
@@ -226,7 +256,7 @@ class ShadowActivities:
                 latency_ms=(time.perf_counter() - started) * 1000,
             )
             await self._store(call, side)
-            return self._count(call, "recorded", None, error=side.error_type)
+            return None, self._count(call, "recorded", None, error=side.error_type)
         except BaseException as exc:
             self.breakers.settle(permit, exc)
             raise
@@ -239,7 +269,46 @@ class ShadowActivities:
         if cost is not None and (call.per_hour is not None or call.max_cost_usd_per_hour is not None):
             await self._spent(candidate, call.pair_id, cost)
         await self._store(call, side)
-        return self._count(call, "recorded", None)
+        return response, self._count(call, "recorded", None)
+
+    async def _admit(self, candidate: str, call: ShadowCallInput, attempt: int) -> tuple[str, str] | bool:
+        """With a ``limits`` key for the candidate: ``(limiter, request id)`` when the limiter admits
+        this call now, False when it has no capacity now (the request is withdrawn at once: a shadow
+        call never waits, so production calls keep the capacity). True without a key."""
+        if self.limits is None:
+            return True
+        key = self.limits.limits.key_for(candidate)
+        if key is None:
+            return True
+        request_id = f"shadow:{call.pair_id}:{attempt}"
+        ticket = await self.limits.acquire(
+            AcquireInput(
+                model=candidate,
+                request=call.request,
+                id=request_id,
+                requester=f"kernelflow-shadow/{call.pair_id}",  # no such workflow: a late grant is given back
+                tenant="",
+                lease_s=call.timeout_s + 30,
+            )
+        )
+        if ticket.key is None:
+            return True
+        admitted = (ticket.limiter, request_id)
+        if not ticket.granted:
+            await self._release(admitted, 0)
+            return False
+        return admitted
+
+    async def _release(self, admitted: tuple[str, str], used_tokens: int | None) -> None:
+        limiter, request_id = admitted
+        try:
+            await (
+                activity.client()
+                .get_workflow_handle(limiter)
+                .signal("release", ReleaseRequest(id=request_id, used_tokens=used_tokens))
+            )
+        except Exception as exc:  # the lease gives the capacity back
+            _log.warning("limiter did not take a shadow call's release", limiter=limiter, error=str(exc))
 
     async def _store(self, call: ShadowCallInput, candidate: ShadowSide) -> None:
         request = call.request.model_dump(mode="json", exclude_none=True)

@@ -22,6 +22,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
 from kernel.errors import ConfigurationError, PipelineError
+from kernel.limits import LimitsConfig
 from kernel.pipeline import parse_pipeline
 from kernel.registry import Registry
 from kernel.shadow import request_digest
@@ -350,6 +351,31 @@ async def test_hourly_caps_hold_through_the_budget_workflow(
     assert sorted(o["outcome"] for o in outcomes) == ["over_budget", "recorded"]
     assert state["calls_this_hour"] == 1 and state["refused"] == 1 and state["cost_usd_this_hour"] > 0
     assert len(open_store(store_url).pairs()) == 1
+
+
+async def test_a_candidate_with_a_provider_limit_is_shadowed_only_when_there_is_capacity_now(
+    client: Client, registry: Registry, sim: SimulatorServer, store_url: str
+) -> None:
+    """The admission-control limiter counts shadow calls against the candidate's limit; a shadow call
+    is admitted now or skipped, never queued ahead of production calls."""
+    queue = f"shadow-{uuid.uuid4().hex[:10]}"
+    limits = LimitsConfig.model_validate({"models": {CANDIDATE: {"requests_per_minute": 1}}})
+    rule = {"model": CANDIDATE}
+    async with build_worker(
+        client, task_queue=queue, registry=registry, shadow=ShadowConfig(store=store_url), limits=limits
+    ):
+        handle = await start_pipeline(
+            client, _spec(shadow=rule, last=rule), {"ticket": TICKET}, task_queue=queue
+        )
+        result = await handle.result()
+        outcomes = _outcomes(await handle.fetch_history())
+        limiter = client.get_workflow_handle(f"kernelflow-limiter/{queue}/{CANDIDATE}")
+        state = await limiter.query("state")
+        await limiter.terminate("test done")
+    assert result.status == "completed"
+    assert sorted(o["outcome"] for o in outcomes) == ["over_limit", "recorded"]
+    assert state["waiting"] == 0 and state["active"] == 0 and state["admitted"] == 1
+    assert sim.stats()["by_model"]["claude-sonnet-4-5"] == 1
 
 
 async def test_a_sealed_store_holds_no_prompt_in_the_clear(

@@ -200,7 +200,10 @@ class KernelflowPlugin(SimplePlugin):
             self.limits_activities = LimitsActivities(limits or LimitsConfig(), providers)
             activities.append(self.limits_activities.acquire)
             self.shadow_activities = ShadowActivities(
-                providers, shadow or ShadowConfig(), StoreWriter(shadow_store_url(shadow))
+                providers,
+                shadow or ShadowConfig(),
+                StoreWriter(shadow_store_url(shadow)),
+                limits=self.limits_activities,
             )
             activities += [self.shadow_activities.chat, self.shadow_activities.rules]
             if limits is not None and limits.models:
