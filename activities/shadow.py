@@ -311,7 +311,7 @@ class ShadowActivities:
             _log.warning("limiter did not take a shadow call's release", limiter=limiter, error=str(exc))
 
     async def _store(self, call: ShadowCallInput, candidate: ShadowSide) -> None:
-        request = call.request.model_dump(mode="json", exclude_none=True)
+        request = call.request.model_dump(mode="json", exclude_none=True, by_alias=True)
         request.pop("model", None)
         await self.record(
             ShadowPair(
