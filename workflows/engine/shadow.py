@@ -182,4 +182,5 @@ class Shadows:
 
     async def drain(self) -> None:
         """Return once every shadow call started has finished (each is bounded by its timeouts)."""
-        await workflow.wait_condition(lambda: self.pending == 0)
+        if self.pending:
+            await workflow.wait_condition(lambda: self.pending == 0)
