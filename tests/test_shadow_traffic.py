@@ -310,7 +310,7 @@ async def test_a_hanging_candidate_neither_delays_the_next_step_nor_the_result(
     result, history = await _run(
         client,
         registry,
-        _spec(shadow={"model": CANDIDATE, "timeout_s": 3, "max_attempts": 1}),
+        _spec(shadow={"model": CANDIDATE, "timeout_s": 5, "max_attempts": 1}),
         shadow=ShadowConfig(store=store_url),
     )
     assert result.status == "completed" and result.outputs == plain.outputs
