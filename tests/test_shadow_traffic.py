@@ -9,13 +9,18 @@ in the clear.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import shutil
+import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowFailureError, WorkflowHistory
 from temporalio.exceptions import ApplicationError
@@ -528,3 +533,97 @@ async def _no_rules_left_behind() -> AsyncIterator[None]:
     from workflows.engine.shadow import install_shadow
 
     install_shadow(None)
+
+
+def test_a_worker_process_shadows_a_pipeline_started_with_the_temporal_cli(
+    temporal_target: str, sim: SimulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a user: ``kernelflow worker`` with a config file (a worker rule by alias, an opted-out
+    tenant, a store path), encryption keys from the environment, pipelines started by the ``temporal``
+    CLI with raw JSON, then the store read with the worker's config and keys."""
+    binary, temporal = shutil.which("kernelflow"), shutil.which("temporal")
+    assert binary and temporal, "the kernelflow and temporal commands are not installed"
+    queue = f"shadow-cli-{uuid.uuid4().hex[:8]}"
+    config = tmp_path / "kernelflow.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "providers": {"openai": {"base_url": f"{sim.url}/v1"}, "anthropic": {"base_url": sim.url}},
+                "aliases": {"fast": "openai/gpt-4o-mini"},
+                "shadow": {
+                    "store": f"sqlite:///{tmp_path}/pairs.db",
+                    "models": {"fast": {"model": CANDIDATE}},
+                    "opt_out_tenants": ["acme"],
+                },
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        "TEMPORAL_ADDRESS": temporal_target,
+        "KERNELFLOW_TASK_QUEUE": queue,
+        "KERNELFLOW_CONFIG": str(config),
+        "KERNELFLOW_ENCRYPTION_KEYS": format_ring([generate_key("cli-k1")]),
+        "KERNELFLOW_PAYLOADS_DIR": str(tmp_path / "payloads"),
+        "OPENAI_API_KEY": "sim-key",
+        "ANTHROPIC_API_KEY": "sim-key",
+        "KERNELFLOW_LOG_FORMAT": "json",
+    }
+    env.pop("KERNELFLOW_SHADOW_STORE", None)
+    spec = {
+        "name": "cli-shadowed",
+        "inputs": {"ticket": {"type": "string"}},
+        "steps": [{"id": "answer", "model": "fast", "prompt": "Answer: {{ inputs.ticket }}"}],
+        "outputs": {"answer": "{{ steps.answer.output }}"},
+    }
+    log = (tmp_path / "worker.log").open("wb")
+    worker = subprocess.Popen([binary, "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for tenant in ("globex", "acme"):
+            request = {
+                "pipeline": spec,
+                "inputs": {"ticket": f"parcel for {tenant} is late"},
+                "tenant": tenant,
+            }
+            for command in (
+                [
+                    "start",
+                    "--type",
+                    "PipelineWorkflow",
+                    "--task-queue",
+                    queue,
+                    "--input",
+                    json.dumps(request),
+                ],
+                ["result"],
+            ):
+                done = subprocess.run(
+                    [
+                        temporal,
+                        "workflow",
+                        *command,
+                        "--workflow-id",
+                        f"{queue}-{tenant}",
+                        "--address",
+                        temporal_target,
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
+                assert done.returncode == 0, f"temporal workflow {command[0]}: {done.stderr or done.stdout}"
+            assert "COMPLETED" in done.stdout
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        log.close()
+    raw = (tmp_path / "pairs.db").read_bytes() + (tmp_path / "pairs.db-wal").read_bytes()
+    assert b"parcel for" not in raw  # sealed with the worker's keys
+    (pair,) = asyncio.run(open_configured_store(environ=env)).pairs()  # the worker's environment, given
+    for name in ("KERNELFLOW_CONFIG", "KERNELFLOW_ENCRYPTION_KEYS"):  # or the reader's own, as a user's
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.delenv("KERNELFLOW_SHADOW_STORE", raising=False)
+    assert asyncio.run(open_configured_store()).pairs() == [pair]
+    assert pair.workflow_id == f"{queue}-globex" and pair.tenant == "globex"
+    assert pair.primary.model == "openai/gpt-4o-mini" and pair.candidate.model == CANDIDATE
+    assert pair.candidate.ok and "parcel for globex" in json.dumps(pair.request)

@@ -66,7 +66,15 @@ async def open_configured_store(config: Any = None, environ: Mapping[str, str] |
     if config is None:
         path = env.get("KERNELFLOW_CONFIG")
         config = load_config(Path(path) if path else None)
-    sealer = CodecSealer.of(build_codec(payload_settings(config, env)))
+    settings = payload_settings(config, env)
+    if (
+        environ is not None and settings.encryption.provider == "env"
+    ):  # the env provider reads ``environ`` too
+        options = {**settings.encryption.options, "environ": environ}
+        settings = settings.model_copy(
+            update={"encryption": settings.encryption.model_copy(update={"options": options})}
+        )
+    sealer = CodecSealer.of(build_codec(settings))
     return await asyncio.to_thread(open_store, shadow_store_url(config.shadow, env), sealer=sealer)
 
 
