@@ -21,11 +21,11 @@ import json
 import os
 import re
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TextIO
 
 from temporalio.api.common.v1 import Payload
@@ -39,6 +39,7 @@ from kernel.pricing import PriceTable
 from kernel.registry import Registry
 from kernel.shadow import ShadowPair, ShadowSide, ShadowStore, request_digest
 from kernel.shadow_report import judge_output, output_schema_of
+from worker.shadow_sealer import CodecSealer
 
 __all__ = [
     "CodecSealer",
@@ -100,61 +101,21 @@ def visibility_query(query: str | None, since: timedelta | None, *, now: datetim
     return " AND ".join(parts)
 
 
-# --- sealing pairs at rest with the payload codec -------------------------------------------------
-
-
-class CodecSealer:
-    """A ``Sealer`` over the client's payload codec: a pair's body is encrypted as the worker encrypts
-    payloads (the same key ring, AES-256-GCM). The codec is async and the store is not, so each call
-    runs the codec on an event loop of its own thread."""
-
-    _ENCODING = b"binary/kernelflow-shadow-pair"
-
-    def __init__(self, codec: Any) -> None:
-        self._codec = codec
-
-    def seal(self, data: bytes) -> bytes:
-        payload = Payload(metadata={"encoding": self._ENCODING}, data=data)
-        (sealed,) = _run_sync(self._codec.encode([payload]))
-        return bytes(sealed.SerializeToString())
-
-    def unseal(self, data: bytes) -> bytes:
-        (payload,) = _run_sync(self._codec.decode([Payload.FromString(data)]))
-        return bytes(payload.data)
-
-    @classmethod
-    def of(cls, codec: Any) -> CodecSealer | None:
-        """``codec`` as a sealer when it encrypts; None with encryption off."""
-        return cls(codec) if codec is not None and getattr(codec, "encrypting", False) else None
-
-
-def _run_sync(work: Any) -> Any:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(work)
-    result: list[Any] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(asyncio.run(work))
-        except BaseException as exc:  # handed to the caller's thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return result[0]
+# --- the store, its pairs sealed with the payload codec (worker/shadow_sealer.py) --------------------
 
 
 def open_shadow_store(url: str | None, codec: Any) -> ShadowStore:
-    """The store ``url`` (or ``KERNELFLOW_SHADOW_STORE``) names, sealing with ``codec`` when it encrypts."""
+    """The store ``url`` names, else the one the worker writes to (``KERNELFLOW_SHADOW_STORE``, then
+    ``shadow.store`` in ``KERNELFLOW_CONFIG``'s file, then the default), sealing with ``codec`` when it
+    encrypts."""
+    from worker.config import load_config
     from worker.shadow_store import open_store
+    from worker.shadow_worker import shadow_store_url
 
-    return open_store(url or os.environ.get("KERNELFLOW_SHADOW_STORE"), sealer=CodecSealer.of(codec))
+    if url is None:
+        path = os.environ.get("KERNELFLOW_CONFIG")
+        url = shadow_store_url(load_config(Path(path) if path else None).shadow)
+    return open_store(url, sealer=CodecSealer.of(codec))
 
 
 def payload_codec(config_file: Any) -> Any:
