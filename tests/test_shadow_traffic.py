@@ -41,6 +41,8 @@ from worker.shadow_sealer import CodecSealer
 from worker.shadow_store import open_store
 from worker.shadow_worker import check_shadow_rules, open_configured_store
 from worker.storage import build_codec, build_data_converter
+from workflows.contract import PipelineRequest
+from workflows.pipeline import PipelineWorkflow
 
 CANDIDATE = "anthropic/claude-sonnet-4-5"
 TICKET = "I was charged twice for invoice 7781, please refund"
@@ -357,6 +359,49 @@ async def test_hourly_caps_hold_through_the_budget_workflow(
     assert sorted(o["outcome"] for o in outcomes) == ["over_budget", "recorded"]
     assert state["calls_this_hour"] == 1 and state["refused"] == 1 and state["cost_usd_this_hour"] > 0
     assert len(open_store(store_url).pairs()) == 1
+
+
+async def test_shadow_calls_in_flight_finish_before_a_continue_as_new(
+    client: Client, registry: Registry, sim: SimulatorServer, store_url: str
+) -> None:
+    """A long pipeline continues as new between steps; the shadow calls of the run that ends are
+    awaited first, and the next run reads the rules again and goes on shadowing."""
+    rule = {"model": CANDIDATE}
+    steps = [
+        {
+            "id": f"s{n}",
+            "model": "openai/gpt-4o-mini",
+            "prompt": f"Part {n}: {{{{ inputs.ticket }}}}",
+            "shadow": rule,
+        }
+        for n in range(4)
+    ]
+    spec = parse_pipeline(
+        {"name": "long-shadowed", "inputs": {"ticket": {"type": "string"}}, "steps": steps, "outputs": {}}
+    )
+    queue = f"shadow-{uuid.uuid4().hex[:10]}"
+    request = PipelineRequest(
+        pipeline=spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+        inputs={"ticket": TICKET},
+        continue_as_new_after=20,
+    )
+    async with build_worker(
+        client, task_queue=queue, registry=registry, shadow=ShadowConfig(store=store_url)
+    ):
+        handle = await client.start_workflow(
+            PipelineWorkflow.run, request, id=f"long-{uuid.uuid4().hex[:8]}", task_queue=queue
+        )
+        result = await handle.result()
+        first = await client.get_workflow_handle(
+            handle.id, run_id=handle.first_execution_run_id
+        ).fetch_history()
+    assert result.status == "completed"
+    pairs = open_store(store_url).pairs(pipeline="long-shadowed")
+    assert sorted(p.step_id for p in pairs) == ["s0", "s1", "s2", "s3"]
+    assert len({p.run_id for p in pairs}) > 1  # the run continued as new in between
+    assert first.events[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
+    scheduled = [n for n in _activities(first).values() if n == "shadow_chat"]
+    assert scheduled and len(_outcomes(first)) == len(scheduled)  # each finished in the run that started it
 
 
 async def test_a_candidate_with_a_provider_limit_is_shadowed_only_when_there_is_capacity_now(
