@@ -213,11 +213,17 @@ class ShadowActivities:
         if admission is False:
             return self._count(call, "over_limit", f"no capacity now under the limits of {candidate}")
         response: ChatResponse | None = None
+        outcome: ShadowOutcome | None = None
         try:
             response, outcome = await self._ask(call, candidate, provider, model_name, log)
         finally:
             if isinstance(admission, tuple):
-                await self._release(admission, response.usage.total_tokens if response is not None else None)
+                used: int | None = None  # sent but no usage known: the estimate stands
+                if response is not None:
+                    used = response.usage.total_tokens
+                elif outcome is not None and outcome.outcome == "breaker_open":
+                    used = 0  # never sent
+                await self._release(admission, used)
         return outcome
 
     async def _ask(
