@@ -5,6 +5,10 @@ The estimate is the prompt (about four characters a token) plus ``max_tokens`` w
 it, else the model's output allowance: the catalog's ``max_output_tokens`` capped by the key's
 ``output_tokens`` (default ``limits.default_output_tokens``), so a model with a large output limit does
 not reserve its whole allowance on every call. Usage reported after the call replaces the estimate.
+
+A tenant with cost budgets is asked first, with the call's estimated cost (the same token estimate
+at the model's catalog price); a refusal comes back in the ticket (``over_budget``), and nothing is
+reserved anywhere for that call.
 """
 
 from __future__ import annotations
@@ -12,13 +16,20 @@ from __future__ import annotations
 import structlog
 from pydantic import BaseModel, Field
 from temporalio import activity
-from temporalio.client import WithStartWorkflowOperation
+from temporalio.client import WithStartWorkflowOperation, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.exceptions import ApplicationError
 
 from activities.live import LiveProviders
-from kernel.contracts import ChatRequest
-from kernel.errors import KernelflowError
-from kernel.limits import LimitsConfig, RateLimit, estimate_tokens, tenant_limit_key
+from kernel.contracts import ChatRequest, Usage
+from kernel.errors import FailureType, KernelflowError
+from kernel.limits import (
+    BudgetRefusal,
+    LimitsConfig,
+    RateLimit,
+    estimate_prompt_tokens,
+    tenant_limit_key,
+)
 from workflows.limiter import AcquireRequest, LimiterInput, LimiterWorkflow, ReleaseRequest, limiter_id
 
 __all__ = ["LIMITS_ACQUIRE", "AcquireInput", "AcquireTicket", "LimitsActivities"]
@@ -50,6 +61,12 @@ class AcquireTicket(BaseModel):
     tenant_key: str | None = Field(default=None, description="The tenant's own limit, when it has one.")
     tenant_limiter: str = ""
     tenant_granted: bool = False
+    cost_usd: float = Field(
+        default=0.0, description="The call's estimated cost (0 when its price is unknown)."
+    )
+    over_budget: BudgetRefusal | None = Field(
+        default=None, description="The tenant's cost budget refused the call: nothing was reserved."
+    )
 
 
 class LimitsActivities:
@@ -76,21 +93,39 @@ class LimitsActivities:
             output = min(output, facts.max_output_tokens)
         if limit is not None and limit.output_tokens is not None:
             output = limit.output_tokens
-        tokens = estimate_tokens(call.request, output)
-        ticket = AcquireTicket(tokens=tokens)
+        prompt = estimate_prompt_tokens(call.request)
+        completion = call.request.max_tokens if call.request.max_tokens is not None else output
+        tokens = prompt + completion
+        price = self.live.prices.lookup(provider.name, model_name)
+        cost = 0.0 if price is None else price.cost(Usage(prompt_tokens=prompt, completion_tokens=completion))
+        ticket = AcquireTicket(tokens=tokens, cost_usd=cost)
         # The tenant's share first: a tenant waiting on its own limit holds nothing of the model's.
         if tenant_key is not None:
             ticket.tenant_key = tenant_key
-            ticket.tenant_limiter, ticket.tenant_granted = await self._acquire(
-                tenant_key, self.limits.tenants[call.tenant], tokens, call
-            )
+            try:
+                ticket.tenant_limiter, ticket.tenant_granted = await self._acquire(
+                    tenant_key, self.limits.tenants[call.tenant], tokens, call, cost
+                )
+            except WorkflowUpdateFailedError as exc:
+                refusal = _budget_refusal(exc)
+                if refusal is None:
+                    raise
+                ticket.tenant_limiter = self._limiter_id(tenant_key)
+                ticket.over_budget = refusal
+                _log.info("call refused by the tenant's budget", tenant=call.tenant, reason=refusal.message())
+                return ticket
         if key is not None and limit is not None:
             ticket.key = key
-            ticket.limiter, ticket.granted = await self._acquire(key, limit, tokens, call)
+            ticket.limiter, ticket.granted = await self._acquire(key, limit, tokens, call, 0.0)
         return ticket
 
-    async def _acquire(self, key: str, limit: RateLimit, tokens: int, call: AcquireInput) -> tuple[str, bool]:
-        workflow_id = limiter_id(key, self.limits.scope or activity.info().task_queue)
+    def _limiter_id(self, key: str) -> str:
+        return limiter_id(key, self.limits.scope or activity.info().task_queue)
+
+    async def _acquire(
+        self, key: str, limit: RateLimit, tokens: int, call: AcquireInput, cost: float
+    ) -> tuple[str, bool]:
+        workflow_id = self._limiter_id(key)
         start = WithStartWorkflowOperation(
             LimiterWorkflow.run,
             LimiterInput(key=key, limit=limit),
@@ -108,6 +143,7 @@ class LimitsActivities:
                 tokens=tokens,
                 lease_s=min(call.lease_s or self.limits.lease_s, self.limits.lease_s),
                 limit=limit,
+                cost_usd=cost,
             ),
             start_workflow_operation=start,
         )
@@ -128,3 +164,12 @@ class LimitsActivities:
             )
         except Exception as exc:  # the call's own failure is what matters; this only helps the others
             _log.warning("limiter did not take a back-off", limiter=workflow_id, error=str(exc))
+
+
+def _budget_refusal(exc: WorkflowUpdateFailedError) -> BudgetRefusal | None:
+    cause = exc.cause
+    if not isinstance(cause, ApplicationError) or cause.type != FailureType.TENANT_BUDGET_EXCEEDED:
+        return None
+    if not cause.details:
+        return None
+    return BudgetRefusal.model_validate(cause.details[0])

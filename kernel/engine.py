@@ -19,6 +19,7 @@ from typing import Any
 from kernel.contracts import Usage
 from kernel.errors import FailureType, PipelineError
 from kernel.expressions import evaluate, render_value
+from kernel.limits import BudgetRefusal, TenantBudgetRaise
 from kernel.pipeline import PipelineSpec
 from kernel.routing import apply_routes
 from kernel.run import ApprovalState, RunState, StepState
@@ -216,6 +217,57 @@ class Engine:
             self.refresh_search_status()
             self.details(f"paused: budget exceeded: {over}")
         await self.effects.wait(lambda: not status.paused, timeout=None, summary="budget pause")
+
+    async def tenant_budget_exceeded(self, refusal: BudgetRefusal) -> TenantBudgetRaise | None:
+        """A call was refused by its tenant's cost budget; the spec's ``tenant_budget.on_exceed``
+        decides. Returns the raise to apply before the call is tried again (None: try it as is), or
+        raises ``StepFailure``."""
+        policy = self.spec.tenant_budget
+        on_exceed = policy.on_exceed if policy is not None else "fail"
+        message = refusal.message()
+        status = self.state.status
+        if on_exceed == "fail":
+            raise StepFailure(
+                f"{message} (tenant_budget.on_exceed: fail)", FailureType.TENANT_BUDGET_EXCEEDED
+            )
+        if on_exceed == "pause":
+            self.state.tenant_budget_raise = None
+            if not status.paused:
+                status.paused, status.pause_reason = True, f"tenant budget exceeded: {message}"
+                self.refresh_search_status()
+                self.details(f"paused: tenant budget exceeded: {message}")
+            await self.effects.wait(lambda: not status.paused, timeout=None, summary="tenant budget pause")
+            raised, self.state.tenant_budget_raise = self.state.tenant_budget_raise, None
+            return raised
+        number = 1 + sum(1 for d in self.state.decisions.values() if d.budget is not None)
+        approval = ApprovalState(
+            step_id=f"tenant-budget-{number}",
+            status="waiting",
+            message=f"raise the cost budget? {message}",
+            approvers=policy.approvers if policy is not None else None,
+            budget=refusal,
+        )
+        self.state.decisions[approval.step_id] = approval
+        self.awaiting_changed()
+        self.details(f"{approval.step_id} waits for approval: {message}")
+        try:
+            await self.effects.wait(
+                lambda: approval.status in ("approved", "rejected"), timeout=None, summary=approval.step_id
+            )
+        except GeneratorExit:  # the run is being evicted from the worker's cache: no workflow calls
+            raise
+        except BaseException:
+            self.awaiting_changed()
+            raise
+        self.awaiting_changed()
+        if approval.status == "rejected":
+            who = approval.by or "someone"
+            raise StepFailure(
+                f"{message}; raising it was rejected by {who}"
+                + (f": {approval.comment}" if approval.comment else ""),
+                FailureType.TENANT_BUDGET_EXCEEDED,
+            )
+        return approval.raised or refusal.covering()
 
     # --- what the outside sees -----------------------------------------------------------------
 

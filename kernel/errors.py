@@ -436,6 +436,8 @@ class FailureType(StrEnum):
     UNKNOWN_PIPELINE = "UnknownPipeline"
     STEP_FAILED = "StepFailed"
     BUDGET_EXCEEDED = "BudgetExceeded"
+    TENANT_BUDGET_EXCEEDED = "TenantBudgetExceeded"
+    """A model call would pass its tenant's cost budget (worker config ``limits.tenants``)."""
     APPROVAL_REJECTED = "ApprovalRejected"
     EVENT_TIMEOUT = "EventTimeout"
     INVALID_OUTPUT = "InvalidOutput"

@@ -14,11 +14,18 @@ admission and the request reaching the provider: a call counts against ``request
 was sent somewhere in between). A call is admitted only when fewer than the limit count now; then any
 window of the period at the provider holds at most the limit (docs/limits.md has the argument). The
 price: each call occupies its slot for the period plus its own duration.
+
+Tenant cost budgets (``cost_per_day_usd``, ``cost_per_month_usd``, UTC calendar periods) live in the
+same ledger: a call is refused (``BudgetRefusal``) when the period's spend, plus what calls admitted
+or waiting have reserved, plus its own estimated cost would pass the budget. Its actual cost replaces
+the estimate when it is released; a lease that runs out settles at the estimate. A raised budget
+(``TenantBudgetRaise``, from a resumed or approved pipeline) holds for the current period only.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -26,11 +33,15 @@ from kernel.contracts import ChatRequest
 
 __all__ = [
     "DEFAULT_LEASE_S",
+    "BudgetPeriod",
+    "BudgetRefusal",
     "Grant",
     "Ledger",
     "LimitsConfig",
     "RateLimit",
+    "TenantBudgetRaise",
     "Waiting",
+    "budget_periods",
     "estimate_prompt_tokens",
     "estimate_tokens",
     "tenant_limit_key",
@@ -40,6 +51,10 @@ DEFAULT_LEASE_S = 600.0
 """How long a reservation lasts when the call never reports back (a terminated or reset workflow)."""
 
 _SEEN_LIMIT = 4096
+_PERIODS_KEPT = 64
+_COST_FIELDS = ("cost_per_day_usd", "cost_per_month_usd")
+
+BudgetPeriod = Literal["day", "month"]
 
 
 class RateLimit(BaseModel):
@@ -61,15 +76,31 @@ class RateLimit(BaseModel):
         ge=0,
         description="Added to each window: room for clock differences between the workers and the provider.",
     )
+    cost_per_day_usd: float | None = Field(
+        default=None, gt=0, description="A tenant's spend per UTC day (tenants only)."
+    )
+    cost_per_month_usd: float | None = Field(
+        default=None, gt=0, description="A tenant's spend per UTC calendar month (tenants only)."
+    )
 
     @model_validator(mode="after")
     def _some_limit(self) -> RateLimit:
-        if not self.windows() and self.concurrent is None:
+        if not self.windows() and self.concurrent is None and not self.budgets():
             raise ValueError(
                 "a rate limit needs at least one of requests_per_second, requests_per_minute, "
-                "tokens_per_second, tokens_per_minute, concurrent"
+                "tokens_per_second, tokens_per_minute, concurrent (a tenant's also cost_per_day_usd, "
+                "cost_per_month_usd)"
             )
         return self
+
+    def budgets(self) -> dict[BudgetPeriod, float]:
+        """The cost budgets that are set, by period."""
+        found: dict[BudgetPeriod, float] = {}
+        if self.cost_per_day_usd is not None:
+            found["day"] = self.cost_per_day_usd
+        if self.cost_per_month_usd is not None:
+            found["month"] = self.cost_per_month_usd
+        return found
 
     def windows(self) -> list[tuple[float, float | None, float | None]]:
         """``(period_s, requests, tokens)`` for each window that has a limit."""
@@ -83,9 +114,10 @@ class RateLimit(BaseModel):
     def describe(self) -> str:
         parts = [
             f"{value:g} {name.replace('_', ' ')}"
-            for name, value in self.model_dump(exclude={"margin_s", "output_tokens"}).items()
+            for name, value in self.model_dump(exclude={"margin_s", "output_tokens", *_COST_FIELDS}).items()
             if value is not None
         ]
+        parts.extend(f"${amount:g} per {period}" for period, amount in self.budgets().items())
         return ", ".join(parts)
 
 
@@ -125,6 +157,17 @@ class LimitsConfig(BaseModel):
         description="Output allowance assumed for a model the catalog does not know, without max_tokens.",
     )
 
+    @model_validator(mode="after")
+    def _budgets_are_per_tenant(self) -> LimitsConfig:
+        for key, limit in self.models.items():
+            for name in _COST_FIELDS:
+                if getattr(limit, name) is not None:
+                    raise ValueError(
+                        f"limits.models.{key}.{name}: cost budgets are per tenant; put them under "
+                        f"limits.tenants.<name>.{name}"
+                    )
+        return self
+
     def key_for(self, model_ref: str) -> str | None:
         """The limited key ``model_ref`` (``provider/model``) counts against, or None."""
         if model_ref in self.models:
@@ -150,6 +193,61 @@ def estimate_tokens(request: ChatRequest, output_allowance: int) -> int:
     return estimate_prompt_tokens(request) + output
 
 
+def budget_periods(at: float) -> dict[BudgetPeriod, str]:
+    """The UTC day and month ``at`` (seconds since the epoch) falls in: ``{"day": "2026-11-29",
+    "month": "2026-11"}``."""
+    moment = datetime.fromtimestamp(at, tz=UTC)
+    return {"day": moment.strftime("%Y-%m-%d"), "month": moment.strftime("%Y-%m")}
+
+
+class TenantBudgetRaise(BaseModel):
+    """New cost budgets of a tenant for the current UTC day and/or month (what a ``resume`` or an
+    approval carries). A raise below the configured budget changes nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cost_per_day_usd: float | None = Field(default=None, gt=0)
+    cost_per_month_usd: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> TenantBudgetRaise:
+        if self.cost_per_day_usd is None and self.cost_per_month_usd is None:
+            raise ValueError("a budget raise needs cost_per_day_usd or cost_per_month_usd")
+        return self
+
+    def by_period(self) -> dict[BudgetPeriod, float]:
+        found: dict[BudgetPeriod, float] = {}
+        if self.cost_per_day_usd is not None:
+            found["day"] = self.cost_per_day_usd
+        if self.cost_per_month_usd is not None:
+            found["month"] = self.cost_per_month_usd
+        return found
+
+
+class BudgetRefusal(BaseModel):
+    """A call refused because its tenant's cost budget for a period would be passed."""
+
+    tenant: str
+    period: BudgetPeriod
+    period_id: str = Field(description="The UTC day (2026-11-29) or month (2026-11).")
+    budget_usd: float
+    spent_usd: float = Field(description="Settled spend of the period.")
+    reserved_usd: float = Field(description="Estimated cost of calls admitted or waiting, not settled yet.")
+    estimate_usd: float = Field(description="This call's estimated cost.")
+
+    def message(self) -> str:
+        return (
+            f"tenant {self.tenant!r} is over its cost budget per {self.period}: "
+            f"${self.budget_usd:g} for {self.period_id} (UTC), ${self.spent_usd:.6f} spent and "
+            f"${self.reserved_usd:.6f} reserved; this call needs about ${self.estimate_usd:.6f}"
+        )
+
+    def covering(self) -> TenantBudgetRaise:
+        """The smallest raise of the refused period that lets this call through."""
+        needed = self.spent_usd + self.reserved_usd + self.estimate_usd
+        return TenantBudgetRaise.model_validate({f"cost_per_{self.period}_usd": needed})
+
+
 class Waiting(BaseModel):
     id: str
     requester: str
@@ -157,6 +255,8 @@ class Waiting(BaseModel):
     tokens: int = Field(ge=0)
     lease_s: float = Field(default=DEFAULT_LEASE_S, gt=0)
     since: float
+    cost_usd: float = Field(default=0.0, ge=0, description="Estimated cost, reserved against budgets.")
+    periods: list[str] = Field(default_factory=list, description="Budget periods the cost counts in.")
 
 
 class Grant(BaseModel):
@@ -167,6 +267,8 @@ class Grant(BaseModel):
     at: float
     expires: float
     released_at: float | None = None
+    cost_usd: float = Field(default=0.0, ge=0)
+    periods: list[str] = Field(default_factory=list)
 
     @property
     def released(self) -> bool:
@@ -185,6 +287,10 @@ class Ledger(BaseModel):
     last_tenant: str = ""
     admitted: int = 0
     expired: int = 0
+    spend: dict[str, float] = Field(
+        default_factory=dict, description="Settled cost (USD) per budget period (2026-11-29, 2026-11)."
+    )
+    raised: dict[str, float] = Field(default_factory=dict, description="Raised budgets per period.")
 
     def request(self, item: Waiting) -> bool:
         """Queue ``item``; False (and nothing changes) when its id was seen already."""
@@ -195,14 +301,18 @@ class Ledger(BaseModel):
         self.waiting.append(item)
         return True
 
-    def release(self, request_id: str, used_tokens: int | None, now: float) -> bool:
-        """End a reservation; ``used_tokens`` (reported usage) replaces the estimate in the windows.
-        A release of a request still waiting withdraws it. False when nothing matched."""
+    def release(
+        self, request_id: str, used_tokens: int | None, now: float, cost_usd: float | None = None
+    ) -> bool:
+        """End a reservation; ``used_tokens`` (reported usage) replaces the estimate in the windows,
+        ``cost_usd`` (the actual cost; None keeps the estimate) is settled in the budget periods. A
+        release of a request still waiting withdraws it. False when nothing matched."""
         for grant in self.grants:
             if grant.id == request_id and not grant.released:
                 grant.released_at = now
                 if used_tokens is not None:
                     grant.tokens = used_tokens
+                self._settle(grant, grant.cost_usd if cost_usd is None else cost_usd)
                 return True
         before = len(self.waiting)
         self.waiting = [w for w in self.waiting if w.id != request_id]
@@ -217,8 +327,52 @@ class Ledger(BaseModel):
         gone = [g for g in self.grants if not g.released and g.expires <= now]
         for grant in gone:
             grant.released_at = grant.expires
+            self._settle(grant, grant.cost_usd)  # never reported: the estimate stands
         self.expired += len(gone)
         return gone
+
+    def _settle(self, grant: Grant, cost_usd: float) -> None:
+        for period in grant.periods:
+            self.spend[period] = round(self.spend.get(period, 0.0) + cost_usd, 10)
+        if len(self.spend) > _PERIODS_KEPT:
+            for period in sorted(self.spend)[:-_PERIODS_KEPT]:
+                del self.spend[period]
+
+    def raise_budget(self, raised: TenantBudgetRaise, now: float) -> None:
+        """New budgets for the current periods (the larger of this and the configured one holds)."""
+        periods = budget_periods(now)
+        for period, amount in raised.by_period().items():
+            self.raised[periods[period]] = amount
+        if len(self.raised) > _PERIODS_KEPT:
+            for old in sorted(self.raised)[:-_PERIODS_KEPT]:
+                del self.raised[old]
+
+    def reserved_usd(self, period_id: str) -> float:
+        pending = [w.cost_usd for w in self.waiting if period_id in w.periods]
+        held = [g.cost_usd for g in self.grants if not g.released and period_id in g.periods]
+        return round(sum(pending) + sum(held), 10)
+
+    def budget_refusal(
+        self, limit: RateLimit, tenant: str, cost_usd: float, now: float
+    ) -> BudgetRefusal | None:
+        """Why a call of estimated ``cost_usd`` may not be admitted under ``limit``'s budgets, or None."""
+        periods = budget_periods(now)
+        for period, configured in limit.budgets().items():
+            period_id = periods[period]
+            budget = max(configured, self.raised.get(period_id, 0.0))
+            spent = self.spend.get(period_id, 0.0)
+            reserved = self.reserved_usd(period_id)
+            if spent + reserved + cost_usd > budget + 1e-12:
+                return BudgetRefusal(
+                    tenant=tenant,
+                    period=period,
+                    period_id=period_id,
+                    budget_usd=budget,
+                    spent_usd=spent,
+                    reserved_usd=reserved,
+                    estimate_usd=cost_usd,
+                )
+        return None
 
     def _prune(self, now: float) -> None:
         longest = max((period for period, _, _ in self.limit.windows()), default=0.0) + self.limit.margin_s
@@ -268,6 +422,8 @@ class Ledger(BaseModel):
                 tokens=item.tokens,
                 at=now,
                 expires=now + item.lease_s,
+                cost_usd=item.cost_usd,
+                periods=item.periods,
             )
             self.grants.append(grant)
             self.last_tenant = item.tenant
@@ -297,4 +453,6 @@ class Ledger(BaseModel):
             "admitted": self.admitted,
             "expired": self.expired,
             "blocked_until": self.blocked_until,
+            "spend_usd": dict(self.spend),
+            "raised_usd": dict(self.raised),
         }

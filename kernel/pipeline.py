@@ -43,7 +43,7 @@ from kernel.steps import (
     step_kinds,
     walk_steps,
 )
-from kernel.steps.base import ID_PATTERN, NAME_PATTERN
+from kernel.steps.base import ID_PATTERN, NAME_PATTERN, TenantBudgetSpec
 from kernel.templating import TemplateRefs, template_refs
 
 if TYPE_CHECKING:
@@ -186,6 +186,10 @@ class PipelineSpec(_Spec):
     outputs: dict[str, str] = Field(default_factory=dict)
     retry: RetrySpec = Field(default_factory=RetrySpec, description="Default retry policy of steps.")
     budget: BudgetSpec | None = None
+    tenant_budget: TenantBudgetSpec | None = Field(
+        default=None,
+        description="What a call over its tenant's cost budget does (on_exceed: fail, pause, approval).",
+    )
     events: EventsSpec | None = Field(
         default=None, description="Publish lifecycle events (true/false, or {enabled, types})."
     )

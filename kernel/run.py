@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from kernel.batch import BatchReport
 from kernel.contracts import Usage
+from kernel.limits import BudgetRefusal, TenantBudgetRaise
 from kernel.steps.base import BudgetSpec
 
 __all__ = [
@@ -80,6 +81,12 @@ class ApprovalState(BaseModel):
     tool: str | None = Field(default=None, description="For an agent's tool call: the tool to be called.")
     arguments: Any = Field(default=None, description="For an agent's tool call: its arguments.")
     approvers: list[str] | None = Field(default=None, description="Who may decide a tool call's approval.")
+    budget: BudgetRefusal | None = Field(
+        default=None, description="For a tenant budget approval: the refused call's budget and spend."
+    )
+    raised: TenantBudgetRaise | None = Field(
+        default=None, description="For a tenant budget approval: the new budget the approver set."
+    )
 
 
 class AgentToolCallState(BaseModel):
@@ -164,6 +171,9 @@ class RunState(BaseModel):
     decisions: dict[str, ApprovalState] = Field(default_factory=dict)
     seen_event_ids: list[str] = Field(default_factory=list)
     budget_paused: bool = False
+    tenant_budget_raise: TenantBudgetRaise | None = Field(
+        default=None, description="What the resume after a tenant budget pause carried."
+    )
     search_status: str = "Running"
     search_models: list[str] | None = None
     lifecycle_sequence: int = 0

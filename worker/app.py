@@ -258,8 +258,10 @@ class ConfigReloader:
         environ: Mapping[str, str] | None = None,
         registry_factory: Callable[[KernelflowConfig], Registry] | None = None,
         retire_after: float = 900.0,
+        set_limits: Callable[[LimitsConfig], None] | None = None,
     ) -> None:
         self.activities = activities
+        self.set_limits = set_limits
         self.retire_after = retire_after
         self._factory = registry_factory or (
             lambda config: build_registry(config, provider_settings=provider_settings, environ=environ)
@@ -273,6 +275,8 @@ class ConfigReloader:
         self.activities.prices = _prices(config)
         if self.activities.breakers is not None:
             self.activities.breakers.configure(config.routing.breaker)
+        if self.set_limits is not None:
+            self.set_limits(config.limits)
         task = asyncio.create_task(self._retire(retired))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
@@ -349,7 +353,8 @@ async def run_worker(
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    reloader = ConfigReloader(activities, provider_settings=provider_settings)
+    plugin = next(p for p in worker.config()["plugins"] if isinstance(p, KernelflowPlugin))
+    reloader = ConfigReloader(activities, provider_settings=provider_settings, set_limits=plugin.set_limits)
     watching: asyncio.Task[None] | None = None
     if settings.config_file is not None:
         watcher = ConfigWatcher(settings.config_file, config, reloader.apply)

@@ -29,12 +29,14 @@ Provider set-up comes from an optional YAML file (``KERNELFLOW_CONFIG``)::
     limits:                      # admission control shared by every worker (docs/limits.md)
       models:
         openai/gpt-4.1: {requests_per_minute: 500, tokens_per_minute: 30000, concurrent: 50}
+      tenants:
+        acme: {tokens_per_minute: 20000, cost_per_day_usd: 50, cost_per_month_usd: 1000}
     shadow:                      # shadow traffic to candidate models (docs/shadow.md)
       models: {openai/gpt-4o-mini: {model: anthropic/claude-sonnet-4-5, rate: 0.25, per_hour: 100}}
 
 A running worker re-reads the file when it changes (polled) or on SIGHUP: ``aliases``, ``providers``,
-``presets``, ``prices`` and ``routing`` apply to the following model calls, including the next steps
-of pipelines already running; other sections need a restart.
+``presets``, ``prices``, ``routing`` and ``limits`` apply to the following model calls, including the
+next steps of pipelines already running; other sections need a restart.
 
 API keys belong in the environment, not in this file. ``KERNELFLOW_PAYLOADS_STORAGE`` and
 ``KERNELFLOW_PAYLOADS_DIR`` override ``payloads.storage`` and ``payloads.dir``; ``KERNELFLOW_ENCRYPTION``
@@ -386,7 +388,7 @@ def _encryption_overrides(env: Mapping[str, str], current: EncryptionSettings) -
 
 _log = structlog.get_logger("kernelflow.config")
 
-_RELOADED = ("providers", "presets", "prices", "routing")
+_RELOADED = ("providers", "presets", "prices", "routing", "limits")
 """Sections a running worker applies on reload (``aliases`` too, reported one by one)."""
 
 

@@ -206,8 +206,7 @@ class KernelflowPlugin(SimplePlugin):
                 limits=self.limits_activities,
             )
             activities += [self.shadow_activities.chat, self.shadow_activities.rules]
-            if limits is not None and limits.models:
-                chat.rate_limited = self.limits_activities.back_off
+            chat.rate_limited = self.limits_activities.back_off  # a no-op for keys without a limit
         self.chat_activities = chat
         super().__init__(
             PLUGIN_NAME,
@@ -221,7 +220,7 @@ class KernelflowPlugin(SimplePlugin):
         config = super().configure_worker(config)
         if self.providers is not None:  # a client's plugin (no providers) leaves the switch alone
             install_model_check(self._model_problem)
-            install_limits(bool(self.limits is not None and (self.limits.models or self.limits.tenants)))
+            install_limits(_limits_on(self.limits))
             if self.shadow is not None:
                 check_shadow_rules(self.shadow, self.providers.registry)
             install_shadow(self.shadow)
@@ -232,6 +231,13 @@ class KernelflowPlugin(SimplePlugin):
                     writer.codec = client.data_converter.payload_codec
         return config
 
+    def set_limits(self, limits: LimitsConfig) -> None:
+        """A reloaded config's ``limits``: calls that ask for admission from now on use them."""
+        self.limits = limits
+        if self.limits_activities is not None:
+            self.limits_activities.limits = limits
+            install_limits(_limits_on(limits))
+
     def _model_problem(self, model: str) -> str | None:
         """Why this worker cannot call ``model`` (unknown provider or alias), or None."""
         if self.providers is None:
@@ -241,3 +247,7 @@ class KernelflowPlugin(SimplePlugin):
         except KernelflowError as exc:
             return str(exc)
         return None
+
+
+def _limits_on(limits: LimitsConfig | None) -> bool:
+    return bool(limits is not None and (limits.models or limits.tenants))

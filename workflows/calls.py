@@ -8,7 +8,7 @@ schedules activities.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -22,18 +22,33 @@ with workflow.unsafe.imports_passed_through():
     from activities.llm import LLM_CHAT, LlmCallInput, LlmCallResult
     from kernel.contracts import AssistantMessage, ChatRequest, UserMessage
     from kernel.errors import FailureType
+    from kernel.limits import BudgetRefusal, TenantBudgetRaise
     from kernel.pipeline import RetrySpec
     from kernel.routing import WeightedModel, weighted_order
     from kernel.run import ModelFailure
-    from workflows.limiter import CAPACITY_SIGNAL, CapacityGrant, ReleaseRequest, limits_enabled
+    from workflows.limiter import (
+        CAPACITY_SIGNAL,
+        CapacityGrant,
+        RaiseBudgetRequest,
+        ReleaseRequest,
+        limits_enabled,
+    )
 
 ADMISSION_PATCH = "admission-control"
+TENANT_BUDGET_PATCH = "tenant-budgets"
+"""Marker of runs that handled a tenant budget refusal (pause, approval, a raise sent to the limiter)."""
+
+OverBudget = Callable[[BudgetRefusal], Awaitable[TenantBudgetRaise | None]]
+"""Told of a call its tenant's budget refused: returns the raise to send before trying again (None:
+try again as is), or raises to fail the call."""
 
 __all__ = [
     "ADMISSION_PATCH",
+    "TENANT_BUDGET_PATCH",
     "AllModelsFailed",
     "CallOptions",
     "ModelFailure",
+    "OverBudget",
     "call_model",
     "order_models",
     "retry_policy",
@@ -104,6 +119,8 @@ async def call_model(
     route: Callable[[str], str] | None = None,
     max_repairs: int = 0,
     on_repair: Callable[[ModelFailure], None] | None = None,
+    on_over_budget: OverBudget | None = None,
+    tenant: str | None = None,
 ) -> tuple[LlmCallResult, Any]:
     """Try ``models`` in order; each gets Temporal's retries per ``options.retry``.
 
@@ -111,8 +128,11 @@ async def call_model(
     shape counts as that model failing). With ``max_repairs``, a wrong answer is first re-asked that
     many times on the same model with the error appended as a user message (``on_repair`` hears of
     each). ``route`` maps each model to the one to call just before it is tried, so a reroute reaches
-    fallbacks not yet started. Returns the result and the validated output. Raises
-    ``AllModelsFailed`` when every model failed, and ``asyncio.CancelledError`` when cancelled.
+    fallbacks not yet started. ``on_over_budget`` decides what a call its tenant's cost budget
+    refuses does (without it: a non-retryable ``TenantBudgetExceeded`` failure). ``tenant`` names the
+    tenant whose limits apply (default: from a ``tenant/<name>/...`` workflow id). Returns the result and
+    the validated output. Raises ``AllModelsFailed`` when every model failed, and
+    ``asyncio.CancelledError`` when cancelled.
     """
     if not models:
         raise ApplicationError(
@@ -134,7 +154,7 @@ async def call_model(
             )
             label_repair = f" (repair {repair} of {max_repairs})" if repair else ""
             try:
-                result = await _execute(call, options, summary + label_repair)
+                result = await _execute(call, options, summary + label_repair, on_over_budget, tenant)
             except ActivityError as err:
                 if is_cancelled_exception(err):
                     raise asyncio.CancelledError(str(err)) from err
@@ -166,17 +186,23 @@ def _repair_request(request: ChatRequest, result: LlmCallResult, error: str) -> 
     return request.model_copy(update={"messages": [*request.messages, answer, feedback]})
 
 
-async def _execute(call: LlmCallInput, options: CallOptions, summary: str) -> LlmCallResult:
-    admission = await _admit(call, options) if _admission_on() else None
+async def _execute(
+    call: LlmCallInput,
+    options: CallOptions,
+    summary: str,
+    on_over_budget: OverBudget | None = None,
+    tenant: str | None = None,
+) -> LlmCallResult:
+    admission = await _admit(call, options, on_over_budget, tenant) if _admission_on() else None
     try:
         result = await _run_call(call, options, summary)
     except (Exception, asyncio.CancelledError):  # not on eviction: the replay that follows releases
         if admission is not None:
-            await _release(admission, None)
+            await _release(admission, None, 0.0)
         raise
     if admission is not None:
         # Awaited: a workflow that completes right after would drop a signal still to be sent.
-        await _release(admission, result.response.usage.total_tokens)
+        await _release(admission, result.response.usage.total_tokens, result.cost_usd or 0.0)
     return result
 
 
@@ -229,27 +255,45 @@ def _tenant(workflow_id: str) -> str:
     return ""
 
 
-async def _admit(call: LlmCallInput, options: CallOptions) -> _Admission | None:
+async def _admit(
+    call: LlmCallInput,
+    options: CallOptions,
+    on_over_budget: OverBudget | None = None,
+    tenant: str | None = None,
+) -> _Admission | None:
     """Reserve capacity for ``call`` with its key's limiter and wait, durably, until admitted."""
     granted = _granted()
     request_id = str(workflow.uuid4())
     attempts = options.retry.max_attempts
     lease = options.timeout_s * attempts + 60 if attempts else None
     info = workflow.info()
-    ticket: AcquireTicket = await workflow.execute_local_activity(
-        LIMITS_ACQUIRE,
-        AcquireInput(
-            model=call.model,
-            request=call.request,
-            id=request_id,
-            requester=info.workflow_id,
-            tenant=_tenant(info.workflow_id),
-            lease_s=lease,
-        ),
-        result_type=AcquireTicket,
-        start_to_close_timeout=timedelta(seconds=30),
-        summary=f"admission · {call.model}",
-    )
+    while True:
+        ticket: AcquireTicket = await workflow.execute_local_activity(
+            LIMITS_ACQUIRE,
+            AcquireInput(
+                model=call.model,
+                request=call.request,
+                id=request_id,
+                requester=info.workflow_id,
+                tenant=tenant or _tenant(info.workflow_id),
+                lease_s=lease,
+            ),
+            result_type=AcquireTicket,
+            start_to_close_timeout=timedelta(seconds=30),
+            summary=f"admission · {call.model}",
+        )
+        refusal = ticket.over_budget
+        if refusal is None:
+            break
+        # Refused by the tenant's budget: nothing was reserved, so the same request id asks again.
+        if on_over_budget is None or not workflow.patched(TENANT_BUDGET_PATCH):
+            raise ApplicationError(
+                refusal.message(), type=FailureType.TENANT_BUDGET_EXCEEDED, non_retryable=True
+            )
+        raised = await on_over_budget(refusal)
+        if raised is not None:
+            limiter = workflow.get_external_workflow_handle(ticket.tenant_limiter)
+            await limiter.signal("raise_budget", RaiseBudgetRequest(budget=raised, by=info.workflow_id))
     holds = [
         (key, limiter, now)
         for key, limiter, now in (
@@ -289,12 +333,14 @@ async def _wait_for_grant(key: str, request_id: str, granted: set[str]) -> None:
     granted.discard(name)
 
 
-async def _release(admission: _Admission, used_tokens: int | None) -> None:
-    """Reconcile the reservations with the reported usage (None: the estimate stands)."""
+async def _release(admission: _Admission, used_tokens: int | None, cost_usd: float) -> None:
+    """Reconcile the reservations with the reported usage (None: the estimate stands) and the
+    call's actual cost (0 for a call that failed)."""
     for limiter_id in admission.limiters:
         limiter = workflow.get_external_workflow_handle(limiter_id)
+        release = ReleaseRequest(id=admission.request_id, used_tokens=used_tokens, cost_usd=cost_usd)
         try:
-            await limiter.signal("release", ReleaseRequest(id=admission.request_id, used_tokens=used_tokens))
+            await limiter.signal("release", release)
         except Exception:  # a limiter that is gone holds nothing; the lease covers the rest
             workflow.logger.warning("limiter %s did not take a release", limiter_id)
 

@@ -21,6 +21,7 @@ from temporalio.contrib.workflow_streams import WorkflowStreamState
 
 from kernel.contracts import Usage
 from kernel.errors import FailureType
+from kernel.limits import TenantBudgetRaise
 from kernel.run import (
     ApprovalState,
     ModelFailure,
@@ -111,6 +112,11 @@ class ResumeRequest(_Input):
 
     reason: str = "resumed by request"
     budget: BudgetSpec | None = None
+    tenant_budget: TenantBudgetRaise | None = Field(
+        default=None,
+        description="After a tenant budget pause: the tenant's new cost budget for the current day/month "
+        "(without it the call is tried again as is, e.g. after the worker config raised it).",
+    )
     by: str | None = None
 
 
@@ -129,6 +135,11 @@ class DecisionRequest(_Input):
     step_id: str = Field(min_length=1)
     by: str | None = Field(default=None, description="Who decided (shown in status and history).")
     comment: str | None = None
+    tenant_budget: TenantBudgetRaise | None = Field(
+        default=None,
+        description="Approving a tenant budget approval: the tenant's new budget (default: just enough "
+        "for the refused call).",
+    )
 
 
 class RerouteRequest(_Input):

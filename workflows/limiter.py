@@ -7,6 +7,11 @@ while waiting. After the call they signal ``release`` with the usage the provide
 ids are deduplicated, so a retried local activity or a replayed workflow never reserves twice. A
 grant whose requester cannot be signalled (terminated) is released at once; one never released
 expires with its lease. The ledger is carried across continue-as-new.
+
+A tenant's limiter (key ``tenant:<name>``) also keeps its cost budgets: ``acquire_now``'s validator
+refuses a call whose estimated cost would pass the budget (an update refused by its validator leaves
+no trace in history, so a refused request id may ask again), the ``release`` signal settles the
+actual cost, and ``raise_budget`` raises the budget of the current day or month.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ from datetime import timedelta
 
 from pydantic import BaseModel, Field
 from temporalio import workflow
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from kernel.limits import Grant, Ledger, RateLimit, Waiting
+    from kernel.errors import FailureType
+    from kernel.limits import Grant, Ledger, RateLimit, TenantBudgetRaise, Waiting, budget_periods
 
 __all__ = [
     "CAPACITY_SIGNAL",
@@ -28,6 +35,7 @@ __all__ = [
     "CapacityGrant",
     "LimiterInput",
     "LimiterWorkflow",
+    "RaiseBudgetRequest",
     "ReleaseRequest",
     "install_limits",
     "limiter_id",
@@ -64,6 +72,7 @@ class AcquireRequest(BaseModel):
     tokens: int = Field(ge=0)
     lease_s: float = Field(gt=0)
     limit: RateLimit = Field(description="The worker's current limit for the key (config reloads apply).")
+    cost_usd: float = Field(default=0.0, ge=0, description="Estimated cost, checked against cost budgets.")
 
 
 class ReleaseRequest(BaseModel):
@@ -74,6 +83,19 @@ class ReleaseRequest(BaseModel):
     retry_after_s: float | None = Field(
         default=None, gt=0, description="The provider answered 429 with Retry-After: every caller waits."
     )
+    cost_usd: float | None = Field(
+        default=None,
+        ge=0,
+        description="The call's actual cost, settled in the budgets; None keeps the estimate.",
+    )
+
+
+class RaiseBudgetRequest(BaseModel):
+    """New cost budgets of the tenant for the current UTC day and/or month."""
+
+    budget: TenantBudgetRaise
+    by: str | None = None
+    reason: str | None = None
 
 
 class CapacityGrant(BaseModel):
@@ -109,6 +131,12 @@ class LimiterWorkflow:
     def release(self, request: ReleaseRequest) -> None:
         self.pending_release.append(request)
 
+    @workflow.signal(name="raise_budget")
+    def raise_budget(self, request: RaiseBudgetRequest) -> None:
+        self.ledger.raise_budget(request.budget, self._now())
+        workflow.logger.info("budget of %s raised to %s by %s", self.key, request.budget, request.by)
+        self.changed = True
+
     @workflow.update(name="acquire_now")
     def acquire_now(self, request: AcquireRequest) -> bool:
         """``acquire``, answering at once whether the call may start now (else the grant comes later,
@@ -127,6 +155,24 @@ class LimiterWorkflow:
             if grant.id != request.id:
                 self._spawn_notify(grant)
         return any(g.id == request.id and not g.released for g in self.ledger.grants)
+
+    @acquire_now.validator
+    def _within_budget(self, request: AcquireRequest) -> None:
+        """Refuse a call whose estimated cost would pass the tenant's budget (asked again, a request
+        that already holds or waits is not checked twice)."""
+        ledger = self.ledger
+        if any(g.id == request.id and not g.released for g in ledger.grants) or any(
+            w.id == request.id for w in ledger.waiting
+        ):
+            return
+        refusal = ledger.budget_refusal(request.limit, request.tenant, request.cost_usd, self._now())
+        if refusal is not None:
+            raise ApplicationError(
+                refusal.message(),
+                refusal.model_dump(),
+                type=FailureType.TENANT_BUDGET_EXCEEDED,
+                non_retryable=True,
+            )
 
     def _spawn_notify(self, grant: Grant) -> None:
         task = asyncio.ensure_future(self._notify(self.key, grant))
@@ -152,10 +198,12 @@ class LimiterWorkflow:
                     tokens=request.tokens,
                     lease_s=request.lease_s,
                     since=now,
+                    cost_usd=request.cost_usd,
+                    periods=list(budget_periods(now).values()) if request.limit.budgets() else [],
                 )
             )
         for release in self.pending_release:
-            ledger.release(release.id, release.used_tokens, now)
+            ledger.release(release.id, release.used_tokens, now, release.cost_usd)
             if release.retry_after_s is not None:
                 ledger.back_off(now + release.retry_after_s)
         self.events += len(self.pending_acquire) + len(self.pending_release)
@@ -169,7 +217,7 @@ class LimiterWorkflow:
             await handle.signal(CAPACITY_SIGNAL, CapacityGrant(id=grant.id, key=key))
         except Exception:
             # The requester is gone (terminated, reset away): its capacity comes back now.
-            self.pending_release.append(ReleaseRequest(id=grant.id, used_tokens=0))
+            self.pending_release.append(ReleaseRequest(id=grant.id, used_tokens=0, cost_usd=0.0))
         finally:
             self.signalling -= 1
 

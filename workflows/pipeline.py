@@ -175,6 +175,8 @@ class PipelineWorkflow:
             self._effects,
             RunInfo(workflow_id=info.workflow_id, pipeline=spec.name, tenant=self._request.tenant),
         )
+        self._effects.on_over_budget = self._engine.tenant_budget_exceeded
+        self._effects.tenant = self._request.tenant
 
     @property
     def _running(self) -> bool:
@@ -260,6 +262,7 @@ class PipelineWorkflow:
         self._state.budget_paused = False
         if not status.paused:
             return False
+        self._state.tenant_budget_raise = request.tenant_budget
         status.paused, status.pause_reason = False, None
         if self._engine is not None:
             self._engine.refresh_search_status()
@@ -364,7 +367,14 @@ class PipelineWorkflow:
 
     def _check_decision(self, request: DecisionRequest) -> None:
         dynamic = self._state.decisions.get(request.step_id)
-        if dynamic is not None and dynamic.tool is not None:  # a tool call of an agent step
+        if request.tenant_budget is not None and (dynamic is None or dynamic.budget is None):
+            raise refuse(
+                f"tenant_budget applies only to a tenant budget approval (tenant-budget-<n>), "
+                f"not to {request.step_id!r}",
+                FailureType.INVALID_INPUT,
+            )
+        if dynamic is not None and (dynamic.tool is not None or dynamic.budget is not None):
+            # a tool call of an agent step, or a call over its tenant's budget
             if dynamic.approvers is not None and request.by not in dynamic.approvers:
                 raise refuse(
                     f"{request.by!r} may not decide approval {request.step_id!r}; approvers: {dynamic.approvers}",
@@ -400,6 +410,8 @@ class PipelineWorkflow:
         state = self._state.decisions.setdefault(request.step_id, ApprovalState(step_id=request.step_id))
         state.status = "approved" if decision == "approved" else "rejected"
         state.by, state.comment, state.decided_at = request.by, request.comment, workflow.now()
+        if state.budget is not None and decision == "approved":
+            state.raised = request.tenant_budget
         return state
 
     # --- reroute -----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ __all__ = [
     "StepHandler",
     "StepKind",
     "StepSpec",
+    "TenantBudgetSpec",
     "register_step_kind",
     "step_kind",
     "step_kinds",
@@ -89,6 +90,17 @@ class BudgetSpec(_Spec):
         if self.max_tokens is None and self.max_cost_usd is None:
             raise ValueError("a budget needs max_tokens or max_cost_usd")
         return self
+
+
+class TenantBudgetSpec(_Spec):
+    """What a call over its tenant's cost budget (worker config ``limits.tenants``) does: ``fail``
+    the step, ``pause`` the pipeline until ``resume`` (which may carry ``tenant_budget``, the new
+    budget), or wait for an ``approval`` (``tenant-budget-<n>``) whose approver may raise it."""
+
+    on_exceed: Literal["fail", "pause", "approval"] = "fail"
+    approvers: list[str] | None = Field(
+        default=None, description="Who may decide (approval); anyone if unset."
+    )
 
 
 class StepSpec(_Spec):

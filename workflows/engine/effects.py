@@ -45,7 +45,7 @@ with workflow.unsafe.imports_passed_through():
     from kernel.steps.base import StepFailure
     from kernel.steps.batching import BatchOp
     from workflows import search_attributes as sa
-    from workflows.calls import AllModelsFailed, CallOptions, call_model, retry_policy
+    from workflows.calls import AllModelsFailed, CallOptions, OverBudget, call_model, retry_policy
     from workflows.contract import (
         LOAD_PIPELINE,
         PIPELINE_WORKFLOW,
@@ -89,6 +89,10 @@ class TemporalEffects:
         """Set for runs whose pipeline publishes lifecycle events."""
         self.shadows: Shadows | None = None
         """Set for runs that may shadow their model calls (``workflows.engine.shadow``)."""
+        self.on_over_budget: OverBudget | None = None
+        """What a model call its tenant's cost budget refuses does (the engine's ``tenant_budget``)."""
+        self.tenant: str | None = None
+        """The run's tenant (its start request's), whose limits its calls count against."""
 
     def now(self) -> datetime:
         return workflow.now()
@@ -138,6 +142,8 @@ class TemporalEffects:
                 route=call.route,
                 max_repairs=call.max_repairs,
                 on_repair=call.on_repair,
+                on_over_budget=self.on_over_budget,
+                tenant=self.tenant,
             )
         except AllModelsFailed as exc:
             raise StepFailure(exc.message, FailureType.STEP_FAILED) from None
