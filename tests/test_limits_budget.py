@@ -33,6 +33,7 @@ from simulator.server import SimulatorServer
 from tests.worker_process import WorkerProcess
 from worker.app import build_registry, build_worker, simulator_settings
 from worker.client import start_pipeline
+from workflows.contract import PipelineResult
 from workflows.limiter import limiter_id
 
 pytestmark = pytest.mark.timeout(240)
@@ -209,7 +210,19 @@ async def test_a_tenant_over_its_budget_pauses_mid_pipeline_and_a_resume_with_a_
     outcome: dict[str, Any] = {}
 
     async def scenario(queue: str) -> None:
-        handle = await start_pipeline(client, _spec("paused", "pause"), {}, task_queue=queue, tenant="acme")
+        workflow_id = f"tenant/acme/paused-{uuid.uuid4().hex[:8]}"
+        spec = _spec("paused", "pause", retried=uuid.uuid4().hex)
+        await client.start_workflow(
+            "PipelineWorkflow",
+            {
+                "pipeline": spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+                "tenant": "acme",
+                "continue_as_new_after": 1,  # a new run before every later step: the ledger must not care
+            },
+            id=workflow_id,
+            task_queue=queue,
+        )
+        handle = client.get_workflow_handle(workflow_id, result_type=PipelineResult)
         status = await _until(handle, lambda s: s["paused"], "the pause at the tenant's budget")
         outcome["paused"] = status
         outcome["ledger_paused"] = await _ledger(client, queue, "acme")
@@ -218,6 +231,7 @@ async def test_a_tenant_over_its_budget_pauses_mid_pipeline_and_a_resume_with_a_
         )
         outcome["result"] = await asyncio.wait_for(handle.result(), timeout=60)
         outcome["ledger"] = await _ledger(client, queue, "acme")
+        outcome["run"] = (await handle.query("status"))["run"]
 
     # Room for two calls' estimates (each a little above its actual cost), not for five.
     await _with_worker(client, priced_registry, 3 * per_call, scenario)
@@ -229,6 +243,7 @@ async def test_a_tenant_over_its_budget_pauses_mid_pipeline_and_a_resume_with_a_
     assert outcome["ledger_paused"]["waiting"] == 0 and outcome["ledger_paused"]["active"] == 0
     result = outcome["result"]
     assert result.status == "completed" and len(result.steps) == 5
+    assert outcome["run"] > 1, "the pipeline continued as new between its steps"
     assert _day_spend(outcome["ledger"]) == pytest.approx(result.cost_usd, abs=1e-9), (
         "the tenant's ledger equals the sum of the calls' costs"
     )

@@ -158,11 +158,20 @@ _REJECT = cast("UpdateMethodMultiParam[[Any, DecisionRequest], ApprovalState]", 
 
 
 async def approve(
-    client: Client, workflow_id: str, step_id: str, *, by: str | None = None, comment: str | None = None
+    client: Client,
+    workflow_id: str,
+    step_id: str,
+    *,
+    by: str | None = None,
+    comment: str | None = None,
+    tenant_budget: Mapping[str, Any] | None = None,
 ) -> ApprovalState:
     """Approve the pipeline's approval step ``step_id``. An unknown or already decided approval is
-    refused and changes nothing."""
-    decision = DecisionRequest(step_id=step_id, by=by, comment=comment)
+    refused and changes nothing. For a tenant budget approval (``tenant-budget-<n>``),
+    ``tenant_budget`` (``{"cost_per_day_usd": ..}``) is the tenant's new budget."""
+    decision = DecisionRequest.model_validate(
+        {"step_id": step_id, "by": by, "comment": comment, "tenant_budget": tenant_budget}
+    )
     return await client.get_workflow_handle(workflow_id).execute_update(_APPROVE, decision)
 
 
@@ -225,9 +234,13 @@ async def resume(
     reason: str = "resumed by request",
     budget: Mapping[str, Any] | None = None,
     by: str | None = None,
+    tenant_budget: Mapping[str, Any] | None = None,
 ) -> ControlAnswer:
-    """Resume a paused pipeline; after a budget pause, ``budget`` sets its new limits."""
-    request = ResumeRequest.model_validate({"reason": reason, "budget": budget, "by": by})
+    """Resume a paused pipeline; after a budget pause, ``budget`` sets its new limits; after a
+    tenant budget pause, ``tenant_budget`` (``{"cost_per_day_usd": ..}``) the tenant's new budget."""
+    request = ResumeRequest.model_validate(
+        {"reason": reason, "budget": budget, "by": by, "tenant_budget": tenant_budget}
+    )
     return await client.get_workflow_handle(workflow_id).execute_update(
         PipelineWorkflow.resume_update, request
     )

@@ -146,8 +146,13 @@ async def _cmd_decide(args: argparse.Namespace) -> int:
     from worker.client import approve, reject
 
     client = await _client(args)
-    helper = approve if args.command == "approve" else reject
-    call = helper(client, args.workflow_id, args.step_id, by=_by(args), comment=args.comment)
+    raised = _tenant_budget(args)
+    if args.command == "approve":
+        call = approve(
+            client, args.workflow_id, args.step_id, by=_by(args), comment=args.comment, tenant_budget=raised
+        )
+    else:
+        call = reject(client, args.workflow_id, args.step_id, by=_by(args), comment=args.comment)
     return await _refusable(args, call, lambda a: f"{args.workflow_id} {a.step_id}: {a.status} by {a.by}")
 
 
@@ -159,11 +164,32 @@ async def _cmd_control(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {"by": _by(args)}
     if args.reason:
         kwargs["reason"] = args.reason
+    if args.command == "resume":
+        kwargs["tenant_budget"] = _tenant_budget(args)
     call = helper(client, args.workflow_id, **kwargs)
     return await _refusable(
         args, call,
         lambda a: f"{args.workflow_id}: {args.command} " + ("applied" if a.applied else f"not applied ({a.detail})") + f"; now {a.status}",
     )  # fmt: skip
+
+
+def _tenant_budget(args: argparse.Namespace) -> dict[str, float] | None:
+    """``--cost-per-day-usd`` / ``--cost-per-month-usd``: a tenant's new cost budget."""
+    raised = {
+        name: value
+        for name in ("cost_per_day_usd", "cost_per_month_usd")
+        if (value := getattr(args, name, None)) is not None
+    }
+    return raised or None
+
+
+def _budget_options(parser: argparse.ArgumentParser) -> None:
+    for period in ("day", "month"):
+        parser.add_argument(
+            f"--cost-per-{period}-usd",
+            type=float,
+            help=f"after a tenant budget pause or approval: the tenant's new budget for this {period} (USD)",
+        )
 
 
 async def _cmd_reroute(args: argparse.Namespace) -> int:
@@ -323,6 +349,8 @@ def add_parsers(sub: Any, temporal_options: Callable[[argparse.ArgumentParser], 
         p.add_argument("step_id", metavar="STEP")
         p.add_argument("--comment", help="kept with the decision")
         p.add_argument("--by", help="who decides (default: your login name)")
+        if verb == "approve":
+            _budget_options(p)
         common(p)
 
     for verb, text in (
@@ -334,6 +362,8 @@ def add_parsers(sub: Any, temporal_options: Callable[[argparse.ArgumentParser], 
         p.add_argument("workflow_id", metavar="ID")
         p.add_argument("--reason")
         p.add_argument("--by", help="who acts (default: your login name)")
+        if verb == "resume":
+            _budget_options(p)
         common(p)
 
     reroute = sub.add_parser("reroute", help="send a running pipeline's later calls of a model elsewhere")
