@@ -78,16 +78,17 @@ class LimitsActivities:
 
     @activity.defn(name=LIMITS_ACQUIRE)
     async def acquire(self, call: AcquireInput) -> AcquireTicket:
+        limits = self.limits  # one config for the whole call, whatever a reload does meanwhile
         try:
             provider, model_name = self.live.registry.resolve(call.model)
         except KernelflowError:
             return AcquireTicket()  # the call itself reports the unknown model
-        key = self.limits.key_for(f"{provider.name}/{model_name}")
-        tenant_key = tenant_limit_key(call.tenant) if call.tenant in self.limits.tenants else None
+        key = limits.key_for(f"{provider.name}/{model_name}")
+        tenant_key = tenant_limit_key(call.tenant) if call.tenant in limits.tenants else None
         if key is None and tenant_key is None:
             return AcquireTicket()
-        limit = self.limits.models.get(key) if key is not None else None
-        output = self.limits.default_output_tokens
+        limit = limits.models.get(key) if key is not None else None
+        output = limits.default_output_tokens
         facts = provider.model_facts(model_name)
         if facts is not None and facts.max_output_tokens is not None:
             output = min(output, facts.max_output_tokens)
@@ -104,7 +105,7 @@ class LimitsActivities:
             ticket.tenant_key = tenant_key
             try:
                 ticket.tenant_limiter, ticket.tenant_granted = await self._acquire(
-                    tenant_key, self.limits.tenants[call.tenant], tokens, call, cost
+                    tenant_key, limits.tenants[call.tenant], tokens, call, cost
                 )
             except WorkflowUpdateFailedError as exc:
                 refusal = _budget_refusal(exc)
@@ -115,6 +116,9 @@ class LimitsActivities:
                 _log.info("call refused by the tenant's budget", tenant=call.tenant, reason=refusal.message())
                 return ticket
         if key is not None and limit is not None:
+            shard = limit.shard(call.id)
+            if shard is not None:  # a hot key: this call counts in one shard, with its share of the limit
+                key, limit = f"{key}#{shard[0]}", shard[1]
             ticket.key = key
             ticket.limiter, ticket.granted = await self._acquire(key, limit, tokens, call, 0.0)
         return ticket
@@ -152,18 +156,22 @@ class LimitsActivities:
     async def back_off(self, model_ref: str, seconds: float) -> None:
         """A provider answered 429 with Retry-After: every caller of the key waits that long. Best
         effort (a limiter not running yet has nothing to hold back)."""
-        key = self.limits.key_for(model_ref)
+        limits = self.limits
+        key = limits.key_for(model_ref)
         if key is None:
             return
-        workflow_id = limiter_id(key, self.limits.scope or activity.info().task_queue)
-        try:
-            await (
-                activity.client()
-                .get_workflow_handle(workflow_id)
-                .signal("release", ReleaseRequest(id="", retry_after_s=seconds))
-            )
-        except Exception as exc:  # the call's own failure is what matters; this only helps the others
-            _log.warning("limiter did not take a back-off", limiter=workflow_id, error=str(exc))
+        shards = limits.models[key].shards
+        keys = [key] if shards == 1 else [f"{key}#{n}" for n in range(shards)]
+        for each in keys:
+            workflow_id = limiter_id(each, limits.scope or activity.info().task_queue)
+            try:
+                await (
+                    activity.client()
+                    .get_workflow_handle(workflow_id)
+                    .signal("release", ReleaseRequest(id="", retry_after_s=seconds))
+                )
+            except Exception as exc:  # the call's own failure is what matters; this only helps the others
+                _log.warning("limiter did not take a back-off", limiter=workflow_id, error=str(exc))
 
 
 def _budget_refusal(exc: WorkflowUpdateFailedError) -> BudgetRefusal | None:

@@ -7,7 +7,8 @@ simulator with 429s as well; a burst of several times the limit from many pipeli
   simulator saw in any window of the limit's period is reported too (never above the limit);
 - 429s the pipelines saw (the simulator's count of refused requests);
 - admission overhead per call: one-step pipelines one after another on an in-process worker, with a
-  limit that never binds against no limits, p50 and p99 of the pipeline's duration.
+  limit that never binds against no limits, p50 and p99 of the pipeline's duration;
+- admissions per second one limiter workflow sustains (``bench/limiter_throughput.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench import limiter_throughput
 from bench._common import Mode, Progress, Result, percentile
 from bench._durable import BenchDevServer, one_step_spec
 from kernel.limits import LimitsConfig, RateLimit
@@ -139,6 +141,7 @@ async def run(mode: Mode) -> list[Result]:
             measured = {
                 n: await _burst(client, server.target, state, n, counts["calls"], progress) for n in PROCESSES
             }
+            throughput = await limiter_throughput.measure(client, mode, progress)
             with SimulatorServer(config=SimulatorConfig()) as sim:
                 registry = build_registry(provider_settings=simulator_settings(sim.url))
                 try:
@@ -149,6 +152,7 @@ async def run(mode: Mode) -> list[Result]:
                     await _durations(client, registry, None, 0)  # switch the process back to no limits
                 finally:
                     await registry.aclose()
+
     results = [
         Result(
             name=f"12. admitted rate / limit, {n} worker process{'es' if n > 1 else ''}",
@@ -185,4 +189,5 @@ async def run(mode: Mode) -> list[Result]:
                 },
             )
         )
+    results.append(throughput)
     return results

@@ -24,6 +24,7 @@ the estimate when it is released; a lease that runs out settles at the estimate.
 
 from __future__ import annotations
 
+import zlib
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -82,6 +83,43 @@ class RateLimit(BaseModel):
     cost_per_month_usd: float | None = Field(
         default=None, gt=0, description="A tenant's spend per UTC calendar month (tenants only)."
     )
+    shards: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Limiters sharing the key, each with 1/shards of every limit (a hot key: docs/limits.md).",
+    )
+
+    @model_validator(mode="after")
+    def _shardable(self) -> RateLimit:
+        if self.shards > 1 and self.budgets():
+            raise ValueError("a cost budget is kept by one limiter: shards must be 1 with cost_per_*_usd")
+        if self.shards > 1 and self.concurrent is not None and self.concurrent < self.shards:
+            raise ValueError(
+                f"concurrent ({self.concurrent}) must be at least shards ({self.shards}): each shard "
+                "holds a whole share"
+            )
+        return self
+
+    def shard(self, request_id: str) -> tuple[int, RateLimit] | None:
+        """The shard a request counts in (picked from its id) and that shard's share of the limits;
+        None when the key is not sharded."""
+        if self.shards == 1:
+            return None
+        number = zlib.crc32(request_id.encode()) % self.shards
+        share = {
+            name: value / self.shards
+            for name in (
+                "requests_per_second",
+                "requests_per_minute",
+                "tokens_per_second",
+                "tokens_per_minute",
+            )
+            if (value := getattr(self, name)) is not None
+        }
+        if self.concurrent is not None:
+            share["concurrent"] = self.concurrent // self.shards
+        return number, self.model_copy(update={**share, "shards": 1})
 
     @model_validator(mode="after")
     def _some_limit(self) -> RateLimit:
@@ -114,7 +152,9 @@ class RateLimit(BaseModel):
     def describe(self) -> str:
         parts = [
             f"{value:g} {name.replace('_', ' ')}"
-            for name, value in self.model_dump(exclude={"margin_s", "output_tokens", *_COST_FIELDS}).items()
+            for name, value in self.model_dump(
+                exclude={"margin_s", "output_tokens", "shards", *_COST_FIELDS}
+            ).items()
             if value is not None
         ]
         parts.extend(f"${amount:g} per {period}" for period, amount in self.budgets().items())
@@ -159,6 +199,9 @@ class LimitsConfig(BaseModel):
 
     @model_validator(mode="after")
     def _budgets_are_per_tenant(self) -> LimitsConfig:
+        for name, limit in self.tenants.items():
+            if limit.shards > 1:
+                raise ValueError(f"limits.tenants.{name}.shards: only a model's limit is sharded")
         for key, limit in self.models.items():
             for name in _COST_FIELDS:
                 if getattr(limit, name) is not None:

@@ -131,6 +131,27 @@ def test_a_limit_needs_a_bound_and_bad_keys_are_named() -> None:
     assert config.key_for("openai/gpt-4.1") is None
 
 
+def test_a_sharded_key_splits_every_limit_and_a_request_always_picks_the_same_shard() -> None:
+    limit = RateLimit(requests_per_second=6, tokens_per_minute=9000, concurrent=4, shards=3)
+    shards = [limit.shard(str(uuid.uuid4())) for _ in range(200)]
+    assert {shard[0] for shard in shards if shard is not None} == {0, 1, 2}
+    request_id = str(uuid.uuid4())
+    picked = limit.shard(request_id)
+    assert picked is not None and picked == limit.shard(request_id)
+    share = picked[1]
+    assert (share.requests_per_second, share.tokens_per_minute, share.concurrent, share.shards) == (
+        2,
+        3000,
+        1,
+        1,
+    )
+    assert RateLimit(requests_per_second=5).shard(request_id) is None
+    with pytest.raises(ValueError, match="concurrent"):
+        RateLimit(concurrent=2, shards=3)
+    with pytest.raises(ValueError, match="only a model's limit is sharded"):
+        LimitsConfig.model_validate({"tenants": {"a": {"requests_per_second": 4, "shards": 2}}})
+
+
 # --- on Temporal ---------------------------------------------------------------------------------
 
 
@@ -456,3 +477,21 @@ async def test_a_tenants_own_limit_holds_back_only_that_tenant(
     assert state["admitted"] == 4 and state["active"] == 0
     assert len(waited["a"]) >= 3, "4 calls at 1/s: at least 3 of tenant a's waited for a grant"
     assert waited["b"] == [], "tenant b has no limit of its own and never waits"
+
+
+async def test_a_sharded_key_spreads_its_calls_over_its_limiters_and_stays_within_the_limit(
+    client: Client, limited_sim: SimulatorServer, limited_registry: Registry
+) -> None:
+    queue = f"limits-{uuid.uuid4().hex[:8]}"
+    sharded = LIMIT.model_copy(update={"shards": 2})
+    limits = LimitsConfig(models={MODEL: sharded})
+    async with build_worker(client, task_queue=queue, registry=limited_registry, limits=limits):
+        handles = [await start_pipeline(client, _spec("sharded"), {}, task_queue=queue) for _ in range(5)]
+        results = await asyncio.gather(*(asyncio.wait_for(h.result(), timeout=120) for h in handles))
+        states = [
+            await client.get_workflow_handle(limiter_id(f"{MODEL}#{n}", queue)).query("state") for n in (0, 1)
+        ]
+    assert all(r.status == "completed" for r in results)
+    assert [s["limit"]["requests_per_second"] for s in states] == [2.5, 2.5]
+    assert sum(s["admitted"] for s in states) == 15 and all(s["admitted"] > 0 for s in states)
+    _assert_within_limit(limited_sim, 15)
