@@ -55,6 +55,11 @@ class LlmCallResult(BaseModel):
     provider: str
     cost_usd: float | None = Field(description="None when the model's price is unknown.")
     latency_ms: float
+    answered_at: float | None = Field(
+        default=None,
+        description="Worker wall clock (s since the epoch) when the answer was in: the provider had the "
+        "request by then (admission control counts the call's window from it).",
+    )
 
 
 class LlmActivities:
@@ -141,6 +146,7 @@ class LlmActivities:
         except BaseException as exc:  # cancelled, or a bug: no verdict on the upstream's health
             self._settle(permit, exc)
             raise
+        answered_at = time.time()
         self._settle(permit, None)
         if prepared.warnings:
             response = response.model_copy(update={"warnings": [*prepared.warnings, *response.warnings]})
@@ -161,6 +167,7 @@ class LlmActivities:
             provider=provider.name,
             cost_usd=cost,
             latency_ms=latency_ms,
+            answered_at=answered_at,
         )
 
     def _settle(self, permit: Permit | None, error: BaseException | None) -> None:

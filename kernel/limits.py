@@ -10,10 +10,11 @@ workflow cannot hold capacity forever.
 
 Windows are sliding and counted so that the provider's own windows hold, whatever the delay between
 admission and the request reaching the provider: a call counts against ``requests_per_*`` and
-``tokens_per_*`` from the moment it is admitted until one period after it was released (the request
-was sent somewhere in between). A call is admitted only when fewer than the limit count now; then any
-window of the period at the provider holds at most the limit (docs/limits.md has the argument). The
-price: each call occupies its slot for the period plus its own duration.
+``tokens_per_*`` from the moment it is admitted until one period after it was released, or after the
+earlier moment its answer was in when the worker reports it (the request reached the provider in
+between). A call is admitted only when fewer than the limit count now; then any window of the period
+at the provider holds at most the limit (docs/limits.md has the argument). The price: each call
+occupies its slot for the period plus the time from its admission to its answer.
 
 Tenant cost budgets (``cost_per_day_usd``, ``cost_per_month_usd``, UTC calendar periods) live in the
 same ledger: a call is refused (``BudgetRefusal``) when the period's spend, plus what calls admitted
@@ -310,12 +311,25 @@ class Grant(BaseModel):
     at: float
     expires: float
     released_at: float | None = None
+    answered_at: float | None = Field(
+        default=None, description="When the provider had answered (reported at release), if known."
+    )
     cost_usd: float = Field(default=0.0, ge=0)
     periods: list[str] = Field(default_factory=list)
 
     @property
     def released(self) -> bool:
         return self.released_at is not None
+
+    @property
+    def counted_from(self) -> float | None:
+        """Where the call's trailing window starts: its release, or the earlier moment the provider had
+        answered (the request had reached the provider by then). None while it is held."""
+        if self.released_at is None:
+            return None
+        if self.answered_at is None:
+            return self.released_at
+        return min(self.released_at, self.answered_at)
 
 
 class Ledger(BaseModel):
@@ -345,7 +359,12 @@ class Ledger(BaseModel):
         return True
 
     def release(
-        self, request_id: str, used_tokens: int | None, now: float, cost_usd: float | None = None
+        self,
+        request_id: str,
+        used_tokens: int | None,
+        now: float,
+        cost_usd: float | None = None,
+        answered_at: float | None = None,
     ) -> bool:
         """End a reservation; ``used_tokens`` (reported usage) replaces the estimate in the windows,
         ``cost_usd`` (the actual cost; None keeps the estimate) is settled in the budget periods. A
@@ -353,6 +372,7 @@ class Ledger(BaseModel):
         for grant in self.grants:
             if grant.id == request_id and not grant.released:
                 grant.released_at = now
+                grant.answered_at = answered_at
                 if used_tokens is not None:
                     grant.tokens = used_tokens
                 self._settle(grant, grant.cost_usd if cost_usd is None else cost_usd)
@@ -432,7 +452,7 @@ class Ledger(BaseModel):
             recent = [
                 g
                 for g in self.grants
-                if g.released_at is None or g.released_at > now - period - self.limit.margin_s
+                if (since := g.counted_from) is None or since > now - period - self.limit.margin_s
             ]
             if requests is not None and len(recent) + 1 > requests:
                 return False
@@ -482,9 +502,9 @@ class Ledger(BaseModel):
                 times.append(self.blocked_until)
             for period, _, _ in self.limit.windows():
                 times.extend(
-                    g.released_at + period + self.limit.margin_s
+                    since + period + self.limit.margin_s
                     for g in self.grants
-                    if g.released_at is not None
+                    if (since := g.counted_from) is not None
                 )
         later = [t for t in times if t > now]
         return min(later) if later else None

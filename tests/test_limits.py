@@ -75,6 +75,20 @@ def test_a_call_counts_from_admission_until_a_period_after_its_release() -> None
     assert [g.id for g in ledger.admit(102.3)] == ["3"]
 
 
+def test_a_reported_answer_time_starts_the_trailing_window_earlier_than_the_release() -> None:
+    ledger = Ledger(limit=RateLimit(requests_per_second=1))
+    for n in range(3):
+        ledger.request(_waiting(n))
+    assert [g.id for g in ledger.admit(100.0)] == ["0"]
+    ledger.release("0", None, 100.5, answered_at=100.2)
+    assert ledger.next_change(100.5) == pytest.approx(101.2), "the provider had the request by 100.2"
+    assert ledger.admit(101.1) == []
+    assert [g.id for g in ledger.admit(101.2)] == ["1"]
+    ledger.release("1", None, 101.4, answered_at=101.9)  # a worker clock ahead: the release stands
+    assert ledger.admit(102.3) == []
+    assert [g.id for g in ledger.admit(102.4)] == ["2"]
+
+
 def test_the_same_request_id_reserves_once() -> None:
     ledger = Ledger(limit=RateLimit(requests_per_second=10))
     assert ledger.request(_waiting(1))

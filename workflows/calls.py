@@ -202,7 +202,8 @@ async def _execute(
         raise
     if admission is not None:
         # Awaited: a workflow that completes right after would drop a signal still to be sent.
-        await _release(admission, result.response.usage.total_tokens, result.cost_usd or 0.0)
+        usage = result.response.usage.total_tokens
+        await _release(admission, usage, result.cost_usd or 0.0, result.answered_at)
     return result
 
 
@@ -333,12 +334,16 @@ async def _wait_for_grant(key: str, request_id: str, granted: set[str]) -> None:
     granted.discard(name)
 
 
-async def _release(admission: _Admission, used_tokens: int | None, cost_usd: float) -> None:
+async def _release(
+    admission: _Admission, used_tokens: int | None, cost_usd: float, answered_at: float | None = None
+) -> None:
     """Reconcile the reservations with the reported usage (None: the estimate stands) and the
-    call's actual cost (0 for a call that failed)."""
+    call's actual cost (0 for a call that failed); ``answered_at`` lets the windows trail the answer."""
     for limiter_id in admission.limiters:
         limiter = workflow.get_external_workflow_handle(limiter_id)
-        release = ReleaseRequest(id=admission.request_id, used_tokens=used_tokens, cost_usd=cost_usd)
+        release = ReleaseRequest(
+            id=admission.request_id, used_tokens=used_tokens, cost_usd=cost_usd, answered_at=answered_at
+        )
         try:
             await limiter.signal("release", release)
         except Exception:  # a limiter that is gone holds nothing; the lease covers the rest

@@ -30,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
 
 __all__ = [
     "CAPACITY_SIGNAL",
+    "COUNT_FROM_ANSWER_PATCH",
     "LIMITER_WORKFLOW",
     "AcquireRequest",
     "CapacityGrant",
@@ -45,6 +46,8 @@ __all__ = [
 LIMITER_WORKFLOW = "kernelflow.limiter"
 CAPACITY_SIGNAL = "kernelflow_capacity"
 """Sent by the limiter to the workflow whose call was admitted."""
+COUNT_FROM_ANSWER_PATCH = "limiter-counts-from-answer"
+"""Marker of limiter runs whose windows trail a call's answer rather than its release."""
 
 
 _enabled = False
@@ -87,6 +90,9 @@ class ReleaseRequest(BaseModel):
         default=None,
         ge=0,
         description="The call's actual cost, settled in the budgets; None keeps the estimate.",
+    )
+    answered_at: float | None = Field(
+        default=None, description="When the provider's answer was in (s since the epoch); None: at release."
     )
 
 
@@ -203,7 +209,10 @@ class LimiterWorkflow:
                 )
             )
         for release in self.pending_release:
-            ledger.release(release.id, release.used_tokens, now, release.cost_usd)
+            answered = release.answered_at
+            if answered is not None and not workflow.patched(COUNT_FROM_ANSWER_PATCH):
+                answered = None
+            ledger.release(release.id, release.used_tokens, now, release.cost_usd, answered)
             if release.retry_after_s is not None:
                 ledger.back_off(now + release.retry_after_s)
         self.events += len(self.pending_acquire) + len(self.pending_release)
