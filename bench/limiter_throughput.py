@@ -14,6 +14,9 @@ import time
 import uuid
 from typing import Any
 
+from temporalio.client import WorkflowUpdateRPCTimeoutOrCancelledError
+from temporalio.service import RPCError
+
 from bench._common import Mode, Progress, Result
 from kernel.limits import LimitsConfig, RateLimit
 from simulator.core import SimulatorConfig
@@ -41,23 +44,33 @@ async def measure(client: Any, mode: Mode, progress: Progress) -> Result:
             async with build_worker(
                 client, task_queue=queue, registry=registry, limits=limits, max_concurrent_workflow_tasks=10
             ):
-                handle = await client.start_workflow(
+                first = await client.start_workflow(
                     LimiterWorkflow.run,
                     LimiterInput(key=key, limit=limit),
                     id=limiter_id(key, queue),
                     task_queue=queue,
                 )
+                handle = client.get_workflow_handle(first.id)  # follows the limiter's continue-as-new
                 progress.note(f"one limiter: {count} admissions, {CONCURRENCY} callers at once")
                 gate = asyncio.Semaphore(CONCURRENCY)
-                refused = 0
+                refused = retried = 0
 
                 async def admit(n: int) -> None:
-                    nonlocal refused
+                    nonlocal refused, retried
                     async with gate:
                         request = AcquireRequest(
                             id=f"bench-{n}", requester="bench", tokens=1, lease_s=600, limit=limit
                         )
-                        if not await handle.execute_update(LimiterWorkflow.acquire_now, request):
+                        while True:
+                            try:
+                                granted = await handle.execute_update(LimiterWorkflow.acquire_now, request)
+                                break
+                            except (RPCError, WorkflowUpdateRPCTimeoutOrCancelledError):
+                                # An update caught by the limiter's continue-as-new: asked again, as
+                                # Temporal retries limits_acquire (the same id reserves once).
+                                retried += 1
+                                await asyncio.sleep(0.05)
+                        if not granted:
                             refused += 1
                         await handle.signal(LimiterWorkflow.release, ReleaseRequest(id=request.id))
 
@@ -67,7 +80,7 @@ async def measure(client: Any, mode: Mode, progress: Progress) -> Result:
                 elapsed = time.perf_counter() - started
                 latest = client.get_workflow_handle(handle.id)
                 state = await latest.query("state")
-                continued = (await latest.describe()).run_id != handle.first_execution_run_id
+                continued = (await latest.describe()).run_id != first.first_execution_run_id
                 await latest.terminate("bench done")
         finally:
             await registry.aclose()
@@ -79,6 +92,7 @@ async def measure(client: Any, mode: Mode, progress: Progress) -> Result:
             "admissions": count,
             "callers_at_once": CONCURRENCY,
             "not_admitted_at_once": refused,
+            "updates_asked_again": retried,
             "admitted_total": state["admitted"],
             "continued_as_new": continued,
             "what": "acquire_now update + release signal per admission, one key, in-process worker",

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -30,7 +32,7 @@ from kernel.pipeline import PipelineSpec
 from kernel.pricing import PriceTable
 from kernel.registry import Registry
 from simulator.server import SimulatorServer
-from tests.worker_process import WorkerProcess
+from tests.worker_process import WorkerProcess, kernelflow_binary
 from worker.app import build_registry, build_worker, simulator_settings
 from worker.client import start_pipeline
 from workflows.contract import PipelineResult
@@ -280,7 +282,7 @@ async def test_on_exceed_fail_fails_the_step_naming_tenant_budget_period_and_spe
 
 
 async def test_on_exceed_approval_waits_for_a_person_who_raises_the_budget(
-    client: Client, priced_registry: Registry
+    client: Client, temporal_target: str, priced_registry: Registry
 ) -> None:
     per_call = await _one_call_cost(client, priced_registry)
     outcome: dict[str, Any] = {}
@@ -298,14 +300,16 @@ async def test_on_exceed_approval_waits_for_a_person_who_raises_the_budget(
         with pytest.raises(WorkflowUpdateFailedError) as refused:
             await handle.execute_update("approve", {"step_id": approval["step_id"], "by": "mallory"})
         outcome["refused"] = refused.value.cause
-        await handle.execute_update(
-            "approve",
-            {
-                "step_id": approval["step_id"],
-                "by": "finance",
-                "tenant_budget": {"cost_per_day_usd": 100 * per_call},
-            },
-        )
+        # As a person would: the CLI, with the new budget.
+        approved = await asyncio.to_thread(
+            subprocess.run,
+            [kernelflow_binary(), "approve", handle.id, approval["step_id"], "--by", "finance",
+             "--cost-per-day-usd", str(100 * per_call), "--address", temporal_target, "--json"],
+            capture_output=True, text=True, timeout=120,
+            env={**os.environ, "KERNELFLOW_PAYLOADS_STORAGE": "off", "KERNELFLOW_TASK_QUEUE": queue},
+        )  # fmt: skip
+        assert approved.returncode == 0, approved.stderr
+        outcome["approved"] = json.loads(approved.stdout)
         outcome["result"] = await asyncio.wait_for(handle.result(), timeout=60)
         outcome["ledger"] = await _ledger(client, queue, "acme")
 
@@ -317,6 +321,11 @@ async def test_on_exceed_approval_waits_for_a_person_who_raises_the_budget(
     assert approval["step_id"] == "tenant-budget-1"
     assert BudgetRefusal.model_validate(approval["budget"]).tenant == "acme"
     assert "tenant 'acme' is over its cost budget per day" in approval["message"]
+    assert outcome["approved"]["status"] == "approved" and outcome["approved"]["by"] == "finance"
+    assert outcome["approved"]["raised"] == {
+        "cost_per_day_usd": pytest.approx(100 * per_call),
+        "cost_per_month_usd": None,
+    }
     result = outcome["result"]
     assert result.status == "completed"
     assert [f.error_type for f in result.steps[1].failures] == [], "the 500 was retried, not failed over"
