@@ -249,6 +249,12 @@ class Engine:
         )
         self.state.decisions[approval.step_id] = approval
         self.awaiting_changed()
+        step = status.current_step
+        self.lifecycle(
+            "approval.requested",
+            step,
+            {"approval_id": approval.step_id, "tenant_budget": refusal.model_dump()},
+        )
         self.details(f"{approval.step_id} waits for approval: {message}")
         try:
             await self.effects.wait(
@@ -260,6 +266,11 @@ class Engine:
             self.awaiting_changed()
             raise
         self.awaiting_changed()
+        self.lifecycle(
+            "approval.decided",
+            step,
+            {"approval_id": approval.step_id, "decision": approval.status, "by": approval.by},
+        )
         if approval.status == "rejected":
             who = approval.by or "someone"
             raise StepFailure(

@@ -396,3 +396,70 @@ async def test_a_worker_process_applies_a_changed_limits_section_on_sighup(
         and e.workflow_execution_signaled_event_attributes.signal_name == "kernelflow_capacity"
     ]
     assert waited, "5 calls at once at the reloaded 2/s: some waited for capacity"
+
+
+# --- what the interpreter does with a refusal (in-memory effects) ---------------------------------
+
+
+def _refusal() -> BudgetRefusal:
+    return BudgetRefusal(
+        tenant="acme",
+        period="month",
+        period_id="2026-01",
+        budget_usd=10.0,
+        spent_usd=9.5,
+        reserved_usd=0.25,
+        estimate_usd=0.5,
+    )
+
+
+async def test_the_interpreter_fails_pauses_or_asks_for_an_approval_as_the_spec_says() -> None:
+    from kernel.engine import Engine, RunInfo
+    from kernel.errors import FailureType
+    from kernel.pipeline import parse_pipeline
+    from kernel.run import PipelineStatus, RunState
+    from kernel.steps import StepFailure
+    from tests.test_engine_unit import FakeEffects
+
+    def engine(policy: dict[str, Any] | None, effects: FakeEffects) -> Engine:
+        data: dict[str, Any] = {"name": "p", "steps": _steps(1)}
+        if policy is not None:
+            data["tenant_budget"] = policy
+        spec = parse_pipeline(data)
+        return Engine(spec, RunState(status=PipelineStatus(pipeline="p")), effects, RunInfo("wf", "p"))
+
+    with pytest.raises(StepFailure) as failed:
+        await engine(None, FakeEffects()).tenant_budget_exceeded(_refusal())
+    assert failed.value.type == FailureType.TENANT_BUDGET_EXCEEDED
+    assert "per month: $10 for 2026-01 (UTC), $9.500000 spent and $0.250000 reserved" in failed.value.message
+
+    pausing = FakeEffects()
+    paused = engine({"on_exceed": "pause"}, pausing)
+
+    def resume() -> None:
+        assert paused.state.status.pause_reason is not None
+        assert paused.state.status.pause_reason.startswith("tenant budget exceeded: tenant 'acme'")
+        paused.state.tenant_budget_raise = TenantBudgetRaise(cost_per_month_usd=20)
+        paused.state.status.paused = False
+
+    pausing.on_wait = resume
+    assert await paused.tenant_budget_exceeded(_refusal()) == TenantBudgetRaise(cost_per_month_usd=20)
+
+    for decision, raised in (("approved", None), ("rejected", None), ("approved", 15.0)):
+        asking = FakeEffects()
+        asked = engine({"on_exceed": "approval", "approvers": ["finance"]}, asking)
+
+        def decide(asked: Engine = asked, decision: str = decision, raised: float | None = raised) -> None:
+            approval = asked.state.decisions["tenant-budget-1"]
+            assert approval.status == "waiting" and approval.approvers == ["finance"]
+            approval.status, approval.by = decision, "finance"  # type: ignore[assignment]
+            approval.raised = TenantBudgetRaise(cost_per_month_usd=raised) if raised else None
+
+        asking.on_wait = decide
+        if decision == "rejected":
+            with pytest.raises(StepFailure, match="raising it was rejected by finance"):
+                await asked.tenant_budget_exceeded(_refusal())
+        else:
+            got = await asked.tenant_budget_exceeded(_refusal())
+            assert got is not None and got.cost_per_month_usd == pytest.approx(raised or 10.25)
+        assert [e.type for e in asking.events] == ["approval.requested", "approval.decided"]
