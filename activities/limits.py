@@ -148,6 +148,7 @@ class LimitsActivities:
                 lease_s=min(call.lease_s or self.limits.lease_s, self.limits.lease_s),
                 limit=limit,
                 cost_usd=cost,
+                schedules=True,  # llm_chat holds the request until the grant's not_before
             ),
             start_workflow_operation=start,
         )

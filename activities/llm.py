@@ -7,6 +7,7 @@ the provider from the worker's environment or settings; they never enter inputs,
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -20,6 +21,7 @@ from activities.live import HEARTBEAT_EVERY, LiveProviders, heartbeating
 from activities.streaming import DEFAULT_BATCH_INTERVAL, TokenPublisher
 from kernel.contracts import ChatRequest, ChatResponse, StreamEvent, TextDelta, ToolCallDelta
 from kernel.errors import KernelflowError, RateLimited
+from kernel.limits import GRANT_AHEAD_S
 from kernel.pricing import PriceTable
 from kernel.provider import collect_stream
 from kernel.registry import Registry
@@ -47,6 +49,10 @@ class LlmCallInput(BaseModel):
     step_id: str = ""
     pipeline: str = ""
     stream: bool = False
+    not_before: float | None = Field(
+        default=None,
+        description="Admission granted ahead: the request is held until this instant (s since the epoch).",
+    )
 
 
 class LlmCallResult(BaseModel):
@@ -118,6 +124,8 @@ class LlmActivities:
             model=call.model,
             attempt=info.attempt,
         )
+        if call.not_before is not None and (hold := call.not_before - time.time()) > 0:
+            await asyncio.sleep(min(hold, GRANT_AHEAD_S + 1))  # the call's slot opens then
         started = time.perf_counter()
         permit: Permit | None = None
         try:

@@ -153,21 +153,7 @@ async def run(mode: Mode) -> list[Result]:
                 finally:
                     await registry.aclose()
 
-    results = [
-        Result(
-            name=f"12. admitted rate / limit, {n} worker process{'es' if n > 1 else ''}",
-            value=measured[n]["rate"],
-            unit="req/s",
-            baseline=f"limit {RATE:g} req/s",
-            baseline_value=RATE,
-            params={
-                "calls": counts["calls"],
-                "max_requests_in_any_1s_window": measured[n]["max_in_window"],
-                "429s_seen": measured[n]["refused"],
-            },
-        ).check(ratio_at_most=1.0)
-        for n in PROCESSES
-    ]
+    results = [_rate_result(n, measured[n], counts["calls"]) for n in PROCESSES]
     results.append(
         Result(
             name="12. 429s seen by pipelines",
@@ -191,3 +177,24 @@ async def run(mode: Mode) -> list[Result]:
         )
     results.append(throughput)
     return results
+
+
+def _rate_result(processes: int, measured: dict[str, Any], calls: int) -> Result:
+    """ "Never above" is judged where it matters, in every window of the limit's period at the
+    simulator: (requests - 1) / span may pass the limit by a little with no window above it, when the
+    first and the last windows are both full."""
+    result = Result(
+        name=f"12. admitted rate / limit, {processes} worker process{'es' if processes > 1 else ''}",
+        value=measured["rate"],
+        unit="req/s",
+        baseline=f"limit {RATE:g} req/s",
+        baseline_value=RATE,
+        params={
+            "calls": calls,
+            "max_requests_in_any_1s_window": measured["max_in_window"],
+            "429s_seen": measured["refused"],
+        },
+    )
+    result.target = f"most requests in any 1 s window <= {RATE:g}"
+    result.met = measured["max_in_window"] <= RATE
+    return result

@@ -35,6 +35,7 @@ from kernel.contracts import ChatRequest
 
 __all__ = [
     "DEFAULT_LEASE_S",
+    "GRANT_AHEAD_S",
     "BudgetPeriod",
     "BudgetRefusal",
     "Grant",
@@ -53,6 +54,9 @@ DEFAULT_LEASE_S = 600.0
 """How long a reservation lasts when the call never reports back (a terminated or reset workflow)."""
 
 _SEEN_LIMIT = 4096
+GRANT_AHEAD_S = 2.0
+"""How far ahead a call whose caller holds its request until ``not_before`` may be granted: enough
+for the grant to reach the worker and the activity to be dispatched before its slot opens."""
 _PERIODS_KEPT = 64
 _COST_FIELDS = ("cost_per_day_usd", "cost_per_month_usd")
 
@@ -301,6 +305,10 @@ class Waiting(BaseModel):
     since: float
     cost_usd: float = Field(default=0.0, ge=0, description="Estimated cost, reserved against budgets.")
     periods: list[str] = Field(default_factory=list, description="Budget periods the cost counts in.")
+    schedules: bool = Field(
+        default=False,
+        description="The caller holds its request until a grant's not_before: it may be granted ahead.",
+    )
 
 
 class Grant(BaseModel):
@@ -316,10 +324,18 @@ class Grant(BaseModel):
     )
     cost_usd: float = Field(default=0.0, ge=0)
     periods: list[str] = Field(default_factory=list)
+    not_before: float | None = Field(
+        default=None, description="Granted ahead: the request is not sent before this instant."
+    )
 
     @property
     def released(self) -> bool:
         return self.released_at is not None
+
+    @property
+    def starts(self) -> float:
+        """Where the call starts counting: its admission, or the later instant it may send from."""
+        return self.at if self.not_before is None else self.not_before
 
     @property
     def counted_from(self) -> float | None:
@@ -441,25 +457,52 @@ class Ledger(BaseModel):
         longest = max((period for period, _, _ in self.limit.windows()), default=0.0) + self.limit.margin_s
         self.grants = [g for g in self.grants if g.released_at is None or g.released_at > now - longest]
 
-    def _fits(self, item: Waiting, now: float) -> bool:
-        if now < self.blocked_until:
-            return False
+    def _fits_at(self, item: Waiting, at: float) -> bool:
+        """Whether ``item`` counting from ``at`` (until it ends) keeps every window within the limit
+        from ``at`` on. The count only rises where a call starts, so ``at`` and the later starts of
+        calls granted ahead are the instants to check."""
+        for period, requests, tokens in self.limit.windows():
+            span = period + self.limit.margin_s
+            starts = [at, *(g.starts for g in self.grants if g.starts > at)]
+            for instant in starts:
+                covering = [
+                    g
+                    for g in self.grants
+                    if g.starts <= instant and ((since := g.counted_from) is None or since + span > instant)
+                ]
+                if requests is not None and len(covering) + 1 > requests:
+                    return False
+                # A call larger than the whole window is admitted alone rather than never.
+                if tokens is not None and covering and sum(g.tokens for g in covering) + item.tokens > tokens:
+                    return False
+        return True
+
+    def _start_for(self, item: Waiting, now: float) -> float | None:
+        """The earliest instant ``item`` may start counting, now or (for a caller that holds its
+        request) up to ``GRANT_AHEAD_S`` later, when windows of calls already answered end; None when
+        it must wait."""
+        if now < self.blocked_until and not item.schedules:
+            return None
         if self.limit.concurrent is not None:
             active = sum(1 for g in self.grants if not g.released)
             if active >= self.limit.concurrent:
-                return False
-        for period, requests, tokens in self.limit.windows():
-            recent = [
-                g
-                for g in self.grants
-                if (since := g.counted_from) is None or since > now - period - self.limit.margin_s
-            ]
-            if requests is not None and len(recent) + 1 > requests:
-                return False
-            # A call larger than the whole window is admitted alone rather than never.
-            if tokens is not None and recent and sum(g.tokens for g in recent) + item.tokens > tokens:
-                return False
-        return True
+                return None
+        first = max(now, self.blocked_until)
+        candidates = [first]
+        if item.schedules:
+            for period, _, _ in self.limit.windows():
+                span = period + self.limit.margin_s
+                candidates.extend(
+                    since + span
+                    for g in self.grants
+                    if (since := g.counted_from) is not None and since + span > first
+                )
+        for at in sorted(set(candidates)):
+            if at - now > (GRANT_AHEAD_S if item.schedules else 0.0):
+                return None
+            if self._fits_at(item, at):
+                return at
+        return None
 
     def _next_in_turn(self) -> Waiting | None:
         """The oldest waiting call of the tenant after the last one served (tenants in turn)."""
@@ -476,7 +519,9 @@ class Ledger(BaseModel):
         self.expire(now)
         self._prune(now)
         granted: list[Grant] = []
-        while (item := self._next_in_turn()) is not None and self._fits(item, now):
+        while (item := self._next_in_turn()) is not None and (
+            start := self._start_for(item, now)
+        ) is not None:
             self.waiting.remove(item)
             grant = Grant(
                 id=item.id,
@@ -484,9 +529,10 @@ class Ledger(BaseModel):
                 tenant=item.tenant,
                 tokens=item.tokens,
                 at=now,
-                expires=now + item.lease_s,
+                expires=start + item.lease_s,
                 cost_usd=item.cost_usd,
                 periods=item.periods,
+                not_before=start if start > now else None,
             )
             self.grants.append(grant)
             self.last_tenant = item.tenant
@@ -506,6 +552,8 @@ class Ledger(BaseModel):
                     for g in self.grants
                     if (since := g.counted_from) is not None
                 )
+        if any(w.schedules for w in self.waiting):  # a slot that opens soon may be granted ahead
+            times.extend([t - GRANT_AHEAD_S for t in times])
         later = [t for t in times if t > now]
         return min(later) if later else None
 

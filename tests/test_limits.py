@@ -89,6 +89,46 @@ def test_a_reported_answer_time_starts_the_trailing_window_earlier_than_the_rele
     assert [g.id for g in ledger.admit(102.4)] == ["2"]
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_calls_granted_ahead_never_put_more_than_the_limit_in_any_window_at_the_provider(seed: int) -> None:
+    """A simulated fleet: calls are granted (ahead when a slot opens soon), sent after a random
+    dispatch delay from their grant but never before their not-before, answered, and report back
+    later still. Whatever the delays, no window of a second at the
+    provider holds more than the limit, and granting ahead fills the limit better than not."""
+    import random
+
+    def run(ahead: bool) -> tuple[int, float]:
+        rng = random.Random(seed)
+        limit = RateLimit(requests_per_second=5)
+        ledger = Ledger(limit=limit)
+        now, sends, pending = 0.0, [], []  # pending: (report time, id, answered)
+        for n in range(120):
+            ledger.request(
+                Waiting(id=str(n), requester="wf", tokens=1, since=now, schedules=ahead, lease_s=60)
+            )
+        while ledger.waiting or pending:
+            for grant in ledger.admit(now):
+                # The grant travels to the worker and the activity is dispatched meanwhile; the
+                # request waits for its not-before, never less.
+                send = max(grant.starts, grant.at + rng.uniform(0.05, 0.3))
+                answered = send + rng.uniform(0.001, 0.2)
+                sends.append(send)
+                pending.append((answered + rng.uniform(0.01, 0.3), grant.id, answered))
+            pending.sort()
+            wake = ledger.next_change(now)
+            if pending and (wake is None or pending[0][0] <= wake):
+                now, request_id, answered = pending.pop(0)
+                ledger.release(request_id, None, now, answered_at=answered)
+            elif wake is not None:
+                now = wake
+        return max_in_window(sends, 1.0), (len(sends) - 1) / (max(sends) - min(sends))
+
+    most, rate = run(ahead=True)
+    most_without, rate_without = run(ahead=False)
+    assert most <= 5 and most_without <= 5
+    assert rate > rate_without
+
+
 def test_the_same_request_id_reserves_once() -> None:
     ledger = Ledger(limit=RateLimit(requests_per_second=10))
     assert ledger.request(_waiting(1))

@@ -194,6 +194,8 @@ async def _execute(
     tenant: str | None = None,
 ) -> LlmCallResult:
     admission = await _admit(call, options, on_over_budget, tenant) if _admission_on() else None
+    if admission is not None and admission.not_before is not None:
+        call = call.model_copy(update={"not_before": admission.not_before})
     try:
         result = await _run_call(call, options, summary)
     except (Exception, asyncio.CancelledError):  # not on eviction: the replay that follows releases
@@ -216,9 +218,11 @@ def _admission_on() -> bool:
 
 
 class _Admission:
-    def __init__(self, request_id: str, limiters: list[str]) -> None:
+    def __init__(self, request_id: str, limiters: list[str], not_before: float | None = None) -> None:
         self.request_id = request_id
         self.limiters = limiters
+        self.not_before = not_before
+        """Granted ahead: the instant the request may be sent (the latest of its limiters')."""
 
 
 def _waiting() -> dict[str, str]:
@@ -236,7 +240,20 @@ def waiting_for_capacity() -> list[str]:
 
 
 def _on_grant(grant: CapacityGrant) -> None:
-    _granted().add(f"{grant.key}|{grant.id}")
+    name = f"{grant.key}|{grant.id}"
+    if grant.not_before is not None:
+        _not_before()[name] = grant.not_before
+    _granted().add(name)
+
+
+def _not_before() -> dict[str, float]:
+    """``key|id`` -> the instant a grant made ahead lets the request go."""
+    instance = workflow.instance()
+    found: dict[str, float] | None = getattr(instance, "_kernelflow_not_before", None)
+    if found is None:
+        found = {}
+        instance._kernelflow_not_before = found
+    return found
 
 
 def _granted() -> set[str]:
@@ -305,14 +322,18 @@ async def _admit(
     ]
     if not holds:
         return None
+    starts: list[float] = []
     for key, _, now in holds:
         if not now:
-            await _wait_for_grant(key, request_id, granted)
-    return _Admission(request_id, [limiter for _, limiter, _ in holds])
+            start = await _wait_for_grant(key, request_id, granted)
+            if start is not None:
+                starts.append(start)
+    return _Admission(request_id, [limiter for _, limiter, _ in holds], max(starts, default=None))
 
 
-async def _wait_for_grant(key: str, request_id: str, granted: set[str]) -> None:
-    """Wait, durably, for ``key``'s limiter to admit ``request_id``."""
+async def _wait_for_grant(key: str, request_id: str, granted: set[str]) -> float | None:
+    """Wait, durably, for ``key``'s limiter to admit ``request_id``; returns the grant's not-before
+    when it was granted ahead."""
     name = f"{key}|{request_id}"
     if name not in granted:
         waiting = _waiting()
@@ -332,6 +353,7 @@ async def _wait_for_grant(key: str, request_id: str, granted: set[str]) -> None:
         ).record((workflow.now() - since).total_seconds(), {"key": key})
         workflow.set_current_details(f"calling {key}")
     granted.discard(name)
+    return _not_before().pop(name, None)
 
 
 async def _release(

@@ -31,6 +31,7 @@ with workflow.unsafe.imports_passed_through():
 __all__ = [
     "CAPACITY_SIGNAL",
     "COUNT_FROM_ANSWER_PATCH",
+    "GRANT_AHEAD_PATCH",
     "LIMITER_WORKFLOW",
     "AcquireRequest",
     "CapacityGrant",
@@ -46,6 +47,8 @@ __all__ = [
 LIMITER_WORKFLOW = "kernelflow.limiter"
 CAPACITY_SIGNAL = "kernelflow_capacity"
 """Sent by the limiter to the workflow whose call was admitted."""
+GRANT_AHEAD_PATCH = "limiter-grants-ahead"
+"""Marker of limiter runs that grant a call ahead, with the instant its request may be sent."""
 COUNT_FROM_ANSWER_PATCH = "limiter-counts-from-answer"
 """Marker of limiter runs whose windows trail a call's answer rather than its release."""
 
@@ -76,6 +79,10 @@ class AcquireRequest(BaseModel):
     lease_s: float = Field(gt=0)
     limit: RateLimit = Field(description="The worker's current limit for the key (config reloads apply).")
     cost_usd: float = Field(default=0.0, ge=0, description="Estimated cost, checked against cost budgets.")
+    schedules: bool = Field(
+        default=False,
+        description="The caller holds its request until a grant's not_before (may be granted ahead).",
+    )
 
 
 class ReleaseRequest(BaseModel):
@@ -107,6 +114,10 @@ class RaiseBudgetRequest(BaseModel):
 class CapacityGrant(BaseModel):
     id: str
     key: str
+    not_before: float | None = Field(
+        default=None,
+        description="Granted ahead: send the request at this instant (s since the epoch), not before.",
+    )
 
 
 class LimiterInput(BaseModel):
@@ -158,9 +169,11 @@ class LimiterWorkflow:
         self._apply(ledger)
         self.changed = True
         for grant in self.ledger.admit(self._now()):
-            if grant.id != request.id:
+            if grant.id != request.id or grant.not_before is not None:
                 self._spawn_notify(grant)
-        return any(g.id == request.id and not g.released for g in self.ledger.grants)
+        # Granted ahead, the answer is the grant signal, which carries the instant to send at.
+        mine = next((g for g in self.ledger.grants if g.id == request.id and not g.released), None)
+        return mine is not None and mine.not_before is None
 
     @acquire_now.validator
     def _within_budget(self, request: AcquireRequest) -> None:
@@ -206,6 +219,7 @@ class LimiterWorkflow:
                     since=now,
                     cost_usd=request.cost_usd,
                     periods=list(budget_periods(now).values()) if request.limit.budgets() else [],
+                    schedules=request.schedules and workflow.patched(GRANT_AHEAD_PATCH),
                 )
             )
         for release in self.pending_release:
@@ -223,7 +237,9 @@ class LimiterWorkflow:
         self.signalling += 1
         try:
             handle = workflow.get_external_workflow_handle(grant.requester)
-            await handle.signal(CAPACITY_SIGNAL, CapacityGrant(id=grant.id, key=key))
+            await handle.signal(
+                CAPACITY_SIGNAL, CapacityGrant(id=grant.id, key=key, not_before=grant.not_before)
+            )
         except Exception:
             # The requester is gone (terminated, reset away): its capacity comes back now.
             self.pending_release.append(ReleaseRequest(id=grant.id, used_tokens=0, cost_usd=0.0))
