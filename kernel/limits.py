@@ -10,7 +10,8 @@ workflow cannot hold capacity forever.
 
 Windows are sliding and counted so that the provider's own windows hold, whatever the delay between
 admission and the request reaching the provider: a call counts against ``requests_per_*`` and
-``tokens_per_*`` from the moment it is admitted until one period after it was released, or after the
+``tokens_per_*`` from the moment it is admitted (or, granted ahead to a caller that holds its request,
+from its ``not_before``) until one period after it was released, or after the
 earlier moment its answer was in when the worker reports it (the request reached the provider in
 between). A call is admitted only when fewer than the limit count now; then any window of the period
 at the provider holds at most the limit (docs/limits.md has the argument). The price: each call
