@@ -460,22 +460,39 @@ class Ledger(BaseModel):
 
     def _fits_at(self, item: Waiting, at: float) -> bool:
         """Whether ``item`` counting from ``at`` (until it ends) keeps every window within the limit
-        from ``at`` on. The count only rises where a call starts, so ``at`` and the later starts of
-        calls granted ahead are the instants to check."""
+        at every instant from ``at`` on: a sweep over the other calls' counting intervals (a call held
+        or not yet ended counts for ever)."""
         for period, requests, tokens in self.limit.windows():
             span = period + self.limit.margin_s
-            starts = [at, *(g.starts for g in self.grants if g.starts > at)]
-            for instant in starts:
-                covering = [
-                    g
-                    for g in self.grants
-                    if g.starts <= instant and ((since := g.counted_from) is None or since + span > instant)
-                ]
-                if requests is not None and len(covering) + 1 > requests:
+            count, total = 0, 0
+            events: list[tuple[float, int, int]] = []  # (instant, 0 = ends / 1 = starts, tokens)
+            for grant in self.grants:
+                since = grant.counted_from
+                end = None if since is None else since + span
+                if end is not None and (end <= at or end <= grant.starts):
+                    continue  # over, or empty (an answer stamped before its start by a clock behind)
+                if grant.starts <= at:
+                    count, total = count + 1, total + grant.tokens
+                else:
+                    events.append((grant.starts, 1, grant.tokens))
+                if end is not None:
+                    events.append((end, 0, grant.tokens))
+            events.sort()
+            index = 0
+            while True:
+                if requests is not None and count + 1 > requests:
                     return False
                 # A call larger than the whole window is admitted alone rather than never.
-                if tokens is not None and covering and sum(g.tokens for g in covering) + item.tokens > tokens:
+                if tokens is not None and count and total + item.tokens > tokens:
                     return False
+                if index == len(events):
+                    break
+                instant = events[index][0]
+                while index < len(events) and events[index][0] == instant:
+                    _, starts, weight = events[index]
+                    step = 1 if starts else -1
+                    count, total = count + step, total + step * weight
+                    index += 1
         return True
 
     def _start_for(self, item: Waiting, now: float) -> float | None:

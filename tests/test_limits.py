@@ -129,6 +129,61 @@ def test_calls_granted_ahead_never_put_more_than_the_limit_in_any_window_at_the_
     assert rate > rate_without
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_the_sweep_agrees_with_checking_every_instant(seed: int) -> None:
+    """``_fits_at`` (a sweep) against the rule written out: at every instant from ``at`` on, the calls
+    counting there plus the new one stay within requests and tokens."""
+    import random
+
+    from kernel.limits import Grant
+
+    rng = random.Random(seed)
+    limit = RateLimit(requests_per_second=4, tokens_per_second=1000)
+    for _ in range(50):
+        grants = []
+        for n in range(rng.randint(0, 7)):
+            at = rng.uniform(0, 3)
+            ahead = rng.random() < 0.3
+            start = at + rng.uniform(0, 1) if ahead else at
+            released = rng.random() < 0.7
+            end = start + rng.uniform(0, 1)
+            grants.append(
+                Grant(
+                    id=str(n),
+                    requester="wf",
+                    tokens=rng.randint(0, 600),
+                    at=at,
+                    expires=at + 60,
+                    not_before=start if ahead else None,
+                    released_at=end + rng.uniform(0, 0.3) if released else None,
+                    answered_at=end if released else None,
+                )
+            )
+        ledger = Ledger(limit=limit, grants=grants)
+        item = _waiting(99, tokens=rng.randint(1, 600))
+        at = rng.uniform(0, 4)
+        instants = [at, *(g.starts for g in grants if g.starts > at)]
+
+        def fits_at_every_instant(grants: list[Grant], item: Waiting, instants: list[float]) -> bool:
+            for instant in instants:
+                covering = [
+                    g
+                    for g in grants
+                    if g.starts <= instant
+                    and (
+                        (since := g.counted_from) is None
+                        or (since + 1.0 > instant and since + 1.0 > g.starts)
+                    )
+                ]
+                if len(covering) + 1 > 4:
+                    return False
+                if covering and sum(g.tokens for g in covering) + item.tokens > 1000:
+                    return False
+            return True
+
+        assert ledger._fits_at(item, at) == fits_at_every_instant(grants, item, instants)
+
+
 def test_the_same_request_id_reserves_once() -> None:
     ledger = Ledger(limit=RateLimit(requests_per_second=10))
     assert ledger.request(_waiting(1))

@@ -195,14 +195,20 @@ async def _execute(
 ) -> LlmCallResult:
     admission = await _admit(call, options, on_over_budget, tenant) if _admission_on() else None
     if admission is not None and admission.not_before is not None:
+        # Granted ahead: the activity holds the request until its slot opens; until then the call is
+        # still waiting for capacity, as the Web UI and the status say.
         call = call.model_copy(update={"not_before": admission.not_before})
+        _waiting()[admission.request_id] = admission.key
+        workflow.set_current_details(f"waiting for capacity on {admission.key}")
     try:
         result = await _run_call(call, options, summary)
     except (Exception, asyncio.CancelledError):  # not on eviction: the replay that follows releases
         if admission is not None:
+            _waiting().pop(admission.request_id, None)
             await _release(admission, None, 0.0)
         raise
     if admission is not None:
+        _waiting().pop(admission.request_id, None)
         # Awaited: a workflow that completes right after would drop a signal still to be sent.
         usage = result.response.usage.total_tokens
         await _release(admission, usage, result.cost_usd or 0.0, result.answered_at)
@@ -218,11 +224,15 @@ def _admission_on() -> bool:
 
 
 class _Admission:
-    def __init__(self, request_id: str, limiters: list[str], not_before: float | None = None) -> None:
+    def __init__(
+        self, request_id: str, limiters: list[str], not_before: float | None = None, key: str = ""
+    ) -> None:
         self.request_id = request_id
         self.limiters = limiters
         self.not_before = not_before
         """Granted ahead: the instant the request may be sent (the latest of its limiters')."""
+        self.key = key
+        """The key whose grant made ahead holds the request longest."""
 
 
 def _waiting() -> dict[str, str]:
@@ -322,13 +332,19 @@ async def _admit(
     ]
     if not holds:
         return None
-    starts: list[float] = []
+    starts: list[tuple[float, str]] = []
     for key, _, now in holds:
         if not now:
             start = await _wait_for_grant(key, request_id, granted)
             if start is not None:
-                starts.append(start)
-    return _Admission(request_id, [limiter for _, limiter, _ in holds], max(starts, default=None))
+                starts.append((start, key))
+    latest = max(starts, default=None)
+    return _Admission(
+        request_id,
+        [limiter for _, limiter, _ in holds],
+        latest[0] if latest else None,
+        latest[1] if latest else "",
+    )
 
 
 async def _wait_for_grant(key: str, request_id: str, granted: set[str]) -> float | None:
