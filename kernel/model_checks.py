@@ -16,12 +16,60 @@ if TYPE_CHECKING:
     from kernel.pipeline import PipelineSpec
     from kernel.registry import Registry
 
-__all__ = ["check_step_options"]
+__all__ = ["batch_mode_problem", "batch_providers", "check_step_options"]
+
+
+def batch_providers(registry: Registry) -> list[str]:
+    """The registered providers that take batches (``capabilities.batch`` with ``batch_limits``)."""
+    return [
+        name
+        for name in registry.names
+        if registry.provider_class(name).capabilities.batch
+        and registry.provider_class(name).batch_limits is not None
+    ]
+
+
+def batch_mode_problem(spec: PipelineSpec, registry: Registry) -> str | None:
+    """Why a step in ``mode: batch`` cannot run on ``registry`` (its model's provider takes no batches),
+    naming the step, the model, the provider and the providers that do; None when every one can.
+
+    The step's own model is checked, and with ``retry_failed: batch`` its fallbacks too (they are then
+    asked in batch rounds); with ``retry_failed: realtime`` fallbacks are asked in realtime only."""
+    from kernel.steps.batching import BatchOptions
+    from kernel.steps.llm import LlmStep
+
+    for step, _ in spec.walk():
+        if not isinstance(step, LlmStep) or step.mode != "batch":
+            continue
+        options = step.batch or BatchOptions()
+        models = step.models() if options.retry_failed == "batch" else [step.model]
+        for model in models:
+            try:
+                ref = registry.resolve_ref(model)
+            except UnknownProvider:
+                continue  # reported by the model check, or resolved by the worker's own aliases
+            cls = registry.provider_class(ref.provider)
+            if cls.capabilities.batch and cls.batch_limits is not None:
+                continue
+            reason = f" ({cls.batch_unsupported_reason})" if cls.batch_unsupported_reason else ""
+            via = f" (through {model!r})" if model != f"{ref.provider}/{ref.model}" else ""
+            takers = batch_providers(registry)
+            return (
+                f"step {step.id!r} has mode: batch on model '{ref.provider}/{ref.model}'{via}, but provider "
+                f"{ref.provider!r} does not take batches{reason}; providers with batch mode: "
+                f"{', '.join(takers) or 'none'} (or drop mode: batch)"
+            )
+    return None
 
 
 def check_step_options(spec: PipelineSpec, registry: Registry) -> None:
-    """Raise ``PipelineError`` for the first ``llm`` step whose options a model it may call refuses."""
+    """Raise ``PipelineError`` for the first ``llm`` step whose options a model it may call refuses,
+    or whose batch mode its provider cannot take."""
     from kernel.steps.llm import LlmStep
+
+    problem = batch_mode_problem(spec, registry)
+    if problem is not None:
+        raise PipelineError(problem)
 
     for step, _ in spec.walk():
         if not isinstance(step, LlmStep):

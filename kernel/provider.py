@@ -118,9 +118,11 @@ class Provider(ABC):
     option_ranges: ClassVar[Mapping[str, tuple[float | None, float | None]]] = {}
     """Inclusive (low, high) bounds narrower than the contract's, e.g. ``{"temperature": (0, 1)}``."""
     catalog_vendor: ClassVar[str | None] = None
+    """Whose models this provider serves, for the model catalog (``None``: its own ``name``)."""
     batch_limits: ClassVar[BatchLimits | None] = None
     """What one batch may hold, for providers whose ``capabilities.batch`` is true."""
-    """Whose models this provider serves, for the model catalog (``None``: its own ``name``)."""
+    batch_unsupported_reason: ClassVar[str | None] = None
+    """Why a provider whose vendor sells batches declares no batch capability, shown when one is asked."""
 
     def __init__(
         self, *, settings: ProviderSettings | None = None, environ: Mapping[str, str] | None = None

@@ -108,6 +108,10 @@ class AnthropicProvider(HttpProvider):
     kernel_api = (1, 1)
     description = "Anthropic Messages API (api.anthropic.com or any compatible base URL); no embeddings"
     capabilities = Capabilities(embeddings=False, vision=True, documents=True, json_schema_mode="native")
+    batch_unsupported_reason: ClassVar[str | None] = (
+        "Message Batches carry no metadata, so a batch cannot be found again by its tag and a worker "
+        "killed after Anthropic accepted one would submit it twice"
+    )
     # Anthropic caches by prefix, so cache.key needs no field; breakpoints and ttl become cache_control.
     unsupported_options: ClassVar[frozenset[str]] = frozenset(
         {"seed", "presence_penalty", "frequency_penalty", "reasoning_effort"}

@@ -126,6 +126,10 @@ class BedrockProvider(HttpProvider):
     kernel_api = (1, 1)
     description = "Amazon Bedrock Converse API (SigV4) and Titan text embeddings"
     capabilities = Capabilities(embeddings=True, vision=True, documents=True, json_schema_mode="tool")
+    batch_unsupported_reason: ClassVar[str | None] = (
+        "batch inference reads its input from S3 and writes its results there, through an IAM service "
+        "role; this provider speaks only the Converse API"
+    )
     unsupported_options: ClassVar[frozenset[str]] = frozenset(
         {
             "seed",

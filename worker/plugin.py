@@ -40,6 +40,7 @@ from activities.shadow import ShadowActivities
 from activities.tool import ToolActivities
 from kernel.errors import KernelflowError
 from kernel.limits import LimitsConfig
+from kernel.model_checks import batch_mode_problem
 from kernel.pricing import PriceTable
 from kernel.registry import Registry
 from kernel.routing import BreakerBoard
@@ -49,7 +50,7 @@ from worker.config import PayloadSettings, payload_settings_from_env
 from worker.pipelines import PipelineCatalog
 from worker.shadow_worker import StoreWriter, check_shadow_rules, shadow_store_url
 from worker.storage import build_data_converter
-from workflows.engine.checks import install_model_check
+from workflows.engine.checks import install_model_check, install_spec_check
 from workflows.engine.shadow import install_shadow
 from workflows.limiter import LimiterWorkflow, install_limits
 from workflows.pipeline import PipelineWorkflow
@@ -220,6 +221,8 @@ class KernelflowPlugin(SimplePlugin):
         config = super().configure_worker(config)
         if self.providers is not None:  # a client's plugin (no providers) leaves the switch alone
             install_model_check(self._model_problem)
+            registry = self.providers.registry
+            install_spec_check(lambda spec: batch_mode_problem(spec, registry))
             install_limits(_limits_on(self.limits))
             if self.shadow is not None:
                 check_shadow_rules(self.shadow, self.providers.registry)

@@ -55,7 +55,7 @@ with workflow.unsafe.imports_passed_through():
         StepState,
         Update,
     )
-    from workflows.engine.checks import check_model
+    from workflows.engine.checks import check_model, check_spec
     from workflows.engine.effects import TemporalEffects
     from workflows.engine.outbox import LIFECYCLE_EVENTS_PATCH, Outbox
     from workflows.engine.shadow import Shadows
@@ -81,6 +81,10 @@ __all__ = [
 
 CONTINUE_AS_NEW_AFTER = 10_000
 """History length after which a pipeline continues as new between top-level steps."""
+
+BATCH_REFUSED = "kernelflow-batch-mode-refused"
+"""Marker recorded when the worker refused a pipeline whose batch-mode step's provider takes no batches:
+the verdict came from the worker's live registry, so a replay reads it from the history instead."""
 
 ENGINE_V2 = "kernelflow-engine-2"
 """Patch marker of runs started with the engine's second shape: the defaults of version 2 and the
@@ -478,6 +482,8 @@ class PipelineWorkflow:
                 spec.events, pipeline=spec.name, tenant=self._request.tenant, content=self._event_content
             )
         carry = self._request.carry_over
+        if carry is None and any(getattr(step, "mode", None) == "batch" for step, _ in spec.walk()):
+            self._refuse_unsupported_batch_mode(spec)
         if carry is None:
             try:
                 self._state.inputs.update(spec.resolve_inputs(self._request.inputs))
@@ -520,6 +526,17 @@ class PipelineWorkflow:
         except StepFailure as exc:
             raise self._fail(exc.message, exc.type) from None
         return self._finish("completed", "Completed", outputs=outputs)
+
+    def _refuse_unsupported_batch_mode(self, spec: PipelineSpec) -> None:
+        """Fail before any step when a batch-mode step's provider takes no batches on this worker."""
+        replaying = workflow.unsafe.is_replaying()
+        problem = None if replaying else check_spec(spec)
+        # The marker is the verdict: recorded with a refusal, found again on its replay.
+        if (problem is not None or replaying) and workflow.patched(BATCH_REFUSED):
+            raise self._fail(
+                problem or "a batch-mode step's provider takes no batches (refused when it started)",
+                FailureType.PIPELINE_ERROR,
+            )
 
     async def _load(self) -> None:
         request = self._request
