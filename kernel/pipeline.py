@@ -214,10 +214,12 @@ class PipelineSpec(_Spec):
     @model_validator(mode="after")
     def _batch_mode_inside_a_map(self) -> PipelineSpec:
         for step, inside_map in self.walk():
-            if getattr(step, "mode", None) == "batch" and not inside_map:
+            shared = getattr(getattr(step, "batch", None), "window_s", None) is not None
+            if getattr(step, "mode", None) == "batch" and not inside_map and not shared:
                 raise ValueError(
                     f"step {step.id!r} has mode: batch outside a map: batch mode gathers the calls of a "
-                    "map's items into one provider batch (put the step inside a map, or drop mode: batch)"
+                    "map's items into one provider batch (put the step inside a map, set batch.window_s to "
+                    "gather many pipelines' calls, or drop mode: batch)"
                 )
         return self
 

@@ -30,6 +30,7 @@ from temporalio.worker import WorkerConfig, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.batch import BatchActivities
+from activities.batcher import BatcherActivities
 from activities.embed import EmbedActivities
 from activities.events import EventPublisher, publish_events_unconfigured
 from activities.limits import LimitsActivities
@@ -50,6 +51,7 @@ from worker.config import PayloadSettings, payload_settings_from_env
 from worker.pipelines import PipelineCatalog
 from worker.shadow_worker import StoreWriter, check_shadow_rules, shadow_store_url
 from worker.storage import build_data_converter
+from workflows.batcher import BatcherWorkflow, BatchRunWorkflow
 from workflows.engine.checks import install_model_check, install_spec_check
 from workflows.engine.shadow import install_shadow
 from workflows.limiter import LimiterWorkflow, install_limits
@@ -78,6 +80,7 @@ PASSTHROUGH_MODULES: dict[str, str] = {
     "workflows.engine.shadow": "shadow decisions and the worker's shadow rules (each decision is recorded in "
     "the history, so replay does not read the rules)",
     "workflows.shadow_budget": "the shadow budget workflow's models",
+    "workflows.batcher": "the batcher's names and payload models, read by the pipeline's effects (deterministic)",
     "workflows.contract": "names and payload models of the public surface",
     "workflows.search_attributes": "search attribute keys",
     "workflows.api": "code-defined workflows' helpers",
@@ -196,6 +199,7 @@ class KernelflowPlugin(SimplePlugin):
                 (pipelines or PipelineCatalog()).load,
                 events.publish_events if events is not None else publish_events_unconfigured,
                 *BatchActivities(providers).all(),
+                *BatcherActivities().all(),
                 *extra_activities,
             ]
             self.limits_activities = LimitsActivities(limits or LimitsConfig(), providers)
@@ -212,7 +216,13 @@ class KernelflowPlugin(SimplePlugin):
         super().__init__(
             PLUGIN_NAME,
             data_converter=lambda existing: kernelflow_converter(existing, payloads=payloads),
-            workflows=[PipelineWorkflow, LimiterWorkflow, ShadowBudgetWorkflow],
+            workflows=[
+                PipelineWorkflow,
+                LimiterWorkflow,
+                ShadowBudgetWorkflow,
+                BatcherWorkflow,
+                BatchRunWorkflow,
+            ],
             activities=activities,
             workflow_runner=sandbox_runner,
         )

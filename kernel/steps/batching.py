@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kernel.batch import BatchItemReport, BatchJob, BatchReport, batch_tag
 from kernel.contracts import ChatResponse
@@ -37,6 +37,7 @@ __all__ = [
     "BatchOp",
     "BatchOptions",
     "BatchSlot",
+    "SharedBatchEffects",
     "uses_batch",
 ]
 
@@ -52,13 +53,37 @@ class BatchOptions(_Spec):
     retry_failed: Literal["realtime", "batch"] = "realtime"
     max_rounds: int = Field(default=3, ge=1, le=10, description="Batch rounds before the rest go realtime.")
     timeout_s: float = Field(default=300.0, gt=0, le=3600, description="Per submit, status or results call.")
+    window_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=86400,
+        description="Gather this step's calls from every pipeline (of the tenant, for the same model and "
+        "key) within this window into one provider batch, by the batcher workflow.",
+    )
+    max_items: int | None = Field(
+        default=None, gt=0, le=50000, description="With window_s: submit as soon as this many items wait."
+    )
+    key: str = Field(
+        default="default",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="With window_s: pipelines naming the same key share batches.",
+    )
+
+    @model_validator(mode="after")
+    def _shared_options(self) -> BatchOptions:
+        if self.window_s is None:
+            given = [name for name in ("max_items", "key") if name in self.model_fields_set]
+            if given:
+                verb = "go" if len(given) > 1 else "goes"
+                raise ValueError(f"{' and '.join(given)} {verb} with window_s (batches shared across pipelines)")
+        return self
 
 
 @dataclass
 class BatchOp:
     """One batch activity: ``op`` is submit, status, results or cancel; ``payload`` its JSON input."""
 
-    op: Literal["submit", "status", "results", "cancel"]
+    op: Literal["submit", "status", "results", "cancel", "enqueue", "withdraw"]
     step_id: str
     payload: dict[str, Any]
     timeout_s: float
@@ -72,6 +97,21 @@ class BatchEffects(Protocol):
     """Effects that can run batch activities (``workflows/engine/effects.py``)."""
 
     async def batch(self, op: BatchOp) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class SharedBatchEffects(Protocol):
+    """Effects that can wait for a shared batcher's answers to a hand-over (``ticket``)."""
+
+    def expect_batch(self, ticket: str) -> None:
+        """Ready to take the answers of ``ticket`` (before handing its items over)."""
+
+    async def batch_delivery(
+        self, ticket: str, custom_ids: list[str], *, within: float | None, summary: str
+    ) -> dict[str, Any]:
+        """The answers delivered for ``ticket`` once every one of ``custom_ids`` has one, or those
+        delivered when ``within`` seconds have passed: ``results``, ``jobs``, ``model_ref``, ``provider``."""
+        ...
 
 
 @dataclass
@@ -181,9 +221,8 @@ class BatchCollector:
                 by_model.setdefault(model, []).append(item)
             todo = []
             for model, items in by_model.items():
-                retry, to_realtime = await self._one_batch(
-                    effects, step_id, model, items, options, round_number, started
-                )
+                one = self._shared_batch if options.window_s is not None else self._one_batch
+                retry, to_realtime = await one(effects, step_id, model, items, options, round_number, started)
                 todo.extend(retry)
                 realtime.extend(to_realtime)
         realtime.extend(todo)
@@ -257,11 +296,106 @@ class BatchCollector:
         results = await op(
             "results", {"model": model, "ids": ids, "parts": parts}, f"batch {step_id}: results"
         )
+        missed_deadline = deadline is not None and effects_now(self.engine) >= deadline
+        return self._take(step_id, items, results["results"], model_ref, provider, options, missed_deadline)
+
+    async def _shared_batch(
+        self,
+        effects: BatchEffects,
+        step_id: str,
+        model: str,
+        items: list[_Pending],
+        options: BatchOptions,
+        round_number: int,
+        started: float,
+    ) -> tuple[list[_Pending], list[_Pending]]:
+        """Hand ``items`` to the batcher of (tenant, key, model), which gathers other pipelines' items
+        of the window into one provider batch, then wait (durably) for it to signal their answers."""
+        if not isinstance(effects, SharedBatchEffects):
+            raise StepFailure(
+                f"step {step_id!r}: these effects cannot share batches (batch.window_s)",
+                FailureType.PIPELINE_ERROR,
+            )
+        call = items[0].call
+        op = _Ops(effects, step_id, call.retry, options.timeout_s, call.heartbeat_timeout_s)
+        info = self.engine.info
+        # The time of the round tells apart two runs of the same step (a loop) in one pipeline.
+        ticket = batch_tag(info.workflow_id, self.label, step_id, str(round_number), model, str(started))
+        settings = {
+            "model": model,
+            "key": options.key,
+            "tenant": info.tenant or "",
+            "poll_s": options.poll_s,
+            "poll_max_s": options.poll_max_s,
+            "timeout_s": options.timeout_s,
+            "max_attempts": call.retry.max_attempts or 10,
+        }
+        effects.expect_batch(ticket)
+        added = await op(
+            "enqueue",
+            {
+                "settings": settings,
+                "ticket": ticket,
+                "requester": info.workflow_id,
+                "window_s": options.window_s,
+                "max_items": options.max_items or 50_000,
+                "items": [
+                    {
+                        "custom_id": f"i{item.index}",
+                        "request": item.call.request.model_dump(mode="json", exclude_none=True),
+                    }
+                    for item in items
+                ],
+            },
+            f"batch {step_id}: {len(items)} items to the {model} batcher",
+        )
+        self.map_state.detail = f"batch {step_id}: {len(items)} items with the batcher {added.get('batcher')}"
+        deadline = None if options.deadline_s is None else started + options.deadline_s
+        timeout = None if deadline is None else max(0.001, deadline - effects_now(self.engine))
+        custom_ids = [f"i{item.index}" for item in items]
+        try:
+            delivered = await effects.batch_delivery(
+                ticket, custom_ids, within=timeout, summary=f"batch {step_id}: shared batch"
+            )
+        except asyncio.CancelledError:
+            # Items still in the window are taken back; a provider batch already made is shared, and runs on.
+            cleanup = asyncio.ensure_future(
+                op("withdraw", {"settings": settings, "ticket": ticket}, "withdraw")
+            )
+            while not cleanup.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(cleanup)
+            raise
+        for raw_job in delivered["jobs"]:
+            self.report.note(BatchJob.model_validate(raw_job))
+        results = list(delivered["results"])
+        missed_deadline = len(results) < len(items)
+        if missed_deadline:
+            await op("withdraw", {"settings": settings, "ticket": ticket}, f"batch {step_id}: deadline")
+            answered = {str(r["custom_id"]) for r in results}
+            results += [{"custom_id": cid, "outcome": "expired"} for cid in custom_ids if cid not in answered]
+        provider = str(delivered.get("provider") or "")
+        if provider:
+            self.engine.note_provider(provider)
+        model_ref = str(delivered.get("model_ref") or model)
+        return self._take(step_id, items, results, model_ref, provider, options, missed_deadline)
+
+    def _take(
+        self,
+        step_id: str,
+        items: list[_Pending],
+        results: list[dict[str, Any]],
+        model_ref: str,
+        provider: str,
+        options: BatchOptions,
+        missed_deadline: bool,
+    ) -> tuple[list[_Pending], list[_Pending]]:
+        """Each item's batch result: its outcome set, or the item returned for the next batch round or
+        for realtime."""
         by_index = {item.index: item for item in items}
         next_round: list[_Pending] = []
         realtime: list[_Pending] = []
-        missed_deadline = deadline is not None and effects_now(self.engine) >= deadline
-        for raw in results["results"]:
+        for raw in results:
             item = by_index[int(str(raw["custom_id"])[1:])]
             outcome = str(raw["outcome"])
             if outcome == "succeeded":
@@ -347,7 +481,10 @@ class _Ops:
     heartbeat_timeout_s: float | None
 
     async def __call__(
-        self, op: Literal["submit", "status", "results", "cancel"], payload: dict[str, Any], summary: str
+        self,
+        op: Literal["submit", "status", "results", "cancel", "enqueue", "withdraw"],
+        payload: dict[str, Any],
+        summary: str,
     ) -> dict[str, Any]:
         return await self.effects.batch(
             BatchOp(op, self.step_id, payload, self.timeout_s, self.retry, summary)

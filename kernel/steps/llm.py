@@ -3,6 +3,7 @@ re-asks, streaming, and per-step timeouts and retries."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -14,7 +15,7 @@ from kernel.routing import Balance, weighted_order
 from kernel.schema import schema_errors
 from kernel.shadow_rules import ShadowSpec
 from kernel.steps.base import MODEL_PATTERN, RetrySpec, StepFailure, StepKind, StepSpec, _Spec
-from kernel.steps.batching import BatchOptions, BatchSlot
+from kernel.steps.batching import BatchCollector, BatchOptions, BatchSlot
 from kernel.steps.context import CallResult, ModelCall, StepRun
 
 __all__ = ["KIND", "DocumentTemplate", "LlmStep", "MessageTemplate", "order_models"]
@@ -308,14 +309,21 @@ async def run(step: LlmStep, run: StepRun) -> tuple[Any, dict[str, Any]]:
         output_schema=schema,
     )
     if step.mode == "batch":
+        options = step.batch or BatchOptions()
         slot = run.scope.batches
+        if not isinstance(slot, BatchSlot) and options.window_s is not None:
+            # One call of its own, gathered with other pipelines' by the shared batcher.
+            lone = BatchCollector(
+                engine, state, f"{run.scope.label}{step.id}", expected=1, limit=asyncio.Semaphore(1)
+            )
+            slot = BatchSlot(lone, 0)
         if not isinstance(slot, BatchSlot):
             raise run.fail(
                 f"step {step.id!r} has mode: batch but runs outside a map: batch mode gathers the calls of a "
-                "map's items into one provider batch",
+                "map's items into one provider batch (or, with batch.window_s, many pipelines' calls)",
                 FailureType.PIPELINE_ERROR,
             )
-        result, output = await slot.collector.ask(slot.index, call, step.batch or BatchOptions())
+        result, output = await slot.collector.ask(slot.index, call, options)
     else:
         result, output = await engine.effects.call_model(call)
     state.model = result.model_ref

@@ -17,6 +17,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflow
 
 with workflow.unsafe.imports_passed_through():
     from activities.batch import BATCH_CANCEL, BATCH_RESULTS, BATCH_STATUS, BATCH_SUBMIT
+    from activities.batcher import BATCH_ENQUEUE, BATCH_WITHDRAW
     from activities.embed import LLM_EMBED, EmbedCallInput, EmbedCallResult
     from activities.mcp import (
         MCP_CALL_TOOL,
@@ -45,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
     from kernel.steps.base import StepFailure
     from kernel.steps.batching import BatchOp
     from workflows import search_attributes as sa
+    from workflows.batcher import BATCH_RESULTS_SIGNAL, BatchDelivery
     from workflows.calls import AllModelsFailed, CallOptions, OverBudget, call_model, retry_policy
     from workflows.contract import (
         LOAD_PIPELINE,
@@ -70,6 +72,8 @@ _BATCH_ACTIVITIES = {
     "status": BATCH_STATUS,
     "results": BATCH_RESULTS,
     "cancel": BATCH_CANCEL,
+    "enqueue": BATCH_ENQUEUE,
+    "withdraw": BATCH_WITHDRAW,
 }
 
 
@@ -93,6 +97,8 @@ class TemporalEffects:
         """What a model call its tenant's cost budget refuses does (the engine's ``tenant_budget``)."""
         self.tenant: str | None = None
         """The run's tenant (its start request's), whose limits its calls count against."""
+        self._batch_inbox: dict[str, BatchDelivery] | None = None
+        """Answers the shared batcher's runs signalled, by hand-over ticket (``kernelflow_batch_results``)."""
 
     def now(self) -> datetime:
         return workflow.now()
@@ -190,6 +196,45 @@ class TemporalEffects:
                 f"step {op.step_id!r} batch {op.op} failed: {failure_cause(exc)}", kind
             ) from None
         return result
+
+    def expect_batch(self, ticket: str) -> None:
+        if self._batch_inbox is None:
+            self._batch_inbox = {}
+            workflow.set_signal_handler(BATCH_RESULTS_SIGNAL, self._on_batch_delivery)
+        self._batch_inbox.setdefault(ticket, BatchDelivery(ticket=ticket))
+
+    def _on_batch_delivery(self, raw: Any) -> None:
+        try:
+            delivery = BatchDelivery.model_validate(raw)
+        except ValueError as exc:
+            workflow.logger.warning("batch results refused: %s", exc)
+            return
+        inbox = self._batch_inbox if self._batch_inbox is not None else {}
+        held = inbox.get(delivery.ticket)
+        if held is None:
+            return  # a hand-over no longer waited for (its deadline passed)
+        known = {str(r["custom_id"]) for r in held.results}
+        held.results += [r for r in delivery.results if str(r["custom_id"]) not in known]
+        held.jobs = [
+            *(j for j in held.jobs if j["id"] not in {d["id"] for d in delivery.jobs}),
+            *delivery.jobs,
+        ]
+        held.model_ref = delivery.model_ref or held.model_ref
+        held.provider = delivery.provider or held.provider
+
+    async def batch_delivery(
+        self, ticket: str, custom_ids: list[str], *, within: float | None, summary: str
+    ) -> dict[str, Any]:
+        self.expect_batch(ticket)
+        inbox = self._batch_inbox if self._batch_inbox is not None else {}
+        wanted = set(custom_ids)
+
+        def answered() -> bool:
+            return wanted <= {str(r["custom_id"]) for r in inbox[ticket].results}
+
+        await self.wait(answered, timeout=within, summary=summary)
+        delivery = inbox.pop(ticket)
+        return delivery.model_dump()
 
     async def tool(self, call: ToolCall) -> ToolResult:
         heartbeat = call.heartbeat_timeout_s

@@ -1,0 +1,249 @@
+"""Batches shared across pipelines (``batch.window_s``): the batcher entity workflow gathers the same
+step's calls from many pipelines into one provider batch and signals each pipeline its own answers.
+Real Temporal server, real worker processes (one killed with SIGKILL mid-window), the simulator's batch
+endpoints over HTTP counting the batches made."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.client import Client, WithStartWorkflowOperation, WorkflowHandle
+from temporalio.common import WorkflowIDConflictPolicy
+
+from kernel.errors import PipelineError
+from kernel.pipeline import parse_pipeline
+from simulator.server import SimulatorServer
+from worker.client import start_pipeline
+from workflows.batcher import (
+    AddItems,
+    BatcherInput,
+    BatcherSettings,
+    BatcherWorkflow,
+    SharedItem,
+    batcher_id,
+)
+from workflows.pipeline import PipelineResult
+
+pytestmark = pytest.mark.timeout(180)
+
+MODEL = "openai/gpt-4o-mini"
+
+
+def _lone(key: str, **batch: Any) -> dict[str, Any]:
+    """A pipeline of one batch-mode step outside any map: each run adds one item to the shared batch."""
+    return {
+        "name": "shared-one",
+        "inputs": {"question": {"type": "string"}},
+        "steps": [
+            {
+                "id": "answer",
+                "model": MODEL,
+                "prompt": "Answer {{ inputs.question }}",
+                "mode": "batch",
+                "batch": {"poll_s": 0.2, "poll_max_s": 1, "key": key, **batch},
+            }
+        ],
+        "outputs": {"answer": "{{ steps.answer.output }}"},
+    }
+
+
+def _mapped(key: str, **batch: Any) -> dict[str, Any]:
+    return {
+        "name": "shared-map",
+        "inputs": {"questions": {"type": "array"}},
+        "steps": [
+            {
+                "id": "each",
+                "type": "map",
+                "items": "{{ inputs.questions }}",
+                "steps": [
+                    {
+                        "id": "answer",
+                        "model": MODEL,
+                        "prompt": "Answer {{ item }}",
+                        "mode": "batch",
+                        "batch": {"poll_s": 0.2, "poll_max_s": 1, "key": key, **batch},
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def _batches(sim: SimulatorServer, **control: Any) -> dict[str, Any]:
+    if control:
+        response = httpx.post(f"{sim.url}/_sim/batches", json=control)
+    else:
+        response = httpx.get(f"{sim.url}/_sim/batches")
+    response.raise_for_status()
+    data: dict[str, Any] = response.json()
+    return data
+
+
+async def _until(check: Callable[[], Awaitable[Any]], what: str, within: float = 60.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + within
+    seen: Any = None
+    while True:
+        seen = await check()
+        if seen:
+            return seen
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; last saw {seen!r}")
+        await asyncio.sleep(0.1)
+
+
+def _state(client: Client, key: str) -> Callable[[], Awaitable[dict[str, Any]]]:
+    handle = client.get_workflow_handle(batcher_id(MODEL, key, ""))
+
+    async def state() -> dict[str, Any]:
+        try:
+            found: dict[str, Any] = await handle.query("state", result_type=dict)
+        except Exception as exc:  # not started yet
+            return {"error": str(exc), "pending": 0, "requesters": [], "batches_started": 0}
+        return found
+
+    return state
+
+
+async def test_three_pipelines_share_one_provider_batch_and_each_gets_its_own_answer(
+    client: Client, task_queue: str, sim: SimulatorServer
+) -> None:
+    _batches(sim, complete_after_s=0.5)
+    key = f"k{uuid.uuid4().hex[:8]}"
+    spec = parse_pipeline(_lone(key, window_s=600, max_items=3))
+    handles = [
+        await start_pipeline(client, spec, {"question": f"q{i}"}, task_queue=task_queue) for i in range(3)
+    ]
+    results: list[PipelineResult] = [await asyncio.wait_for(h.result(), 60) for h in handles]
+
+    for i, result in enumerate(results):
+        assert result.status == "completed"
+        assert f"Answer q{i}" in result.outputs["answer"], result.outputs
+        report = result.steps[0].batch
+        assert report is not None and [(x.via, x.outcome) for x in report.items] == [("batch", "succeeded")]
+        assert 0 < report.cost_usd < report.realtime_cost_usd
+    assert _batches(sim)["created"] == 1
+    assert sim.stats()["requests"] == 3
+    state = await _state(client, key)()
+    assert (state["pending"], state["batches_started"], state["seen"]) == (0, 1, 3)
+
+
+async def test_the_window_closes_on_its_timer_for_a_lone_pipeline(
+    client: Client, task_queue: str, sim: SimulatorServer
+) -> None:
+    _batches(sim, complete_after_s=0.2)
+    key = f"k{uuid.uuid4().hex[:8]}"
+    spec = parse_pipeline(_mapped(key, window_s=0.5))
+    handle = await start_pipeline(client, spec, {"questions": ["a", "b"]}, task_queue=task_queue)
+    result = await asyncio.wait_for(handle.result(), 60)
+    assert result.status == "completed"
+    assert ["Answer a" in result.steps[0].output[0], "Answer b" in result.steps[0].output[1]] == [True, True]
+    assert _batches(sim)["created"] == 1
+
+
+async def test_the_batcher_takes_an_item_id_once(client: Client, task_queue: str) -> None:
+    key = f"k{uuid.uuid4().hex[:8]}"
+    settings = BatcherSettings(model=MODEL, key=key)
+    item = SharedItem(
+        id="ticket-1-i0",
+        ticket="ticket-1",
+        requester="nobody",
+        custom_id="i0",
+        request={"model": MODEL, "messages": [{"role": "user", "content": "x"}]},
+    )
+    answers = []
+    for _ in range(2):
+        start = WithStartWorkflowOperation(
+            BatcherWorkflow.run,
+            BatcherInput(settings=settings),
+            id=batcher_id(MODEL, key, ""),
+            task_queue=task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        )
+        answers.append(
+            await client.execute_update_with_start_workflow(
+                BatcherWorkflow.add_items,
+                AddItems(items=[item], window_s=3600, max_items=10),
+                start_workflow_operation=start,
+            )
+        )
+    assert [(a.accepted, a.duplicates, a.pending) for a in answers] == [(1, 0, 1), (0, 1, 1)]
+    await client.get_workflow_handle(batcher_id(MODEL, key, "")).terminate("test over")
+
+
+async def test_a_deadline_before_the_window_closes_answers_in_realtime_and_takes_the_items_back(
+    client: Client, task_queue: str, sim: SimulatorServer
+) -> None:
+    key = f"k{uuid.uuid4().hex[:8]}"
+    spec = parse_pipeline(_mapped(key, window_s=3600, deadline_s=1))
+    handle = await start_pipeline(client, spec, {"questions": ["a", "b"]}, task_queue=task_queue)
+    result = await asyncio.wait_for(handle.result(), 60)
+    assert result.status == "completed"
+    report = result.steps[0].batch
+    assert report is not None and {i.via for i in report.items} == {"realtime"}
+    state = await _state(client, key)()
+    assert (state["pending"], state["batches_started"]) == (0, 0)  # withdrawn, never submitted
+    assert _batches(sim)["created"] == 0
+    await client.get_workflow_handle(batcher_id(MODEL, key, "")).terminate("test over")
+
+
+def test_shared_options_need_a_window() -> None:
+    spec = _mapped("k", max_items=3)
+    del spec["steps"][0]["steps"][0]["batch"]["key"]
+    with pytest.raises(PipelineError, match="batch: max_items goes with window_s"):
+        parse_pipeline(spec)
+    lone = _lone("k")
+    del lone["steps"][0]["batch"]["key"]
+    with pytest.raises(PipelineError, match="set batch.window_s"):
+        parse_pipeline(lone)
+
+
+async def test_a_worker_killed_mid_window_loses_no_item_and_the_provider_sees_one_batch(
+    client: Client, sim: SimulatorServer, worker_process: Callable[[str], subprocess.Popen[bytes]]
+) -> None:
+    queue = f"shared-kill-{uuid.uuid4().hex[:8]}"
+    key = f"k{uuid.uuid4().hex[:8]}"
+    _batches(sim, complete_after_s=1)
+    # The window closes when the sixth item arrives (max_items), never on its timer within the test.
+    spec = parse_pipeline(_mapped(key, window_s=3600, max_items=6))
+    state = _state(client, key)
+    first = worker_process(queue)
+    handles: list[WorkflowHandle[Any, PipelineResult]] = []
+    for p in range(2):
+        handles.append(
+            await start_pipeline(
+                client, spec, {"questions": [f"p{p}-q{i}" for i in range(2)]}, task_queue=queue
+            )
+        )
+    await _until(lambda: _pending_at_least(state, 4), "the first two pipelines' items in the window")
+    first.kill()
+    first.wait()
+    assert first.returncode == -9
+    assert _batches(sim)["created"] == 0  # the window was open when the worker died
+
+    worker_process(queue)
+    handles.append(
+        await start_pipeline(client, spec, {"questions": ["p2-q0", "p2-q1"]}, task_queue=queue)
+    )
+    results = [await asyncio.wait_for(h.result(), 120) for h in handles]
+    for p, result in enumerate(results):
+        assert result.status == "completed"
+        answers = result.steps[0].output
+        assert [f"Answer p{p}-q{i}" in a for i, a in enumerate(answers)] == [True, True], answers
+        report = result.steps[0].batch
+        assert report is not None and {i.via for i in report.items} == {"batch"}
+    assert _batches(sim)["created"] == 1
+    assert sim.stats()["requests"] == 6
+    final = await state()
+    assert (final["pending"], final["batches_started"], final["seen"]) == (0, 1, 6)
+
+
+async def _pending_at_least(state: Callable[[], Awaitable[dict[str, Any]]], count: int) -> dict[str, Any] | None:
+    seen = await state()
+    return seen if seen["pending"] >= count else None
