@@ -72,7 +72,8 @@ class BatchOptions(_Spec):
     @model_validator(mode="after")
     def _shared_options(self) -> BatchOptions:
         if self.window_s is None:
-            given = [name for name in ("max_items", "key") if name in self.model_fields_set]
+            given = ["max_items"] if self.max_items is not None else []
+            given += ["key"] if self.key != "default" else []
             if given:
                 verb = "go" if len(given) > 1 else "goes"
                 raise ValueError(f"{' and '.join(given)} {verb} with window_s (batches shared across pipelines)")
