@@ -200,7 +200,7 @@ def test_shared_options_need_a_window() -> None:
         parse_pipeline(spec)
     lone = _lone("k")
     del lone["steps"][0]["batch"]["key"]
-    with pytest.raises(PipelineError, match="set batch.window_s"):
+    with pytest.raises(PipelineError, match=r"set batch\.window_s"):
         parse_pipeline(lone)
 
 
@@ -228,9 +228,7 @@ async def test_a_worker_killed_mid_window_loses_no_item_and_the_provider_sees_on
     assert _batches(sim)["created"] == 0  # the window was open when the worker died
 
     worker_process(queue)
-    handles.append(
-        await start_pipeline(client, spec, {"questions": ["p2-q0", "p2-q1"]}, task_queue=queue)
-    )
+    handles.append(await start_pipeline(client, spec, {"questions": ["p2-q0", "p2-q1"]}, task_queue=queue))
     results = [await asyncio.wait_for(h.result(), 120) for h in handles]
     for p, result in enumerate(results):
         assert result.status == "completed"
@@ -244,6 +242,39 @@ async def test_a_worker_killed_mid_window_loses_no_item_and_the_provider_sees_on
     assert (final["pending"], final["batches_started"], final["seen"]) == (0, 1, 6)
 
 
-async def _pending_at_least(state: Callable[[], Awaitable[dict[str, Any]]], count: int) -> dict[str, Any] | None:
+async def _pending_at_least(
+    state: Callable[[], Awaitable[dict[str, Any]]], count: int
+) -> dict[str, Any] | None:
     seen = await state()
     return seen if seen["pending"] >= count else None
+
+
+async def test_items_waiting_in_a_window_are_carried_across_continue_as_new(
+    client: Client, task_queue: str, sim: SimulatorServer
+) -> None:
+    _batches(sim, complete_after_s=0.2)
+    key = f"k{uuid.uuid4().hex[:8]}"
+    # A batcher that continues as new after a handful of events, so the first item's arrival ends its run.
+    first = await client.start_workflow(
+        BatcherWorkflow.run,
+        BatcherInput(
+            settings=BatcherSettings(model=MODEL, key=key, poll_s=0.2, poll_max_s=1), events_per_run=5
+        ),
+        id=batcher_id(MODEL, key, ""),
+        task_queue=task_queue,
+    )
+    spec = parse_pipeline(_lone(key, window_s=3600, max_items=2))
+    a = await start_pipeline(client, spec, {"question": "qa"}, task_queue=task_queue)
+    handle = client.get_workflow_handle(first.id)
+
+    async def carried() -> dict[str, Any] | None:
+        run_id = (await handle.describe()).run_id
+        seen = await _state(client, key)()
+        return seen if run_id != first.result_run_id and seen["pending"] == 1 else None
+
+    await _until(carried, "the batcher to continue as new with the first item waiting")
+    b = await start_pipeline(client, spec, {"question": "qb"}, task_queue=task_queue)
+    answers = [(await asyncio.wait_for(h.result(), 60)).outputs["answer"] for h in (a, b)]
+    assert ["Answer qa" in answers[0], "Answer qb" in answers[1]] == [True, True]
+    assert _batches(sim)["created"] == 1
+    await handle.terminate("test over")

@@ -76,7 +76,9 @@ class BatchOptions(_Spec):
             given += ["key"] if self.key != "default" else []
             if given:
                 verb = "go" if len(given) > 1 else "goes"
-                raise ValueError(f"{' and '.join(given)} {verb} with window_s (batches shared across pipelines)")
+                raise ValueError(
+                    f"{' and '.join(given)} {verb} with window_s (batches shared across pipelines)"
+                )
         return self
 
 
