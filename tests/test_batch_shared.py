@@ -278,3 +278,23 @@ async def test_items_waiting_in_a_window_are_carried_across_continue_as_new(
     assert ["Answer qa" in answers[0], "Answer qb" in answers[1]] == [True, True]
     assert _batches(sim)["created"] == 1
     await handle.terminate("test over")
+
+
+async def test_cancelling_a_pipeline_takes_its_items_back_from_the_window(
+    client: Client, task_queue: str, sim: SimulatorServer
+) -> None:
+    key = f"k{uuid.uuid4().hex[:8]}"
+    spec = parse_pipeline(_mapped(key, window_s=3600))
+    state = _state(client, key)
+    handle = await start_pipeline(client, spec, {"questions": ["a", "b"]}, task_queue=task_queue)
+    await _until(lambda: _pending_at_least(state, 2), "the pipeline's items in the window")
+    await handle.cancel()
+
+    async def emptied() -> dict[str, Any] | None:
+        seen = await state()
+        return seen if seen["pending"] == 0 else None
+
+    await _until(emptied, "the cancelled pipeline's items to leave the window")
+    assert (await state())["batches_started"] == 0
+    assert _batches(sim)["created"] == 0
+    await client.get_workflow_handle(batcher_id(MODEL, key, "")).terminate("test over")
