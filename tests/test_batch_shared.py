@@ -298,3 +298,19 @@ async def test_cancelling_a_pipeline_takes_its_items_back_from_the_window(
     assert (await state())["batches_started"] == 0
     assert _batches(sim)["created"] == 0
     await client.get_workflow_handle(batcher_id(MODEL, key, "")).terminate("test over")
+
+
+async def test_a_tenants_pipelines_share_the_tenants_own_batcher(
+    client: Client, task_queue: str, sim: SimulatorServer
+) -> None:
+    _batches(sim, complete_after_s=0.2)
+    key = f"k{uuid.uuid4().hex[:8]}"
+    spec = parse_pipeline(_lone(key, window_s=0.3))
+    handle = await start_pipeline(client, spec, {"question": "qt"}, task_queue=task_queue, tenant="acme")
+    result = await asyncio.wait_for(handle.result(), 60)
+    assert "Answer qt" in result.outputs["answer"]
+    tenant_batcher = client.get_workflow_handle(batcher_id(MODEL, key, "acme"))
+    assert tenant_batcher.id.startswith("tenant/acme/")
+    assert (await tenant_batcher.query("state", result_type=dict))["batches_started"] == 1
+    assert (await _state(client, key)())["batches_started"] == 0  # the shared one never ran
+    await tenant_batcher.terminate("test over")

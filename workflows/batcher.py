@@ -1,6 +1,6 @@
-"""The batcher: one entity workflow per (tenant, key, model), ``kernelflow-batcher/<tenant>/<key>/<model>``,
-that gathers the same batch-mode step's calls from many pipelines within a window and submits them as
-one provider batch. Deterministic workflow code.
+"""The batcher: one entity workflow per (tenant, key, model),
+``[tenant/<tenant>/]kernelflow-batcher/<key>/<model>``, that gathers the same batch-mode step's calls from
+many pipelines within a window and submits them as one provider batch. Deterministic workflow code.
 
 Pipelines hand their items over with the ``add_items`` update (through the ``llm_batch_enqueue``
 activity, which update-with-starts this workflow); an item id taken once is never taken again, so a
@@ -56,7 +56,11 @@ _SEEN_KEPT = 50_000
 
 
 def batcher_id(model: str, key: str, tenant: str) -> str:
-    return f"kernelflow-batcher/{tenant or '-'}/{key}/{model}"
+    """A tenant's batcher lives under ``tenant/<tenant>/`` so that, with per-tenant keys, the items it
+    holds (prompts) and its batch runs are encrypted under the tenant's own key."""
+    if tenant:
+        return f"tenant/{tenant}/kernelflow-batcher/{key}/{model}"
+    return f"kernelflow-batcher/{key}/{model}"
 
 
 class SharedItem(BaseModel):
