@@ -314,3 +314,15 @@ async def test_a_tenants_pipelines_share_the_tenants_own_batcher(
     assert (await tenant_batcher.query("state", result_type=dict))["batches_started"] == 1
     assert (await _state(client, key)())["batches_started"] == 0  # the shared one never ran
     await tenant_batcher.terminate("test over")
+
+
+def test_the_shared_example_parses() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    spec = parse_pipeline(
+        yaml.safe_load((Path(__file__).parent.parent / "examples/batch-shared.yaml").read_text())
+    )
+    step = spec.steps[0]
+    assert getattr(step, "mode", None) == "batch"
