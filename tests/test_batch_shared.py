@@ -326,3 +326,45 @@ def test_the_shared_example_parses() -> None:
     )
     step = spec.steps[0]
     assert getattr(step, "mode", None) == "batch"
+
+
+async def test_a_batch_that_cannot_be_made_tells_its_pipelines_instead_of_leaving_them_waiting(
+    client: Client, task_queue: str
+) -> None:
+    key = f"k{uuid.uuid4().hex[:8]}"
+    model = "nosuch/model"
+    settings = BatcherSettings(model=model, key=key, max_attempts=2)
+    start = WithStartWorkflowOperation(
+        BatcherWorkflow.run,
+        BatcherInput(settings=settings),
+        id=batcher_id(model, key, ""),
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+    )
+    item = SharedItem(
+        id="t-i0",
+        ticket="t",
+        requester=f"gone-{uuid.uuid4().hex[:6]}",
+        custom_id="i0",
+        request={"model": model, "messages": [{"role": "user", "content": "x"}]},
+    )
+    await client.execute_update_with_start_workflow(
+        BatcherWorkflow.add_items,
+        AddItems(items=[item], window_s=3600, max_items=1),
+        start_workflow_operation=start,
+    )
+    batcher = client.get_workflow_handle(batcher_id(model, key, ""))
+    first_run = (await batcher.describe()).raw_description.workflow_execution_info.first_run_id
+    run = client.get_workflow_handle(f"{batcher.id}/{first_run[:12]}-batch-1")
+
+    async def started() -> bool:
+        try:
+            await run.describe()
+        except Exception:  # the batcher has not started its batch run yet
+            return False
+        return True
+
+    await _until(started, "the batcher to start its batch run")
+    outcome = await asyncio.wait_for(run.result(), 60)
+    assert outcome["answered"] is False and "nosuch" in outcome["error"], outcome
+    await batcher.terminate("test over")

@@ -226,12 +226,15 @@ class BatcherWorkflow:
             if not self.pending:
                 self.closes_at, self.max_items = None, None
             self.started += 1
+            # The chain's first run tells apart a batcher started again after being terminated: its
+            # batches never take the tag (or the child id) of a batch the old one made.
+            chain = info.first_execution_run_id[:12]
             await workflow.start_child_workflow(
                 BatchRunWorkflow.run,
                 BatchRunInput(
-                    settings=settings, tag=batch_tag(info.workflow_id, str(self.started)), items=taken
+                    settings=settings, tag=batch_tag(info.workflow_id, chain, str(self.started)), items=taken
                 ),
-                id=f"{info.workflow_id}/batch-{self.started}",
+                id=f"{info.workflow_id}/{chain}-batch-{self.started}",
                 parent_close_policy=ParentClosePolicy.ABANDON,
                 static_summary=f"batch of {len(taken)} items for {settings.model}",
             )
@@ -243,33 +246,42 @@ class BatchRunWorkflow:
 
     @workflow.run
     async def run(self, request: BatchRunInput) -> dict[str, Any]:
-        settings = request.settings
-        items = request.items
-        call = _Activities(settings)
-        by_custom_id = {f"k{n}": item for n, item in enumerate(items)}
+        by_custom_id = {f"k{n}": item for n, item in enumerate(request.items)}
         try:
-            submitted = await call(
-                BATCH_SUBMIT,
-                {
-                    "model": settings.model,
-                    "tag": request.tag,
-                    "items": [
-                        {"custom_id": cid, "request": item.request} for cid, item in by_custom_id.items()
-                    ],
-                },
-                f"submit {len(items)} items to {settings.model}",
-            )
+            return await self._answer(request, _Activities(request.settings), by_custom_id)
         except ActivityError as exc:
-            # Nothing was submitted: every pipeline hears so and answers its items another way.
+            # The batch cannot be made or read: every pipeline hears so and answers its items another
+            # way (realtime, or the next batch round) instead of waiting for answers that never come.
             cause = exc.cause
             error_type = (cause.type if isinstance(cause, ApplicationError) else None) or "UpstreamError"
             message = cause.message if isinstance(cause, ApplicationError) else str(exc)
+            retryable = not (isinstance(cause, ApplicationError) and cause.non_retryable)
             failed = [
-                {"custom_id": cid, "outcome": "errored", "error_type": error_type, "error_message": message}
+                {
+                    "custom_id": cid,
+                    "outcome": "errored",
+                    "error_type": error_type,
+                    "error_message": f"shared batch: {message}",
+                    "retryable": retryable,
+                }
                 for cid in by_custom_id
             ]
             await _deliver(by_custom_id, failed, "", "", [])
-            return {"submitted": False, "error": message, "items": len(items)}
+            return {"answered": False, "error": message, "items": len(by_custom_id)}
+
+    async def _answer(
+        self, request: BatchRunInput, call: _Activities, by_custom_id: dict[str, SharedItem]
+    ) -> dict[str, Any]:
+        settings = request.settings
+        submitted = await call(
+            BATCH_SUBMIT,
+            {
+                "model": settings.model,
+                "tag": request.tag,
+                "items": [{"custom_id": cid, "request": item.request} for cid, item in by_custom_id.items()],
+            },
+            f"submit {len(by_custom_id)} items to {settings.model}",
+        )
         jobs = [BatchJob.model_validate(j) for j in submitted["jobs"]]
         ids = [job.id for job in jobs]
         delay = settings.poll_s
@@ -290,7 +302,7 @@ class BatchRunWorkflow:
             str(submitted["provider"]),
             raw_jobs,
         )
-        return {"submitted": True, "batches": ids, "items": len(items)}
+        return {"answered": True, "batches": ids, "items": len(by_custom_id)}
 
 
 async def _deliver(
