@@ -11,6 +11,10 @@ round (retryable errors and expired items to the same model, others to the next 
 ``max_rounds``, then realtime. An answer that does not match ``output_schema`` is re-asked in realtime,
 where ``max_repairs`` applies. ``deadline_s``: when the batch is not done that long after submission it
 is cancelled and the missing items run in realtime. Cancelling the pipeline cancels the provider batch.
+
+With ``window_s`` the items of a round go instead to the batcher of (tenant, key, model)
+(``workflows/batcher.py``), which gathers many pipelines' items into one provider batch and signals each
+pipeline its answers; a lone step outside any map then batches as a map of one item.
 """
 
 from __future__ import annotations
