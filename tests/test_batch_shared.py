@@ -368,3 +368,25 @@ async def test_a_batch_that_cannot_be_made_tells_its_pipelines_instead_of_leavin
     outcome = await asyncio.wait_for(run.result(), 60)
     assert outcome["answered"] is False and "nosuch" in outcome["error"], outcome
     await batcher.terminate("test over")
+
+
+async def test_an_item_failing_inside_the_shared_batch_is_answered_in_realtime(
+    client: Client, task_queue: str, sim: SimulatorServer
+) -> None:
+    _batches(sim, complete_after_s=0.2)
+    key = f"k{uuid.uuid4().hex[:8]}"
+    spec = parse_pipeline(_mapped(key, window_s=0.5))
+    questions = ["a", "b [[sim: fault=429 times=1 key=shared-b]]"]
+    result = await asyncio.wait_for(
+        (await start_pipeline(client, spec, {"questions": questions}, task_queue=task_queue)).result(), 60
+    )
+    assert result.status == "completed"
+    assert ["Answer a" in result.steps[0].output[0], "Answer b" in result.steps[0].output[1]] == [True, True]
+    report = result.steps[0].batch
+    assert report is not None
+    assert [(i.index, i.via, i.outcome) for i in report.items] == [
+        (0, "batch", "succeeded"),
+        (1, "realtime", "succeeded"),
+    ]
+    assert [b.state for b in report.batches] == ["completed"]
+    assert _batches(sim)["created"] == 1
