@@ -6,6 +6,7 @@ endpoints over HTTP counting the batches made."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import uuid
 from collections.abc import Awaitable, Callable
@@ -390,3 +391,44 @@ async def test_an_item_failing_inside_the_shared_batch_is_answered_in_realtime(
     ]
     assert [b.state for b in report.batches] == ["completed"]
     assert _batches(sim)["created"] == 1
+
+
+@pytest.mark.parametrize("name", ["batcher/batcher", "batcher/batch-run", "batch-shared"])
+async def test_the_recorded_shared_batch_replays(name: str) -> None:
+    """``tests/histories/record.py batch-shared`` recorded a pipeline's call answered by the batcher,
+    the batcher itself and its batch run: today's code replays all three."""
+    from pathlib import Path
+
+    from temporalio.client import WorkflowHistory
+    from temporalio.contrib.pydantic import pydantic_data_converter
+    from temporalio.worker import Replayer
+
+    from worker.app import workflow_runner
+    from workflows.batcher import BatchRunWorkflow
+    from workflows.pipeline import PipelineWorkflow
+
+    path = Path(__file__).parent / "histories" / f"{name}.json"
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    # Each replays under the id it ran with: the batch run's and the batcher's ids name the batch.
+    batcher = batcher_id(MODEL, "recorded", "")
+    if name == "batch-shared":
+        workflow_id = name
+    elif name == "batcher/batcher":
+        workflow_id = batcher
+    else:
+        workflow_id = f"{batcher}/{_first_run(raw)[:12]}-batch-1"
+    history = WorkflowHistory.from_json(workflow_id, raw)
+    assert len(history.events) > 5, f"{name} holds {len(history.events)} events"
+    replayer = Replayer(
+        workflows=[PipelineWorkflow, BatcherWorkflow, BatchRunWorkflow],
+        data_converter=pydantic_data_converter,
+        workflow_runner=workflow_runner(),
+    )
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert result.replay_failure is None, f"{name}: {result.replay_failure}"
+
+
+def _first_run(raw: dict[str, Any]) -> str:
+    """The batch run's parent's first run id, from the run's started event."""
+    started = raw["events"][0]["workflowExecutionStartedEventAttributes"]
+    return str(started["parentWorkflowExecution"]["runId"])

@@ -125,6 +125,24 @@ async def _cancel_during_batch(client: Client, handle: WorkflowHandle[Any, Any])
     raise TimeoutError("the batch was never submitted")
 
 
+async def _save_the_batcher(client: Client, handle: WorkflowHandle[Any, Any]) -> None:
+    """After the pipeline's answer came, keep the batcher's and its batch run's histories too
+    (``tests/histories/batcher/``; the batcher is terminated first, as it never ends on its own)."""
+    from workflows.batcher import batcher_id
+
+    await handle.result()
+    batcher = client.get_workflow_handle(batcher_id("openai/gpt-4o-mini", "recorded", ""))
+    first_run = (await batcher.describe()).raw_description.workflow_execution_info.first_run_id
+    run = client.get_workflow_handle(f"{batcher.id}/{first_run[:12]}-batch-1")
+    await run.result()
+    await batcher.terminate("recorded")
+    folder = HERE / "batcher"
+    folder.mkdir(exist_ok=True)
+    for name, workflow in (("batcher", batcher), ("batch-run", run)):
+        history = await workflow.fetch_history()
+        (folder / f"{name}.json").write_text(history.to_json(), encoding="utf-8")
+
+
 @dataclass
 class Recording:
     name: str
@@ -140,6 +158,9 @@ class Recording:
     """The drive cancels the pipeline."""
     shadow: dict[str, Any] | None = None
     """The worker's ``shadow`` section (its store goes to a temporary directory)."""
+    workflow_id: str | None = None
+    """The pipeline's workflow id (default ``<name>-recorded``); a shared batch's answers reach a pipeline by
+    a ticket made of its workflow id, so its replay needs the same id (the file's name)."""
 
 
 TICKET = "I was charged twice for my March invoice. Please refund the second charge."
@@ -185,6 +206,14 @@ RECORDINGS: list[Recording] = [
         drive=_cancel_during_batch,
         batches={"complete_after_s": 3600},
         cancelled=True,
+    ),
+    Recording(
+        "batch-shared",
+        "tests/histories/batch-shared.yaml",
+        {"document": "The lamp arrived on time and works."},
+        drive=_save_the_batcher,
+        batches={"complete_after_s": 0.5},
+        workflow_id="batch-shared",
     ),
     Recording(
         "fan-out",
@@ -243,7 +272,11 @@ async def record(recording: Recording, client: Client, sim: SimulatorServer, out
         client, task_queue=queue, registry=registry, mcp_servers=servers, limits=limits, shadow=shadow
     ):
         handle = await start_pipeline(
-            client, spec, recording.inputs, task_queue=queue, workflow_id=f"{recording.name}-recorded"
+            client,
+            spec,
+            recording.inputs,
+            task_queue=queue,
+            workflow_id=recording.workflow_id or f"{recording.name}-recorded",
         )
         await recording.drive(client, handle)
         try:
