@@ -432,3 +432,26 @@ def _first_run(raw: dict[str, Any]) -> str:
     """The batch run's parent's first run id, from the run's started event."""
     started = raw["events"][0]["workflowExecutionStartedEventAttributes"]
     return str(started["parentWorkflowExecution"]["runId"])
+
+
+async def test_an_idle_batcher_ends_and_the_next_item_starts_a_new_one(
+    client: Client, task_queue: str, sim: SimulatorServer
+) -> None:
+    from temporalio.client import WorkflowExecutionStatus
+
+    _batches(sim, complete_after_s=0.2)
+    key = f"k{uuid.uuid4().hex[:8]}"
+    first = await client.start_workflow(
+        BatcherWorkflow.run,
+        BatcherInput(settings=BatcherSettings(model=MODEL, key=key), idle_s=0.5),
+        id=batcher_id(MODEL, key, ""),
+        task_queue=task_queue,
+    )
+    await asyncio.wait_for(first.result(), 30)  # nothing came: it ended on its own
+    assert (await first.describe()).status == WorkflowExecutionStatus.COMPLETED
+    spec = parse_pipeline(_lone(key, window_s=0.3))
+    handle = await start_pipeline(client, spec, {"question": "later"}, task_queue=task_queue)
+    assert "Answer later" in (await asyncio.wait_for(handle.result(), 60)).outputs["answer"]
+    again = client.get_workflow_handle(batcher_id(MODEL, key, ""))
+    assert (await again.describe()).run_id != first.result_run_id
+    await again.terminate("test over")

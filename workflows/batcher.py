@@ -106,6 +106,11 @@ class BatcherInput(BaseModel):
     max_items: int | None = None
     started: int = 0
     events_per_run: int = Field(default=2000, gt=0, description="Continue as new after this many events.")
+    idle_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="End after this long with nothing waiting (the next item starts a new one).",
+    )
 
 
 class BatchRunInput(BaseModel):
@@ -200,13 +205,25 @@ class BatcherWorkflow:
                         max_items=self.max_items,
                         started=self.started,
                         events_per_run=request.events_per_run,
+                        idle_s=request.idle_s,
                     )
                 )
             self.changed = False
             if not self.pending:
                 self.closes_at, self.max_items = None, None
                 workflow.set_current_details(f"{settings.model}: idle · {self.started} batches started")
-                await workflow.wait_condition(lambda: bool(self.pending))
+                try:
+                    await workflow.wait_condition(
+                        lambda: bool(self.pending),
+                        timeout=timedelta(seconds=request.idle_s),
+                        timeout_summary="idle",
+                    )
+                except TimeoutError:
+                    # Nothing came for a while: end, so an idle batcher (and a tenant's data in it) does not
+                    # linger; the next item starts a new one.
+                    await workflow.wait_condition(workflow.all_handlers_finished)
+                    if not self.pending:
+                        return
                 continue
             wait = (self.closes_at or self._now()) - self._now()
             if not self._full() and wait > 0:
