@@ -264,6 +264,9 @@ async def test_items_waiting_in_a_window_are_carried_across_continue_as_new(
         id=batcher_id(MODEL, key, ""),
         task_queue=task_queue,
     )
+    # Its first workflow task done (a query answers), the first item's arrival lands in a later one,
+    # past the 5 events, and the batcher continues as new right after taking it.
+    await _until(_answers(_state(client, key)), "the batcher's first workflow task")
     spec = parse_pipeline(_lone(key, window_s=3600, max_items=2))
     a = await start_pipeline(client, spec, {"question": "qa"}, task_queue=task_queue)
     handle = client.get_workflow_handle(first.id)
@@ -455,3 +458,10 @@ async def test_an_idle_batcher_ends_and_the_next_item_starts_a_new_one(
     again = client.get_workflow_handle(batcher_id(MODEL, key, ""))
     assert (await again.describe()).run_id != first.result_run_id
     await again.terminate("test over")
+
+
+def _answers(state: Callable[[], Awaitable[dict[str, Any]]]) -> Callable[[], Awaitable[bool]]:
+    async def answered() -> bool:
+        return "error" not in await state()
+
+    return answered

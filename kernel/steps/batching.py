@@ -366,9 +366,7 @@ class BatchCollector:
             )
         except asyncio.CancelledError:
             # Items still in the window are taken back; a provider batch already made is shared, and runs on.
-            cleanup = asyncio.ensure_future(
-                op("withdraw", {"settings": settings, "ticket": ticket}, "withdraw")
-            )
+            cleanup = asyncio.ensure_future(_withdraw(op, settings, ticket, f"batch {step_id}: cancelled"))
             while not cleanup.done():
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.shield(cleanup)
@@ -378,7 +376,7 @@ class BatchCollector:
         results = list(delivered["results"])
         missed_deadline = len(results) < len(items)
         if missed_deadline:
-            await op("withdraw", {"settings": settings, "ticket": ticket}, f"batch {step_id}: deadline")
+            await _withdraw(op, settings, ticket, f"batch {step_id}: deadline")
             answered = {str(r["custom_id"]) for r in results}
             results += [{"custom_id": cid, "outcome": "expired"} for cid in custom_ids if cid not in answered]
         provider = str(delivered.get("provider") or "")
@@ -496,6 +494,13 @@ class _Ops:
         return await self.effects.batch(
             BatchOp(op, self.step_id, payload, self.timeout_s, self.retry, summary)
         )
+
+
+async def _withdraw(op: _Ops, settings: dict[str, Any], ticket: str, summary: str) -> None:
+    """Take a hand-over's items back from the batcher's window. Best effort: the items run in realtime
+    (or the pipeline stops) either way, and the batcher's answers then reach no one waiting."""
+    with contextlib.suppress(StepFailure):
+        await op("withdraw", {"settings": settings, "ticket": ticket}, summary)
 
 
 def effects_now(engine: EngineView) -> float:
