@@ -8,6 +8,7 @@ provider works. Payloads are JSON dicts (``kernel.steps.batching`` builds and re
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import structlog
@@ -129,9 +130,18 @@ class BatchActivities:
         return await self._run("cancel", payload, self._cancel)
 
     async def _cancel(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Cancel the batches ``ids`` names, and with ``tag`` those a submission under that tag made
+        (its parts are numbered from 0, submitted in order)."""
         provider, _ = self._resolve(str(payload["model"]))
+        ids = [str(batch_id) for batch_id in payload["ids"]]
+        if payload.get("tag"):
+            for number in itertools.count():
+                found = await provider.batch_find(batch_tag(str(payload["tag"]), str(number)))
+                if found is None:
+                    break
+                ids.append(found.id)
         jobs: list[BatchJob] = []
-        for batch_id in payload["ids"]:
+        for batch_id in ids:
             job = await provider.batch_status(str(batch_id))
             jobs.append(job if job.ended else await provider.batch_cancel(str(batch_id)))
         return {"jobs": [j.model_dump(mode="json") for j in jobs]}

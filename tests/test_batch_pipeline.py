@@ -152,7 +152,29 @@ async def test_cancelling_the_pipeline_cancels_the_provider_batch(
     await _until(lambda: _batches(sim)["created"] == 1, "the batch to be submitted")
     await handle.cancel()
     with pytest.raises(WorkflowFailureError):
-        await asyncio.wait_for(handle.result(), 20)
+        await asyncio.wait_for(handle.result(), 60)
+    assert _batches(sim)["cancelled"] == 1
+    assert _batches(sim)["created"] == 1
+    assert sim.stats()["requests"] == 0
+
+
+async def test_cancelling_while_the_submission_is_in_flight_cancels_the_batch_it_made(
+    client: Client, task_queue: str, sim: SimulatorServer
+) -> None:
+    # The provider made the batch but has not answered the create call when the pipeline is cancelled:
+    # the workflow never learns the batch's id from the submission, and finds it by its tag instead.
+    _batches(sim, complete_after_s=600, hold_create_s=60)
+    handle = await start_pipeline(
+        client,
+        parse_pipeline(_spec()),
+        {"questions": ["a", "b"]},
+        task_queue=task_queue,
+        workflow_id=f"batch-cancel-held-{uuid.uuid4().hex[:8]}",
+    )
+    await _until(lambda: _batches(sim)["created"] == 1, "the batch to be made")
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError):
+        await asyncio.wait_for(handle.result(), 60)
     assert _batches(sim)["cancelled"] == 1
     assert _batches(sim)["created"] == 1
     assert sim.stats()["requests"] == 0

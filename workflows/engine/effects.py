@@ -7,13 +7,15 @@ reports; cancellation stays ``asyncio.CancelledError``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from activities.batch import BATCH_CANCEL, BATCH_RESULTS, BATCH_STATUS, BATCH_SUBMIT
@@ -67,6 +69,10 @@ _SEARCH: dict[str, Any] = {
     "models": sa.MODELS,
 }
 _SINCE_V2 = frozenset({"awaiting", "models"})
+
+BATCH_SUBMIT_CANCEL_PATCH = "batch-submit-cancel"
+"""A submission cancelled in flight cancels the batches it made, found by their tag."""
+
 _BATCH_ACTIVITIES = {
     "submit": BATCH_SUBMIT,
     "status": BATCH_STATUS,
@@ -179,7 +185,9 @@ class TemporalEffects:
 
     async def batch(self, op: BatchOp) -> dict[str, Any]:
         """One batch activity. Submission is idempotent (the provider is asked for the batch's tag
-        first), so Temporal may retry every one of them."""
+        first), so Temporal may retry every one of them. A submission cancelled while in flight (the
+        pipeline was cancelled) may already have made the batch: it is looked up by its tag and
+        cancelled before the cancellation goes on."""
         try:
             result: dict[str, Any] = await workflow.execute_activity(
                 _BATCH_ACTIVITIES[op.op],
@@ -191,11 +199,39 @@ class TemporalEffects:
                 summary=op.summary,
             )
         except ActivityError as exc:
+            if isinstance(exc.cause, CancelledError) and op.op == "submit":
+                await self._cancel_submitted(op)
             kind = _cause_type(exc)
             raise StepFailure(
                 f"step {op.step_id!r} batch {op.op} failed: {failure_cause(exc)}", kind
             ) from None
+        except asyncio.CancelledError:
+            if op.op == "submit":
+                await self._cancel_submitted(op)
+            raise
         return result
+
+    async def _cancel_submitted(self, op: BatchOp) -> None:
+        """Cancel whatever batches a cancelled submission made, found by their tag; awaited to the end
+        (the step is being cancelled: the cleanup runs as a task of its own)."""
+        if not workflow.patched(BATCH_SUBMIT_CANCEL_PATCH):
+            return
+        cleanup = asyncio.ensure_future(
+            workflow.execute_activity(
+                BATCH_CANCEL,
+                {"model": op.payload["model"], "ids": [], "tag": op.payload["tag"]},
+                result_type=dict,
+                start_to_close_timeout=timedelta(seconds=op.timeout_s),
+                heartbeat_timeout=timedelta(seconds=op.heartbeat_timeout_s or 10),
+                retry_policy=retry_policy(op.retry),
+                summary=f"{op.summary}: cancelled, its batches too",
+            )
+        )
+        while not cleanup.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(cleanup)
+        with contextlib.suppress(ActivityError):
+            cleanup.result()
 
     def expect_batch(self, ticket: str) -> None:
         if self._batch_inbox is None:
