@@ -112,6 +112,8 @@ class ShadowRules(BaseModel):
     models: dict[str, ShadowSpec] = Field(default_factory=dict)
     opted_out: bool = False
     problems: dict[str, str] = Field(default_factory=dict)
+    close_wait_s: float = 2.0
+    """How long the run waits for its shadow calls still running when it closes or continues as new."""
 
 
 class ShadowOutcome(BaseModel):
@@ -187,6 +189,7 @@ class ShadowActivities:
             models=self.config.models,
             opted_out=self.config.opted_out(request.tenant),
             problems=problems,
+            close_wait_s=self.config.close_wait_s,
         )
 
     @activity.defn(name=SHADOW_CHAT)
