@@ -408,6 +408,34 @@ async def test_a_slow_candidate_on_the_last_step_does_not_delay_the_result_and_r
     assert sim.stats()["by_model"].get("claude-sonnet-4-5") == 1
 
 
+async def test_a_retryable_failure_after_the_run_closed_is_recorded_at_once(
+    client: Client, registry: Registry, sim: SimulatorServer, store_url: str
+) -> None:
+    """The last step's candidate answers 503 after 5 s, when its run has closed: Temporal would refuse
+    the failure and never retry, so the call records it as the candidate's error instead."""
+    sim.add_faults([{"fault": "503", "model": "claude-sonnet-4-5", "latency": 5, "times": 1, "key": "late"}])
+    queue = f"shadow-{uuid.uuid4().hex[:10]}"
+    config = ShadowConfig(store=store_url, close_wait_s=0.5)
+    async with build_worker(client, task_queue=queue, registry=registry, shadow=config):
+        handle = await start_pipeline(
+            client, _spec(last={"model": CANDIDATE, "max_attempts": 2}), {"ticket": TICKET}, task_queue=queue
+        )
+        result = await handle.result()
+        assert open_store(store_url).pairs() == [], "the run waited for the candidate's answer"
+        deadline = asyncio.get_running_loop().time() + 90
+        pairs = open_store(store_url).pairs()
+        while not pairs:
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"no pair 90 s after the result; simulator saw {sim.stats()}"
+            )
+            await asyncio.sleep(0.2)
+            pairs = open_store(store_url).pairs()
+    assert result.status == "completed"
+    (pair,) = pairs
+    assert pair.step_id == "draft" and pair.candidate.error_type == "Overloaded"
+    assert sim.stats()["by_model"].get("claude-sonnet-4-5") == 1  # asked once: no retry
+
+
 async def test_hourly_caps_hold_through_the_budget_workflow(
     client: Client, registry: Registry, sim: SimulatorServer, store_url: str
 ) -> None:
@@ -470,6 +498,54 @@ async def test_shadow_calls_in_flight_finish_before_a_continue_as_new(
     assert first.events[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
     scheduled = [n for n in _activities(first).values() if n == "shadow_chat"]
     assert scheduled and len(_outcomes(first)) == len(scheduled)  # each finished in the run that started it
+
+
+async def test_a_continue_as_new_waits_for_a_slow_shadow_call_only_the_bounded_time(
+    client: Client, registry: Registry, sim: SimulatorServer, store_url: str
+) -> None:
+    """The first step's candidate takes 20 s: the run that started it continues as new after at most
+    close_wait_s, the pipeline's result comes before that candidate answers, and its pair is written
+    afterwards, under the run that started it."""
+    sim.add_faults([{"model": "claude-sonnet-4-5", "match": "Part 0:", "latency": 20}])
+    steps = [
+        {"id": f"s{n}", "model": "openai/gpt-4o-mini", "prompt": f"Part {n}: {{{{ inputs.ticket }}}}"}
+        for n in range(4)
+    ]
+    steps[0]["shadow"] = {"model": CANDIDATE}
+    spec = parse_pipeline(
+        {"name": "long-slow-shadow", "inputs": {"ticket": {"type": "string"}}, "steps": steps, "outputs": {}}
+    )
+    queue = f"shadow-{uuid.uuid4().hex[:10]}"
+    request = PipelineRequest(
+        pipeline=spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+        inputs={"ticket": TICKET},
+        continue_as_new_after=20,
+    )
+    async with build_worker(
+        client, task_queue=queue, registry=registry, shadow=ShadowConfig(store=store_url)
+    ):
+        handle = await client.start_workflow(
+            PipelineWorkflow.run, request, id=f"long-{uuid.uuid4().hex[:8]}", task_queue=queue
+        )
+        result = await handle.result()
+        assert open_store(store_url).pairs() == [], "a run waited for the slow candidate's answer"
+        deadline = asyncio.get_running_loop().time() + 90
+        pairs = open_store(store_url).pairs()
+        while not pairs:
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"no pair 90 s after the result; simulator saw {sim.stats()['by_model']}"
+            )
+            await asyncio.sleep(0.2)
+            pairs = open_store(store_url).pairs()
+        first = await client.get_workflow_handle(
+            handle.id, run_id=handle.first_execution_run_id
+        ).fetch_history()
+    assert result.status == "completed"
+    assert first.events[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
+    assert [n for n in _activities(first).values() if n == "shadow_chat"] == ["shadow_chat"]
+    assert _outcomes(first) == []  # the run continued as new without it
+    (pair,) = pairs
+    assert pair.step_id == "s0" and pair.run_id == handle.first_execution_run_id and pair.candidate.ok
 
 
 async def test_a_candidate_with_a_provider_limit_is_shadowed_only_when_there_is_capacity_now(
