@@ -2,6 +2,12 @@
 and record both answers as a ``ShadowPair`` in the shadow store. Off the pipeline's path: the workflow
 starts it after the primary answered and never waits on it for a step.
 
+It never heartbeats: Temporal tells an activity it is cancelled only in a heartbeat's answer, so a
+run that closed while its shadow call ran (it waits ``close_wait_s`` at most) never cancels it. The call
+goes on, writes its pair, and its result is then refused by Temporal (``NotFound``, which the SDK logs
+as "Activity not found on completion"); no retry follows, so a retryable failure of a call whose run
+has closed is recorded at once instead.
+
 What it never does: execute tools (the candidate gets the same request, tools included, and the tool
 calls it asks for are recorded as output), raise the candidate's failure to the workflow (a failure on
 the last attempt, or a timeout, is recorded in the pair), or call an opted-out tenant's candidate.
@@ -28,7 +34,7 @@ from typing import Any, Literal
 import structlog
 from pydantic import BaseModel, Field
 from temporalio import activity
-from temporalio.client import WithStartWorkflowOperation
+from temporalio.client import WithStartWorkflowOperation, WorkflowExecutionStatus
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
 
@@ -112,6 +118,8 @@ class ShadowRules(BaseModel):
     models: dict[str, ShadowSpec] = Field(default_factory=dict)
     opted_out: bool = False
     problems: dict[str, str] = Field(default_factory=dict)
+    close_wait_s: float = 2.0
+    """How long the run waits for its shadow calls still running when it closes or continues as new."""
 
 
 class ShadowOutcome(BaseModel):
@@ -187,6 +195,7 @@ class ShadowActivities:
             models=self.config.models,
             opted_out=self.config.opted_out(request.tenant),
             problems=problems,
+            close_wait_s=self.config.close_wait_s,
         )
 
     @activity.defn(name=SHADOW_CHAT)
@@ -252,6 +261,8 @@ class ShadowActivities:
         except KernelflowError as exc:
             self.breakers.settle(permit, exc)
             retry = exc.retryable and not isinstance(exc, UpstreamTimeout) and attempt < call.max_attempts
+            if retry and await self._run_closed(call):
+                retry = False  # its run closed: Temporal would refuse this failure, so no retry comes
             log.warning("shadow call failed", error_type=error_type(exc), attempt=attempt, retried=retry)
             if retry:
                 raise ApplicationError(str(exc), type=error_type(exc)) from exc
@@ -276,6 +287,20 @@ class ShadowActivities:
             await self._spent(candidate, call.pair_id, cost)
         await self._store(call, side)
         return response, self._count(call, "recorded", None)
+
+    async def _run_closed(self, call: ShadowCallInput) -> bool:
+        """Whether the run that started this call has closed (it waited for it only ``close_wait_s``):
+        then Temporal refuses the attempt's result and retries nothing. Unknown: not closed."""
+        if not call.run_id:
+            return False
+        try:
+            description = await (
+                activity.client().get_workflow_handle(call.workflow_id, run_id=call.run_id).describe()
+            )
+        except Exception as exc:
+            _log.warning("shadow call could not tell whether its run is open", error=str(exc))
+            return False
+        return description.status != WorkflowExecutionStatus.RUNNING
 
     async def _admit(self, candidate: str, call: ShadowCallInput, attempt: int) -> tuple[str, str] | bool:
         """With a ``limits`` key for the candidate: ``(limiter, request id)`` when the limiter admits

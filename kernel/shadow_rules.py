@@ -66,6 +66,7 @@ class ShadowConfig(BaseModel):
             openai/gpt-4o-mini: {model: anthropic/claude-sonnet-4-5, rate: 0.25, per_hour: 100}
           opt_out_tenants: [acme]                  # their pipelines are never shadowed
           breaker: {failure_threshold: 5, cooldown_s: 60}
+          close_wait_s: 2                          # a closing run waits at most this for its shadow calls
 
     Every worker of a task queue should have the same section (a run records each shadow decision in
     its history, so a different section only changes decisions still to come)."""
@@ -86,6 +87,13 @@ class ShadowConfig(BaseModel):
     )
     scope: str | None = Field(
         default=None, description="Workers sharing the hourly caps (default: their task queue)."
+    )
+    close_wait_s: float = Field(
+        default=2.0,
+        ge=0,
+        le=60,
+        description="How long a closing (or continuing) run waits for its shadow calls still running; "
+        "a call still running then keeps running on its worker and records its pair itself.",
     )
 
     def rule_for(self, *models: str) -> ShadowSpec | None:

@@ -37,6 +37,8 @@ def test_histories_are_present() -> None:
         "batch-cancelled",
         "lifecycle-events",
         "lifecycle-events-linger",
+        "shadowed",
+        "shadowed-bounded",
     } <= names
 
 
@@ -152,7 +154,30 @@ def test_the_shadowed_recording_shadows_both_steps_and_only_it_carries_the_shado
     ]
     assert names == ["llm_chat", "llm_chat", "shadow_chat", "shadow_chat"]
     assert "shadow-traffic" in _patches("shadowed")
-    assert not any("shadow-traffic" in _patches(name) for name in _TEXT if name != "shadowed")
+    assert "shadow-close-bound" not in _patches("shadowed")  # it awaited the last step's call fully
+    shadowed = ("shadowed", "shadowed-bounded")
+    assert not any("shadow-traffic" in _patches(name) for name in _TEXT if name not in shadowed)
+
+
+def test_the_bounded_recording_closes_before_the_last_steps_shadow_call_answers() -> None:
+    """The run waited close_wait_s for the last step's shadow call (its timer fired), then completed;
+    the call was scheduled and never completed in the run's history."""
+    history = WorkflowHistory.from_json("shadowed-bounded", _TEXT["shadowed-bounded"])
+    shadow = [
+        e.event_id
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "shadow_chat"
+    ]
+    completed = [
+        e.activity_task_completed_event_attributes.scheduled_event_id
+        for e in history.events
+        if e.HasField("activity_task_completed_event_attributes")
+    ]
+    assert len(shadow) == 2 and shadow[0] in completed and shadow[1] not in completed
+    assert {"shadow-traffic", "shadow-close-bound"} <= set(_patches("shadowed-bounded"))
+    assert any(e.HasField("timer_fired_event_attributes") for e in history.events)
+    assert history.events[-1].HasField("workflow_execution_completed_event_attributes")
 
 
 @pytest.mark.parametrize(
@@ -164,8 +189,9 @@ def test_the_shadowed_recording_shadows_both_steps_and_only_it_carries_the_shado
     ],
     ids=["no-rules", "other-rules", "disabled"],
 )
+@pytest.mark.parametrize("recording", ["shadowed", "shadowed-bounded"])
 async def test_a_shadowed_run_replays_whatever_the_replaying_worker_rules(
-    rules: dict[str, object] | None,
+    rules: dict[str, object] | None, recording: str
 ) -> None:
     """The run read its worker's rules once (the shadow_rules local activity's answer is in the history);
     a worker with other rules, or none, decides as the run did."""
@@ -174,7 +200,7 @@ async def test_a_shadowed_run_replays_whatever_the_replaying_worker_rules(
 
     install_shadow(ShadowConfig.model_validate(rules) if rules is not None else None)
     try:
-        await test_history_replays_without_non_determinism(HERE_HISTORIES / "shadowed.json")
+        await test_history_replays_without_non_determinism(HERE_HISTORIES / f"{recording}.json")
     finally:
         install_shadow(None)
 

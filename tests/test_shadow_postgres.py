@@ -176,7 +176,9 @@ async def test_a_worker_writes_its_pairs_to_postgresql(
         }
     )
     queue = f"shadow-pg-{uuid.uuid4().hex[:8]}"
-    async with build_worker(client, task_queue=queue, registry=registry, shadow=ShadowConfig(store=database)):
+    async with build_worker(
+        client, task_queue=queue, registry=registry, shadow=ShadowConfig(store=database, close_wait_s=60)
+    ):
         handle = await start_pipeline(client, spec, {"ticket": "where is my parcel"}, task_queue=queue)
         result = await handle.result()
     (pair,) = open_store(database).pairs(pipeline="pg-shadowed")

@@ -1,8 +1,8 @@
 """Shadow traffic end to end: real Temporal server, real worker, real HTTP to the simulator.
 
 A shadowed pipeline answers exactly as an unshadowed one, its history gains only the shadow calls'
-markers and activities, the store holds both answers of every pair (the last step's too, before the
-result is returned), a failing or hanging candidate changes nothing for the pipeline, an opted-out
+markers and activities, the store holds both answers of every pair (the last step's too: within the
+close's bounded wait, or after the result when the candidate is slower than that), a failing or hanging candidate changes nothing for the pipeline, an opted-out
 tenant is never shadowed, caps hold through the budget workflow, and a sealed store holds no prompt
 in the clear.
 """
@@ -46,6 +46,9 @@ from workflows.pipeline import PipelineWorkflow
 
 CANDIDATE = "anthropic/claude-sonnet-4-5"
 TICKET = "I was charged twice for invoice 7781, please refund"
+WAIT = 60.0
+"""``close_wait_s`` of the tests that read the last step's shadow call from the run's history or the
+store as soon as the result is in: long enough for it to finish within the run."""
 
 
 def _spec(*, shadow: dict[str, Any] | None = None, last: dict[str, Any] | None = None) -> Any:
@@ -136,10 +139,15 @@ def _marker_id(event: Any) -> str:
 
 def _split(history: WorkflowHistory) -> tuple[list[str], list[str]]:
     """(the events of shadowing, the pipeline's own events), by type name. Shadowing's: the
-    ``shadow-traffic`` patch marker and the ``TemporalChangeVersion`` update it brings, the
-    ``shadow_rules`` local activity's marker, and each ``shadow_chat`` activity's events; the
-    workflow tasks their completions wake are left out of both (when a task runs depends on timing)."""
+    ``shadow-traffic`` and ``shadow-close-bound`` patch markers and the ``TemporalChangeVersion``
+    update each brings, the ``shadow_rules`` local activity's marker, each ``shadow_chat`` activity's
+    events and the timer bounding the wait for them at the close (the only timer after the
+    ``shadow-close-bound`` marker); the workflow tasks their completions wake are left out of both
+    (when a task runs depends on timing)."""
     shadow_ids = {i for i, name in _activities(history).items() if name == "shadow_chat"}
+    markers = ("patch:shadow-traffic", "patch:shadow-close-bound", "local:shadow_rules")
+    closing = False
+    timers: set[int] = set()
     shadowing: list[str] = []
     pipeline: list[str] = []
     previous = ""
@@ -153,10 +161,18 @@ def _split(history: WorkflowHistory) -> tuple[list[str], list[str]]:
                 e.HasField(f) and getattr(e, f).scheduled_event_id in shadow_ids for f in _ACTIVITY_FIELDS
             )
         elif e.HasField("marker_recorded_event_attributes"):
-            mine = _marker_id(e) in ("patch:shadow-traffic", "local:shadow_rules")
+            mine = _marker_id(e) in markers
+            closing = closing or _marker_id(e) == "patch:shadow-close-bound"
         elif e.HasField("upsert_workflow_search_attributes_event_attributes"):
             fields = e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields
-            mine = previous == "patch:shadow-traffic" and set(fields) == {"TemporalChangeVersion"}
+            mine = previous.startswith("patch:shadow-") and set(fields) == {"TemporalChangeVersion"}
+        elif e.event_type == EventType.EVENT_TYPE_TIMER_STARTED and closing:
+            timers.add(e.event_id)
+            mine = True
+        elif e.HasField("timer_fired_event_attributes"):
+            mine = e.timer_fired_event_attributes.started_event_id in timers
+        elif e.HasField("timer_canceled_event_attributes"):
+            mine = e.timer_canceled_event_attributes.started_event_id in timers
         previous = _marker_id(e) if e.HasField("marker_recorded_event_attributes") else ""
         if name.startswith("EVENT_TYPE_WORKFLOW_TASK_"):
             continue
@@ -190,7 +206,7 @@ async def test_a_shadowed_pipeline_answers_the_same_and_records_both_sides(
         client,
         registry,
         _spec(shadow={"model": CANDIDATE, "rate": 1.0}, last={"model": CANDIDATE}),
-        shadow=ShadowConfig(store=store_url),
+        shadow=ShadowConfig(close_wait_s=WAIT, store=store_url),
     )
     assert shadowed.status == plain.status == "completed"
     assert shadowed.outputs == plain.outputs
@@ -206,6 +222,11 @@ async def test_a_shadowed_pipeline_answers_the_same_and_records_both_sides(
             "EVENT_TYPE_MARKER_RECORDED",
             "EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES",
             "EVENT_TYPE_MARKER_RECORDED",
+            # at the close, the last step's call still running: the bounded wait for it, which it ends
+            "EVENT_TYPE_MARKER_RECORDED",
+            "EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES",
+            "EVENT_TYPE_TIMER_STARTED",
+            "EVENT_TYPE_TIMER_CANCELED",
         ]
         + [
             "EVENT_TYPE_ACTIVITY_TASK_SCHEDULED",
@@ -215,7 +236,7 @@ async def test_a_shadowed_pipeline_answers_the_same_and_records_both_sides(
         * 2
     )
 
-    # The last step's pair is in the store when the result is: the run waited for it.
+    # The last step's pair is in the store when the result is: it answered within close_wait_s.
     store = open_store(store_url)
     pairs = store.pairs(pipeline="shadowed")
     assert [p.step_id for p in sorted(pairs, key=lambda p: p.id)] == ["classify", "draft"]
@@ -243,6 +264,7 @@ async def test_worker_rules_shadow_by_model_and_an_opted_out_tenant_is_never_sha
     client: Client, registry: Registry, sim: SimulatorServer, store_url: str
 ) -> None:
     config = ShadowConfig(
+        close_wait_s=WAIT,
         store=store_url,
         models={"openai/gpt-4o-mini": {"model": CANDIDATE, "rate": 1.0}},  # type: ignore[dict-item]
         opt_out_tenants=["acme"],
@@ -275,7 +297,10 @@ async def test_a_failing_candidate_changes_nothing_and_its_failure_is_recorded(
     sim.add_faults([{"fault": "500", "model": "claude-sonnet-4-5"}])
     rule = {"model": CANDIDATE, "max_attempts": 2}
     result, history = await _run(
-        client, registry, _spec(shadow=rule, last=rule), shadow=ShadowConfig(store=store_url)
+        client,
+        registry,
+        _spec(shadow=rule, last=rule),
+        shadow=ShadowConfig(close_wait_s=WAIT, store=store_url),
     )
     assert result.status == "completed" and result.outputs == plain.outputs
     outcomes = _outcomes(history)
@@ -294,6 +319,7 @@ async def test_the_breaker_skips_a_candidate_that_keeps_failing_and_counts_it(
 ) -> None:
     sim.add_faults([{"fault": "503", "model": "claude-sonnet-4-5"}])
     config = ShadowConfig(
+        close_wait_s=WAIT,
         store=store_url,
         models={"openai/gpt-4o-mini": {"model": CANDIDATE, "max_attempts": 1}},  # type: ignore[dict-item]
         breaker={"failure_threshold": 2, "cooldown_s": 3600},  # type: ignore[arg-type]
@@ -318,7 +344,7 @@ async def test_a_hanging_candidate_neither_delays_the_next_step_nor_the_result(
         client,
         registry,
         _spec(shadow={"model": CANDIDATE, "timeout_s": 5, "max_attempts": 1}),
-        shadow=ShadowConfig(store=store_url),
+        shadow=ShadowConfig(close_wait_s=WAIT, store=store_url),
     )
     assert result.status == "completed" and result.outputs == plain.outputs
     # The draft step's call was scheduled and answered while the candidate still hung.
@@ -340,13 +366,83 @@ async def test_a_hanging_candidate_neither_delays_the_next_step_nor_the_result(
     assert pair.candidate.error_type == "UpstreamTimeout" and pair.candidate.latency_ms is not None
 
 
+async def test_a_slow_candidate_on_the_last_step_does_not_delay_the_result_and_records_its_pair_after(
+    client: Client, registry: Registry, sim: SimulatorServer, store_url: str
+) -> None:
+    """The candidate of the last step takes 20 s; the run waits for it at most close_wait_s (the
+    default), so the result is in while the simulator still holds the candidate's request, and the
+    pair is written afterwards by the worker running the call."""
+    sim.add_faults([{"model": "claude-sonnet-4-5", "latency": 20}])
+    queue = f"shadow-{uuid.uuid4().hex[:10]}"
+    config = ShadowConfig(store=store_url)
+    assert config.close_wait_s < 20
+    async with build_worker(client, task_queue=queue, registry=registry, shadow=config):
+        handle = await start_pipeline(
+            client, _spec(last={"model": CANDIDATE}), {"ticket": TICKET}, task_queue=queue
+        )
+        result = await handle.result()
+        # The candidate has not answered yet: its pair is written as soon as it does.
+        assert open_store(store_url).pairs() == [], "the run waited for the candidate's answer"
+        history = await handle.fetch_history()
+        deadline = asyncio.get_running_loop().time() + 90
+        pairs = open_store(store_url).pairs()
+        while not pairs:
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"no pair 90 s after the result; simulator saw {sim.stats()['by_model']}"
+            )
+            await asyncio.sleep(0.2)
+            pairs = open_store(store_url).pairs()
+    assert result.status == "completed"
+    assert history.events[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
+    # The run scheduled the call, waited for it the bounded time (the timer fired) and closed without it.
+    shadow_ids = [i for i, name in _activities(history).items() if name == "shadow_chat"]
+    assert len(shadow_ids) == 1 and _outcomes(history) == []
+    assert "patch:shadow-close-bound" in [_marker_id(e) for e in history.events]
+    kinds = [EventType.Name(e.event_type) for e in history.events]
+    assert "EVENT_TYPE_TIMER_FIRED" in kinds and "EVENT_TYPE_TIMER_CANCELED" not in kinds
+    (pair,) = pairs
+    assert pair.step_id == "draft" and pair.workflow_id == handle.id
+    assert pair.primary.output == result.outputs["reply"]
+    assert pair.candidate.ok and pair.candidate.output and pair.candidate.model == CANDIDATE
+    assert pair.candidate.latency_ms is not None and pair.candidate.latency_ms >= 20_000
+    assert sim.stats()["by_model"].get("claude-sonnet-4-5") == 1
+
+
+async def test_a_retryable_failure_after_the_run_closed_is_recorded_at_once(
+    client: Client, registry: Registry, sim: SimulatorServer, store_url: str
+) -> None:
+    """The last step's candidate answers 503 after 5 s, when its run has closed: Temporal would refuse
+    the failure and never retry, so the call records it as the candidate's error instead."""
+    sim.add_faults([{"fault": "503", "model": "claude-sonnet-4-5", "latency": 5, "times": 1, "key": "late"}])
+    queue = f"shadow-{uuid.uuid4().hex[:10]}"
+    config = ShadowConfig(store=store_url, close_wait_s=0.5)
+    async with build_worker(client, task_queue=queue, registry=registry, shadow=config):
+        handle = await start_pipeline(
+            client, _spec(last={"model": CANDIDATE, "max_attempts": 2}), {"ticket": TICKET}, task_queue=queue
+        )
+        result = await handle.result()
+        assert open_store(store_url).pairs() == [], "the run waited for the candidate's answer"
+        deadline = asyncio.get_running_loop().time() + 90
+        pairs = open_store(store_url).pairs()
+        while not pairs:
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"no pair 90 s after the result; simulator saw {sim.stats()}"
+            )
+            await asyncio.sleep(0.2)
+            pairs = open_store(store_url).pairs()
+    assert result.status == "completed"
+    (pair,) = pairs
+    assert pair.step_id == "draft" and pair.candidate.error_type == "Overloaded"
+    assert sim.stats()["by_model"].get("claude-sonnet-4-5") == 1  # asked once: no retry
+
+
 async def test_hourly_caps_hold_through_the_budget_workflow(
     client: Client, registry: Registry, sim: SimulatorServer, store_url: str
 ) -> None:
     rule = {"model": CANDIDATE, "per_hour": 1}
     scope = f"caps-{uuid.uuid4().hex[:8]}"
     queue = f"shadow-{uuid.uuid4().hex[:10]}"
-    config = ShadowConfig(store=store_url, scope=scope)
+    config = ShadowConfig(close_wait_s=WAIT, store=store_url, scope=scope)
     async with build_worker(client, task_queue=queue, registry=registry, shadow=config):
         handle = await start_pipeline(
             client, _spec(shadow=rule, last=rule), {"ticket": TICKET}, task_queue=queue
@@ -386,7 +482,7 @@ async def test_shadow_calls_in_flight_finish_before_a_continue_as_new(
         continue_as_new_after=20,
     )
     async with build_worker(
-        client, task_queue=queue, registry=registry, shadow=ShadowConfig(store=store_url)
+        client, task_queue=queue, registry=registry, shadow=ShadowConfig(close_wait_s=WAIT, store=store_url)
     ):
         handle = await client.start_workflow(
             PipelineWorkflow.run, request, id=f"long-{uuid.uuid4().hex[:8]}", task_queue=queue
@@ -404,6 +500,54 @@ async def test_shadow_calls_in_flight_finish_before_a_continue_as_new(
     assert scheduled and len(_outcomes(first)) == len(scheduled)  # each finished in the run that started it
 
 
+async def test_a_continue_as_new_waits_for_a_slow_shadow_call_only_the_bounded_time(
+    client: Client, registry: Registry, sim: SimulatorServer, store_url: str
+) -> None:
+    """The first step's candidate takes 20 s: the run that started it continues as new after at most
+    close_wait_s, the pipeline's result comes before that candidate answers, and its pair is written
+    afterwards, under the run that started it."""
+    sim.add_faults([{"model": "claude-sonnet-4-5", "match": "Part 0:", "latency": 20}])
+    steps = [
+        {"id": f"s{n}", "model": "openai/gpt-4o-mini", "prompt": f"Part {n}: {{{{ inputs.ticket }}}}"}
+        for n in range(4)
+    ]
+    steps[0]["shadow"] = {"model": CANDIDATE}
+    spec = parse_pipeline(
+        {"name": "long-slow-shadow", "inputs": {"ticket": {"type": "string"}}, "steps": steps, "outputs": {}}
+    )
+    queue = f"shadow-{uuid.uuid4().hex[:10]}"
+    request = PipelineRequest(
+        pipeline=spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+        inputs={"ticket": TICKET},
+        continue_as_new_after=20,
+    )
+    async with build_worker(
+        client, task_queue=queue, registry=registry, shadow=ShadowConfig(store=store_url)
+    ):
+        handle = await client.start_workflow(
+            PipelineWorkflow.run, request, id=f"long-{uuid.uuid4().hex[:8]}", task_queue=queue
+        )
+        result = await handle.result()
+        assert open_store(store_url).pairs() == [], "a run waited for the slow candidate's answer"
+        deadline = asyncio.get_running_loop().time() + 90
+        pairs = open_store(store_url).pairs()
+        while not pairs:
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"no pair 90 s after the result; simulator saw {sim.stats()['by_model']}"
+            )
+            await asyncio.sleep(0.2)
+            pairs = open_store(store_url).pairs()
+        first = await client.get_workflow_handle(
+            handle.id, run_id=handle.first_execution_run_id
+        ).fetch_history()
+    assert result.status == "completed"
+    assert first.events[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
+    assert [n for n in _activities(first).values() if n == "shadow_chat"] == ["shadow_chat"]
+    assert _outcomes(first) == []  # the run continued as new without it
+    (pair,) = pairs
+    assert pair.step_id == "s0" and pair.run_id == handle.first_execution_run_id and pair.candidate.ok
+
+
 async def test_a_candidate_with_a_provider_limit_is_shadowed_only_when_there_is_capacity_now(
     client: Client, registry: Registry, sim: SimulatorServer, store_url: str
 ) -> None:
@@ -413,7 +557,11 @@ async def test_a_candidate_with_a_provider_limit_is_shadowed_only_when_there_is_
     limits = LimitsConfig.model_validate({"models": {CANDIDATE: {"requests_per_minute": 1}}})
     rule = {"model": CANDIDATE}
     async with build_worker(
-        client, task_queue=queue, registry=registry, shadow=ShadowConfig(store=store_url), limits=limits
+        client,
+        task_queue=queue,
+        registry=registry,
+        shadow=ShadowConfig(close_wait_s=WAIT, store=store_url),
+        limits=limits,
     ):
         handle = await start_pipeline(
             client, _spec(shadow=rule, last=rule), {"ticket": TICKET}, task_queue=queue
@@ -446,7 +594,7 @@ async def test_a_sealed_store_holds_no_prompt_in_the_clear(
         client,
         registry,
         _spec(shadow={"model": CANDIDATE}),
-        shadow=ShadowConfig(store=f"sqlite:///{database}"),
+        shadow=ShadowConfig(close_wait_s=WAIT, store=f"sqlite:///{database}"),
         payloads=payloads,
     )
     assert result.status == "completed"
@@ -457,7 +605,9 @@ async def test_a_sealed_store_holds_no_prompt_in_the_clear(
     (pair,) = open_store(f"sqlite:///{database}", sealer=CodecSealer.of(build_codec(payloads))).pairs()
     assert TICKET in json.dumps(pair.request)
     # What a report opens: the store and the keys of the worker's config.
-    config = KernelflowConfig(payloads=payloads, shadow=ShadowConfig(store=f"sqlite:///{database}"))
+    config = KernelflowConfig(
+        payloads=payloads, shadow=ShadowConfig(close_wait_s=WAIT, store=f"sqlite:///{database}")
+    )
     (again,) = (await open_configured_store(config, environ={})).pairs()
     assert again == pair
     keys.ring_path().write_text(format_ring([generate_key("other")]))  # the key is gone from the ring
@@ -542,7 +692,9 @@ async def test_tool_calls_are_recorded_as_output_and_never_executed(
             "outputs": {"text": "{{ steps.act.output }}"},
         }
     )
-    result, history = await _run(client, registry, spec, shadow=ShadowConfig(store=store_url))
+    result, history = await _run(
+        client, registry, spec, shadow=ShadowConfig(close_wait_s=WAIT, store=store_url)
+    )
     assert result.status == "completed"
     (pair,) = open_store(store_url).pairs()
     assert pair.request is not None and pair.request["tools"][0]["function"]["name"] == "issue_refund"
@@ -559,7 +711,7 @@ async def test_a_spec_whose_candidate_the_worker_cannot_call_fails_before_its_fi
     queue = f"shadow-{uuid.uuid4().hex[:10]}"
     spec = _spec(shadow={"model": "nowhere/model-x"})
     async with build_worker(
-        client, task_queue=queue, registry=registry, shadow=ShadowConfig(store=store_url)
+        client, task_queue=queue, registry=registry, shadow=ShadowConfig(close_wait_s=WAIT, store=store_url)
     ):
         handle = await start_pipeline(client, spec, {"ticket": TICKET}, task_queue=queue)
         with pytest.raises(WorkflowFailureError) as failed:
@@ -599,6 +751,7 @@ def test_a_worker_process_shadows_a_pipeline_started_with_the_temporal_cli(
                     "store": f"sqlite:///{tmp_path}/pairs.db",
                     "models": {"fast": {"model": CANDIDATE}},
                     "opt_out_tenants": ["acme"],
+                    "close_wait_s": WAIT,
                 },
             }
         )

@@ -464,8 +464,9 @@ class PipelineWorkflow:
         try:
             return await self._run()
         finally:
-            # Shadow calls still running finish first (each bounded by its own timeouts), so a
-            # shadowed last step records its pair; then the final events go out.
+            # Shadow calls still running get a short bound (close_wait_s) to finish, so a shadowed last
+            # step records its pair within the run when it can; one still running after that records
+            # its pair on its worker. Then the final events go out.
             await self._shadows.drain()
             if self._effects.outbox is not None:
                 await self._effects.outbox.drain()

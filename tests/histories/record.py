@@ -241,6 +241,20 @@ RECORDINGS: list[Recording] = [
         shadow={"models": {"openai/gpt-4.1": {"model": "anthropic/claude-sonnet-4-5"}}},
     ),
     Recording(
+        "shadowed-bounded",
+        "tests/histories/shadowed.yaml",
+        {"ticket": TICKET},
+        faults=[
+            {"fault": "503", "model": "claude-sonnet-4-5", "times": 1, "key": "shadowed-candidate"},
+            # the last step's candidate answers after the run's bounded wait at its close
+            {"model": "claude-sonnet-4-5", "match": "Reply to this", "latency": 8},
+        ],
+        shadow={
+            "models": {"openai/gpt-4.1": {"model": "anthropic/claude-sonnet-4-5"}},
+            "close_wait_s": 3,
+        },
+    ),
+    Recording(
         "driven",
         "tests/histories/driven.yaml",
         {"order": "A-1001"},

@@ -1,6 +1,7 @@
 """Shadow traffic from workflow code: after a primary model answered, start the ``shadow_chat``
-activity for a sampled fraction of calls, never awaited by the step, and await the ones still running
-(each bounded by its own timeouts) when the pipeline closes or continues as new.
+activity for a sampled fraction of calls, never awaited by the step, and give the ones still running
+a short bound (``close_wait_s``) to finish when the pipeline closes or continues as new; a call still
+running after it goes on on its worker and records its pair there.
 
 Deterministic. Runs that may shadow (the spec has a ``shadow`` rule, or the worker a ``shadow``
 section) record the ``shadow-traffic`` patch marker when they start and read the worker's rules once,
@@ -13,6 +14,7 @@ random, whose draws the pipeline's own choices depend on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import timedelta
 
 from temporalio import workflow
@@ -35,9 +37,21 @@ with workflow.unsafe.imports_passed_through():
     from kernel.shadow_rules import ShadowConfig, ShadowSpec, sampled
     from kernel.steps.base import StepFailure
 
-__all__ = ["SHADOW_PATCH", "Shadows", "install_shadow", "shadow_config", "spec_candidates"]
+__all__ = [
+    "CLOSE_BOUND_PATCH",
+    "CLOSE_WAIT_SUMMARY",
+    "SHADOW_PATCH",
+    "Shadows",
+    "install_shadow",
+    "shadow_config",
+    "spec_candidates",
+]
 
 SHADOW_PATCH = "shadow-traffic"
+CLOSE_BOUND_PATCH = "shadow-close-bound"
+"""Runs with this marker wait at most ``close_wait_s`` for their shadow calls when they close."""
+CLOSE_WAIT_SUMMARY = "shadow calls at close"
+"""The summary of the timer bounding that wait."""
 
 _config: ShadowConfig | None = None
 
@@ -181,6 +195,28 @@ class Shadows:
             self.pending -= 1
 
     async def drain(self) -> None:
-        """Return once every shadow call started has finished (each is bounded by its timeouts)."""
-        if self.pending:
+        """Before the run closes or continues as new: give the shadow calls still running at most the
+        rules' ``close_wait_s`` to finish, then return. A call still running then keeps running on its
+        worker (``shadow_chat`` never heartbeats, so nothing cancels it) and writes its pair itself;
+        only its retries are lost, since Temporal refuses the result of a closed run's activity.
+
+        Runs started before the ``shadow-close-bound`` patch wait for every call, each bounded by its
+        own timeouts, as they did."""
+        if not self.pending:
+            return
+        if not workflow.patched(CLOSE_BOUND_PATCH):
             await workflow.wait_condition(lambda: self.pending == 0)
+            return
+        bound = self.rules.close_wait_s if self.rules is not None else 0.0
+        if bound > 0:
+            with contextlib.suppress(TimeoutError):  # the bound passed: the calls go on without the run
+                await workflow.wait_condition(
+                    lambda: self.pending == 0,
+                    timeout=timedelta(seconds=bound),
+                    timeout_summary=CLOSE_WAIT_SUMMARY,
+                )
+        if self.pending:
+            workflow.logger.info(
+                "closing with %d shadow call(s) still running: they record their pairs on their workers",
+                self.pending,
+            )
