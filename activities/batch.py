@@ -17,7 +17,7 @@ from temporalio import activity
 
 from activities.errors import to_application_error
 from activities.live import LiveProviders, heartbeating
-from kernel.batch import BatchItem, BatchItemResult, BatchJob, batch_tag, split_batch
+from kernel.batch import BatchCounts, BatchItem, BatchItemResult, BatchJob, batch_tag, split_batch
 from kernel.errors import KernelflowError
 from kernel.provider import Provider
 
@@ -37,6 +37,21 @@ BATCH_CANCEL = "llm_batch_cancel"
 """The activities' names: public API, never renamed."""
 
 _log = structlog.get_logger("kernelflow.activity")
+_UNSUBMITTED = "unsubmitted:"
+"""The id of a part held back because it has fewer requests than the provider's minimum per batch: no
+provider call is made for it, its items come back ``expired`` (so they are answered in realtime)."""
+
+
+def _unsubmitted(provider: Provider, batch_id: str, count: int = 0, minimum: int = 0) -> BatchJob:
+    why = f": {count} requests, fewer than its minimum of {minimum} per batch" if count else ""
+    return BatchJob(
+        id=batch_id,
+        provider=provider.name,
+        tag=batch_id.removeprefix(_UNSUBMITTED),
+        state="expired",
+        vendor_state=f"not submitted to {provider.name}{why}",
+        counts=BatchCounts(total=count),
+    )
 
 
 class PricedResult(BatchItemResult):
@@ -88,8 +103,13 @@ class BatchActivities:
         assert provider.batch_limits is not None
         parts = split_batch(items, provider.batch_limits, provider.batch_item_size)
         jobs: list[BatchJob] = []
+        minimum = provider.batch_min_requests()
         for number, part in enumerate(parts):
-            jobs.append(await provider.batch_submit(batch_tag(str(payload["tag"]), str(number)), part))
+            tag = batch_tag(str(payload["tag"]), str(number))
+            if len(part) < minimum:
+                jobs.append(_unsubmitted(provider, _UNSUBMITTED + tag, len(part), minimum))
+                continue
+            jobs.append(await provider.batch_submit(tag, part))
         _log.info("batch submitted", provider=provider.name, batches=[j.id for j in jobs], items=len(items))
         return {
             "jobs": [j.model_dump(mode="json") for j in jobs],
@@ -104,7 +124,12 @@ class BatchActivities:
 
     async def _status(self, payload: dict[str, Any]) -> dict[str, Any]:
         provider, _ = self._resolve(str(payload["model"]))
-        jobs = [await provider.batch_status(str(batch_id)) for batch_id in payload["ids"]]
+        jobs = [
+            _unsubmitted(provider, str(batch_id))
+            if str(batch_id).startswith(_UNSUBMITTED)
+            else await provider.batch_status(str(batch_id))
+            for batch_id in payload["ids"]
+        ]
         return {"jobs": [j.model_dump(mode="json") for j in jobs]}
 
     @activity.defn(name=BATCH_RESULTS)
@@ -116,6 +141,12 @@ class BatchActivities:
         prices = self.live.prices
         out: list[dict[str, Any]] = []
         for batch_id, custom_ids in zip(payload["ids"], payload["parts"], strict=True):
+            if str(batch_id).startswith(_UNSUBMITTED):
+                held = _unsubmitted(provider, str(batch_id)).vendor_state
+                for custom_id in custom_ids:
+                    expired = BatchItemResult(custom_id=str(custom_id), outcome="expired", error_message=held)
+                    out.append(expired.model_dump(mode="json", exclude_none=True))
+                continue
             for result in await provider.batch_results(str(batch_id), list(custom_ids), model_name):
                 priced = PricedResult.model_validate(result.model_dump())
                 if result.response is not None:
@@ -142,6 +173,9 @@ class BatchActivities:
                 ids.append(found.id)
         jobs: list[BatchJob] = []
         for batch_id in ids:
+            if batch_id.startswith(_UNSUBMITTED):
+                jobs.append(_unsubmitted(provider, batch_id))
+                continue
             job = await provider.batch_status(str(batch_id))
             jobs.append(job if job.ended else await provider.batch_cancel(str(batch_id)))
         return {"jobs": [j.model_dump(mode="json") for j in jobs]}

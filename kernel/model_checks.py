@@ -20,13 +20,17 @@ __all__ = ["batch_mode_problem", "batch_providers", "check_step_options"]
 
 
 def batch_providers(registry: Registry) -> list[str]:
-    """The registered providers that take batches (``capabilities.batch`` with ``batch_limits``)."""
-    return [
-        name
-        for name in registry.names
-        if registry.provider_class(name).capabilities.batch
-        and registry.provider_class(name).batch_limits is not None
-    ]
+    """The registered providers that take batches (``capabilities.batch`` with ``batch_limits``, and the
+    settings their batch API needs: ``Provider.batch_problem``)."""
+    return [name for name in registry.names if _batch_refusal(registry, name) is None]
+
+
+def _batch_refusal(registry: Registry, name: str) -> str | None:
+    """None when provider ``name`` takes batches on this registry, else why not ('' when it gives none)."""
+    cls = registry.provider_class(name)
+    if not cls.capabilities.batch or cls.batch_limits is None:
+        return cls.batch_unsupported_reason or ""
+    return registry.get(name).batch_problem()
 
 
 def batch_mode_problem(spec: PipelineSpec, registry: Registry) -> str | None:
@@ -48,10 +52,10 @@ def batch_mode_problem(spec: PipelineSpec, registry: Registry) -> str | None:
                 ref = registry.resolve_ref(model)
             except UnknownProvider:
                 continue  # reported by the model check, or resolved by the worker's own aliases
-            cls = registry.provider_class(ref.provider)
-            if cls.capabilities.batch and cls.batch_limits is not None:
+            refusal = _batch_refusal(registry, ref.provider)
+            if refusal is None:
                 continue
-            reason = f" ({cls.batch_unsupported_reason})" if cls.batch_unsupported_reason else ""
+            reason = f" ({refusal})" if refusal else ""
             via = f" (through {model!r})" if model != f"{ref.provider}/{ref.model}" else ""
             takers = batch_providers(registry)
             return (

@@ -260,6 +260,11 @@ class Provider(ABC):
                 f"(it supports: {', '.join(self.capabilities.names()) or 'nothing'})",
                 provider=self.name,
             )
+        problem = self.batch_problem()
+        if problem is not None:
+            raise UnsupportedCapability(
+                f"provider {self.name!r} does not take batches as configured: {problem}", provider=self.name
+            )
         if not items:
             raise InvalidRequest("a batch needs at least one item", provider=self.name)
         if len(items) > self.batch_limits.max_requests:
@@ -276,6 +281,15 @@ class Provider(ABC):
                 )
             seen.add(item.custom_id)
             self.check_chat(item.request)
+
+    def batch_problem(self) -> str | None:
+        """Why this instance, as configured, cannot take batches although its class declares them (a
+        setting the vendor's batch API needs is missing), naming what to set; ``None`` when it can."""
+        return None
+
+    def batch_min_requests(self) -> int:
+        """The fewest requests one batch of this provider may hold; fewer are answered in realtime."""
+        return 1
 
     def batch_item_size(self, item: BatchItem) -> int:
         """The item's size on this provider's batch wire, for ``kernel.batch.split_batch``."""

@@ -4,7 +4,7 @@
 ``x-amz-security-token`` when a session token is used, and ``Authorization``). Every header passed in
 is signed, plus ``host`` taken from the URL. The path is URI-encoded once more for the canonical
 request, as AWS expects for every service but S3 (a model id's ``:`` travels as ``%3A`` and is signed
-as ``%253A``).
+as ``%253A``); for ``s3`` the path is signed as it travels.
 
 ``EventStreamDecoder`` reads ``application/vnd.amazon.eventstream`` responses incrementally.
 """
@@ -81,7 +81,7 @@ def _trim(value: str) -> str:
 
 
 def canonical_request(
-    method: str, url: str, headers: Mapping[str, str], payload_hash: str
+    method: str, url: str, headers: Mapping[str, str], payload_hash: str, *, encode_path: bool = True
 ) -> tuple[str, str]:
     """(canonical request, signed header list) for a request whose headers are final."""
     parts = urlsplit(url)
@@ -97,7 +97,7 @@ def canonical_request(
     request = "\n".join(
         [
             method.upper(),
-            _canonical_path(parts.path),
+            _canonical_path(parts.path) if encode_path else (parts.path or "/"),
             _canonical_query(parts.query),
             canonical_headers,
             signed_headers,
@@ -127,7 +127,9 @@ def sign(
     if credentials.session_token:
         added["x-amz-security-token"] = credentials.session_token
     lowered = {name.lower(): value for name, value in headers.items()}
-    request, signed_headers = canonical_request(method, url, {**lowered, **added}, payload_hash)
+    request, signed_headers = canonical_request(
+        method, url, {**lowered, **added}, payload_hash, encode_path=service != "s3"
+    )
     scope = f"{date}/{region}/{service}/aws4_request"
     string_to_sign = "\n".join(
         [ALGORITHM, amz_date, scope, hashlib.sha256(request.encode("utf-8")).hexdigest()]

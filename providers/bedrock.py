@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import httpx
 
+from kernel.batch import BatchItem, BatchItemResult, BatchJob, BatchLimits
 from kernel.contracts import (
     AssistantMessage,
     ChatRequest,
@@ -60,6 +61,7 @@ from kernel.errors import (
     error_from_status,
 )
 from kernel.provider import Capabilities
+from providers import bedrock_batch
 from providers._bedrock_content import add_reasoning, breakpoints, cache_point, document_block, image_block
 from providers._http import HttpProvider, as_int, as_list, as_object, loads_object, required
 from providers._sigv4 import AwsCredentials, EventStreamDecoder, EventStreamMessage, sign
@@ -125,11 +127,10 @@ class BedrockProvider(HttpProvider):
     version = "1.0.0"
     kernel_api = (1, 1)
     description = "Amazon Bedrock Converse API (SigV4) and Titan text embeddings"
-    capabilities = Capabilities(embeddings=True, vision=True, documents=True, json_schema_mode="tool")
-    batch_unsupported_reason: ClassVar[str | None] = (
-        "batch inference reads its input from S3 and writes its results there, through an IAM service "
-        "role; this provider speaks only the Converse API"
+    capabilities = Capabilities(
+        embeddings=True, vision=True, documents=True, json_schema_mode="tool", batch=True
     )
+    batch_limits: ClassVar[BatchLimits | None] = bedrock_batch.LIMITS
     unsupported_options: ClassVar[frozenset[str]] = frozenset(
         {
             "seed",
@@ -276,6 +277,38 @@ class BedrockProvider(HttpProvider):
         return EmbedResponse(
             model=request.model, provider=self.name, embeddings=vectors, usage=Usage(prompt_tokens=tokens)
         )
+
+    # --- batches (providers/bedrock_batch.py) ------------------------------------------------------
+
+    def batch_problem(self) -> str | None:
+        missing = bedrock_batch.missing_settings(self)
+        if not missing:
+            return None
+        return (
+            "batch inference reads its input from S3 and writes its results there, through an IAM "
+            f"service role: set {' and '.join(missing)} on the worker"
+        )
+
+    def batch_min_requests(self) -> int:
+        return bedrock_batch.settings_of(self).min_records
+
+    def batch_item_size(self, item: BatchItem) -> int:
+        return len(json.dumps(bedrock_batch.record(self, item), separators=(",", ":")).encode()) + 1
+
+    async def batch_find(self, tag: str) -> BatchJob | None:
+        return await bedrock_batch.batch_find(self, tag)
+
+    async def batch_create(self, tag: str, items: list[BatchItem]) -> BatchJob:
+        return await bedrock_batch.batch_create(self, tag, items)
+
+    async def batch_status(self, batch_id: str) -> BatchJob:
+        return await bedrock_batch.batch_status(self, batch_id)
+
+    async def batch_results(self, batch_id: str, custom_ids: list[str], model: str) -> list[BatchItemResult]:
+        return await bedrock_batch.batch_results(self, batch_id, custom_ids, model)
+
+    async def batch_cancel(self, batch_id: str) -> BatchJob:
+        return await bedrock_batch.batch_cancel(self, batch_id)
 
     # --- mapping ---------------------------------------------------------------------------------
 
@@ -498,7 +531,10 @@ class BedrockProvider(HttpProvider):
         )
 
     def _parse_response(self, data: Any, request: ChatRequest, request_id: str) -> ChatResponse:
-        output_tool = self._output_tool(request)
+        return self._parse_answer(data, request.model, self._output_tool(request), request_id)
+
+    def _parse_answer(self, data: Any, model: str, output_tool: str | None, request_id: str) -> ChatResponse:
+        """A Converse response; ``output_tool`` names the forced tool carrying structured output."""
         try:
             data = as_object(data, "the answer")
             message_data = as_object(as_object(data["output"], "output")["message"], "output.message")
@@ -531,12 +567,12 @@ class BedrockProvider(HttpProvider):
                 finish = "stop"  # only the structured-output tool was called
             usage = self._map_usage(data.get("usage"))
         except (KeyError, TypeError, ValueError) as exc:
-            raise self._malformed(request.model, exc) from exc
+            raise self._malformed(model, exc) from exc
         if finish == "content_filter" and not calls and not "".join(text):
             raise ContentFiltered(
-                f"{self.name} filtered the answer of model {request.model!r} ({stop_reason})",
+                f"{self.name} filtered the answer of model {model!r} ({stop_reason})",
                 provider=self.name,
-                model=request.model,
+                model=model,
             )
         state = ProviderState(provider=self.name, data={"reasoning": reasoning}) if reasoning else None
         message = AssistantMessage(
@@ -544,7 +580,7 @@ class BedrockProvider(HttpProvider):
         )
         return ChatResponse(
             id=request_id or _fallback_id(data),
-            model=request.model,
+            model=model,
             provider=self.name,
             choices=[Choice(message=message, finish_reason=finish)],
             usage=usage,

@@ -64,6 +64,7 @@ WIRE_MODULES = (
     "simulator.gemini_batch_wire",
     "simulator.ollama_wire",
     "simulator.bedrock_wire",
+    "simulator.bedrock_batch_wire",
     "simulator.azure_wire",
 )
 _ABORT_MESSAGE = "ASGI callable returned without completing response."

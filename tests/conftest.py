@@ -137,3 +137,21 @@ def worker_process(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture(scope="session")
+def moto_s3(simulator_server: SimulatorServer) -> Iterator[str]:
+    """A real S3 stand-in (moto's server, over HTTP on 127.0.0.1), named to the simulator's Bedrock batch
+    jobs as the S3 they read their input from and write their output to; yields its endpoint URL."""
+    import httpx
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    httpx.post(f"{simulator_server.url}/_sim/bedrock-batch", json={"s3_endpoint": url}).raise_for_status()
+    try:
+        yield url
+    finally:
+        server.stop()
