@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any
 
 import httpx
@@ -134,14 +135,37 @@ class TestBedrockConformance(_OnSessionSimulator):
     chat_model = "amazon.nova-lite-v1:0"
     embed_model = "amazon.titan-embed-text-v2:0"
 
+    @pytest.fixture(autouse=True)
+    def _s3(self, moto_s3: str) -> None:
+        """Batch inference's input and output go through a real S3 stand-in, in a bucket of its own."""
+        import boto3
+
+        bucket = f"kf-conformance-{uuid.uuid4().hex[:8]}"
+        boto3.client(
+            "s3",
+            endpoint_url=moto_s3,
+            region_name="us-east-1",
+            aws_access_key_id="k",
+            aws_secret_access_key="s",
+        ).create_bucket(Bucket=bucket)
+        self.batch_options = {  # type: ignore[misc]
+            "batch_bucket": bucket,
+            "batch_role_arn": "arn:aws:iam::123456789012:role/kernelflow-batch",
+            "s3_endpoint": moto_s3,
+            "batch_min_records": "1",  # the kit's batch holds 3 items; Bedrock's default minimum is 100
+        }
+
     def make_provider(
         self, base_url: str, *, api_key: str | None, http_client: httpx.AsyncClient
     ) -> Provider:
         environ = (
             {} if api_key is None else {"AWS_ACCESS_KEY_ID": api_key, "AWS_SECRET_ACCESS_KEY": "sim-secret"}
         )
+        options = getattr(self, "batch_options", {})
         return BedrockProvider(
-            settings=_settings(base_url, None, region="us-east-1"), environ=environ, http_client=http_client
+            settings=_settings(base_url, None, region="us-east-1", **options),
+            environ=environ,
+            http_client=http_client,
         )
 
 
