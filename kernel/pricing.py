@@ -112,7 +112,8 @@ class PriceTable:
                 base = base.split(".", 1)[1]  # a cross-region inference profile: us.anthropic.claude-...
             best: str | None = None
             for known in models:
-                if (base == known or base.startswith(known + "-")) and (
+                # A Bedrock model id ends in a version: amazon.nova-lite-v1:0 is amazon.nova-lite-v1.
+                if (base == known or base.startswith((known + "-", known + ":"))) and (
                     best is None or len(known) > len(best)
                 ):
                     best = known

@@ -29,6 +29,13 @@ def test_dated_snapshot_prices_as_its_base_model(model: str, priced_as: str) -> 
     assert _TABLE.lookup("openai", model) == DEFAULT_PRICES["openai"][priced_as]
 
 
+def test_a_bedrock_model_id_with_its_version_prices_as_its_model() -> None:
+    assert (
+        _TABLE.lookup("bedrock", "amazon.nova-lite-v1:0") == DEFAULT_PRICES["bedrock"]["amazon.nova-lite-v1"]
+    )
+    assert _TABLE.lookup("bedrock", "amazon.nova-lite-v10") is None
+
+
 def test_prefix_must_end_at_a_dash() -> None:
     assert _TABLE.lookup("openai", "gpt-4omega") is None
 
