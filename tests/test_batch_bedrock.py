@@ -240,6 +240,11 @@ def test_the_create_request_is_what_botocore_sends(bedrock: BedrockProvider) -> 
     assert re.fullmatch(uri_pattern, body["inputDataConfig"]["s3InputDataConfig"]["s3Uri"])
     assert re.fullmatch(uri_pattern, body["outputDataConfig"]["s3OutputDataConfig"]["s3Uri"])
     assert body["modelInvocationType"] in members["modelInvocationType"].enum
+    from botocore.serialize import create_serializer
+
+    serialized = create_serializer("rest-json").serialize_to_request(body, operation)
+    assert json.loads(serialized["body"]) == body
+    assert (serialized["method"], serialized["url_path"]) == ("POST", "/model-invocation-job")
     for name in ("GetModelInvocationJob", "StopModelInvocationJob", "ListModelInvocationJobs"):
         assert model.operation_model(name).http["requestUri"].startswith("/model-invocation-job")
 
@@ -296,3 +301,40 @@ async def test_without_bucket_and_role_batches_are_refused_naming_what_to_set(si
     )
     assert settings.control_url == "https://bedrock.eu-west-1.amazonaws.com"
     assert settings.s3_endpoint == "https://s3.eu-west-1.amazonaws.com"
+
+
+def test_s3_requests_are_signed_as_botocore_signs_them() -> None:
+    """S3 signs the path as it travels (other services encode it once more): a key with ':' and a space."""
+    from datetime import UTC, datetime
+    from unittest import mock
+
+    import botocore.auth
+    import botocore.awsrequest
+    import botocore.credentials
+
+    from providers._sigv4 import AwsCredentials, sign
+
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    url = "http://127.0.0.1:9000/kf-bucket/my%20prefix/kf-a%3Ab/input.jsonl"
+    body = b'{"recordId":"i0","modelInput":{}}\n'
+    headers = {"content-type": "application/jsonl", "accept": "application/json"}
+    ours = sign(
+        "PUT",
+        url,
+        headers,
+        body,
+        credentials=AwsCredentials("AKIDEXAMPLE", "secret"),
+        region="us-east-1",
+        service="s3",
+        now=now,
+    )
+    request = botocore.awsrequest.AWSRequest(
+        method="PUT",
+        url=url,
+        data=body,
+        headers={**headers, "X-Amz-Content-SHA256": ours["x-amz-content-sha256"]},
+    )
+    credentials = botocore.credentials.Credentials("AKIDEXAMPLE", "secret")
+    with mock.patch("botocore.auth.get_current_datetime", return_value=now.replace(tzinfo=None)):
+        botocore.auth.S3SigV4Auth(credentials, "s3", "us-east-1").add_auth(request)
+    assert ours["authorization"] == request.headers["Authorization"]
