@@ -132,12 +132,6 @@ class _Jobs:
             return _error(400, f"Malformed request: missing or invalid {exc}")
         if payload.get("modelInvocationType", "InvokeModel") != "Converse":
             return _error(400, "This simulator runs batch jobs with modelInvocationType Converse only.")
-        token = str(payload.get("clientRequestToken") or "")
-        for existing in self.sim.batches.listing("bedrock"):
-            if existing.metadata["jobName"] == job_name:
-                if token and existing.metadata.get("token") == token:
-                    return JSONResponse({"jobArn": existing.extra["arn"]})
-                return _error(409, f"A job with the name {job_name} already exists.")
         if not self.s3_endpoint:
             return _error(400, "The simulator has no S3 endpoint (POST /_sim/bedrock-batch).")
         async with httpx.AsyncClient(timeout=30) as client:
@@ -163,6 +157,13 @@ class _Jobs:
             items.append((record_id, model_input))
         if not items:
             return _error(400, f"The input at {input_uri} holds no records.")
+        # Checked with no await before the job is made: two creates of one name make one job.
+        token = str(payload.get("clientRequestToken") or "")
+        for existing in self.sim.batches.listing("bedrock"):
+            if existing.metadata["jobName"] == job_name:
+                if token and existing.metadata.get("token") == token:
+                    return JSONResponse({"jobArn": existing.extra["arn"]})
+                return _error(409, f"A job with the name {job_name} already exists.")
         batch = self.sim.batches.create(
             "bedrock",
             items,
