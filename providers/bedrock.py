@@ -286,7 +286,7 @@ class BedrockProvider(HttpProvider):
             return None
         return (
             "batch inference reads its input from S3 and writes its results there, through an IAM "
-            f"service role: set {' and '.join(missing)} on the worker"
+            f"service role: {bedrock_batch.missing_message(missing)}"
         )
 
     def batch_min_requests(self) -> int:

@@ -46,6 +46,7 @@ __all__ = [
     "batch_results",
     "batch_status",
     "create_payload",
+    "missing_message",
     "missing_settings",
     "record",
     "settings_of",
@@ -94,10 +95,20 @@ def _setting(provider: BedrockProvider, option: str, env: str) -> str:
     return str(value).strip() if value else ""
 
 
-def missing_settings(provider: BedrockProvider) -> list[str]:
-    """The settings batch inference needs that are not set, as '<env var> (options.<name>)'."""
+def missing_settings(provider: BedrockProvider) -> list[tuple[str, str]]:
+    """The settings batch inference needs that are not set, as (environment variable, option name)."""
     needed = (("batch_bucket", BUCKET_ENV), ("batch_role_arn", ROLE_ARN_ENV))
-    return [f"{env} (options.{option})" for option, env in needed if not _setting(provider, option, env)]
+    return [(env, option) for option, env in needed if not _setting(provider, option, env)]
+
+
+def missing_message(missing: list[tuple[str, str]]) -> str:
+    """What to set, for a refusal: the environment variables, or the options of the provider's settings."""
+    envs = " and ".join(env for env, _ in missing)
+    options = " and ".join(option for _, option in missing)
+    return (
+        f"set {envs} (or the bedrock provider's options {options} in KERNELFLOW_CONFIG) where the workers "
+        "run and where pipelines are checked before they start"
+    )
 
 
 def settings_of(provider: BedrockProvider) -> BatchSettings:
@@ -105,9 +116,9 @@ def settings_of(provider: BedrockProvider) -> BatchSettings:
     missing = missing_settings(provider)
     if missing:
         raise MissingCredentials(
-            f"provider {provider.name!r} needs for batch inference: set {' and '.join(missing)} on the worker",
+            f"provider {provider.name!r} needs for batch inference: {missing_message(missing)}",
             provider=provider.name,
-            env_var=missing[0].split(" ", 1)[0],
+            env_var=missing[0][0],
         )
     region = provider.region
     control = _setting(provider, "control_url", CONTROL_URL_ENV)
