@@ -134,6 +134,12 @@ class _Jobs:
             return _error(400, "This simulator runs batch jobs with modelInvocationType Converse only.")
         if not self.s3_endpoint:
             return _error(400, "The simulator has no S3 endpoint (POST /_sim/bedrock-batch).")
+        try:
+            import botocore.auth  # noqa: F401
+        except ImportError:
+            return _error(
+                500, "The simulator signs its S3 calls with botocore: install it for Bedrock batch jobs."
+            )
         async with httpx.AsyncClient(timeout=30) as client:
             url = self._s3(*_split(input_uri))
             got = await client.get(url, headers=_signed("GET", url))
