@@ -145,6 +145,21 @@ async def test_a_batch_under_bedrocks_minimum_is_answered_in_realtime(
     assert sim.stats()["requests"] == 5
 
 
+async def test_under_the_minimum_with_batch_rounds_the_items_still_end_in_realtime(
+    client: Client, bedrock_queue: str, sim: SimulatorServer
+) -> None:
+    result = await _run(client, bedrock_queue, ["a", "b"], retry_failed="batch", max_rounds=2)
+
+    assert result.status == "completed"
+    assert [f"Answer {q}" in a for q, a in zip("ab", result.steps[0].output, strict=True)] == [True, True]
+    assert _batches(sim)["created"] == 0 and sim.stats()["requests"] == 2
+    report = result.steps[0].batch
+    assert report is not None and {i.via for i in report.items} == {"realtime"}
+    assert {b.vendor_state for b in report.batches} == {
+        "not submitted to bedrock: 2 requests, fewer than its minimum of 100 per batch"
+    }
+
+
 async def _until(check: Callable[[], bool], what: str, within: float = 60.0) -> None:
     deadline = asyncio.get_running_loop().time() + within
     while not check():
