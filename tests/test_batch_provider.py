@@ -5,7 +5,7 @@ cancellation) as the OpenAI provider speaks it, and the simulator's batch endpoi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -42,6 +42,13 @@ def _control(sim: SimulatorServer, **control: object) -> dict[str, object]:
 def _counts(sim: SimulatorServer) -> dict[str, object]:
     data: dict[str, object] = httpx.get(f"{sim.url}/_sim/batches").json()
     return data
+
+
+@pytest.fixture(autouse=True)
+def _default_batch_control_after(sim: SimulatorServer) -> Iterator[None]:
+    """The simulator is shared by the session: leave its batches behaving by default for later tests."""
+    yield
+    _control(sim)
 
 
 @pytest.fixture
