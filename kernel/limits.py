@@ -273,6 +273,12 @@ class TenantBudgetRaise(BaseModel):
         return found
 
 
+def _usd(amount: float) -> str:
+    """Dollars with cents, and up to six decimals for small amounts: $50.00, $0.03, $0.000034."""
+    whole, _, cents = f"{amount:.6f}".rstrip("0").partition(".")
+    return f"${whole}.{cents.ljust(2, '0')}"
+
+
 class BudgetRefusal(BaseModel):
     """A call refused because its tenant's cost budget for a period would be passed."""
 
@@ -287,8 +293,8 @@ class BudgetRefusal(BaseModel):
     def message(self) -> str:
         return (
             f"tenant {self.tenant!r} is over its cost budget per {self.period}: "
-            f"${self.budget_usd:g} for {self.period_id} (UTC), ${self.spent_usd:.6f} spent and "
-            f"${self.reserved_usd:.6f} reserved; this call needs about ${self.estimate_usd:.6f}"
+            f"{_usd(self.budget_usd)} for {self.period_id} (UTC), {_usd(self.spent_usd)} spent and "
+            f"{_usd(self.reserved_usd)} reserved; this call needs about {_usd(self.estimate_usd)}"
         )
 
     def covering(self) -> TenantBudgetRaise:

@@ -84,7 +84,7 @@ def test_a_call_is_refused_when_spend_reservations_and_its_estimate_pass_the_bud
     refusal = ledger.budget_refusal(limit, "acme", 0.5, NOON)
     assert refusal is not None, "0.6 reserved + 0.5 passes $1 a day"
     assert (refusal.period, refusal.period_id, refusal.reserved_usd) == ("day", "2026-11-18", 0.6)
-    assert "tenant 'acme'" in refusal.message() and "$1 for 2026-11-18" in refusal.message()
+    assert "tenant 'acme'" in refusal.message() and "$1.00 for 2026-11-18" in refusal.message()
     ledger.release("1", None, NOON + 1, cost_usd=0.25)
     assert ledger.spend == {"2026-11-18": 0.25, "2026-11": 0.25}, "the actual cost replaces the estimate"
     assert ledger.budget_refusal(limit, "acme", 0.5, NOON) is None
@@ -431,7 +431,7 @@ async def test_the_interpreter_fails_pauses_or_asks_for_an_approval_as_the_spec_
     with pytest.raises(StepFailure) as failed:
         await engine(None, FakeEffects()).tenant_budget_exceeded(_refusal())
     assert failed.value.type == FailureType.TENANT_BUDGET_EXCEEDED
-    assert "per month: $10 for 2026-01 (UTC), $9.500000 spent and $0.250000 reserved" in failed.value.message
+    assert "per month: $10.00 for 2026-01 (UTC), $9.50 spent and $0.25 reserved" in failed.value.message
 
     pausing = FakeEffects()
     paused = engine({"on_exceed": "pause"}, pausing)
