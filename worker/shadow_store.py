@@ -56,7 +56,89 @@ def _utc(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
-class SqliteShadowStore:
+class _SqlShadowStore:
+    """What both stores share: a pair's row, the query for a filter, reading a row back. Subclasses
+    give the placeholder, how a time is stored and where the store is (for messages)."""
+
+    _mark = "?"
+    _sealer: Sealer | None
+
+    def _where(self) -> str:
+        raise NotImplementedError
+
+    def _time(self, moment: datetime) -> object:
+        raise NotImplementedError
+
+    def _rows(self, pairs: Iterable[ShadowPair]) -> list[tuple[object, ...]]:
+        rows: list[tuple[object, ...]] = []
+        for pair in pairs:
+            body = pair.model_dump_json().encode()
+            if self._sealer is not None:
+                body = self._sealer.seal(body)
+            rows.append(
+                (
+                    pair.id,
+                    pair.source,
+                    self._time(pair.recorded_at),
+                    pair.pipeline,
+                    pair.step_id,
+                    pair.workflow_id,
+                    pair.tenant,
+                    pair.primary.model,
+                    pair.candidate.model,
+                    self._sealer is not None,
+                    body,
+                )
+            )
+        return rows
+
+    def _insert(self) -> str:
+        return f"INSERT INTO shadow_pairs VALUES ({', '.join([self._mark] * 11)})"
+
+    def _select(
+        self,
+        pipeline: str | None,
+        step_id: str | None,
+        candidate: str | None,
+        source: PairSource | None,
+        since: datetime | None,
+        limit: int | None,
+    ) -> tuple[str, list[object]]:
+        where: list[str] = []
+        args: list[object] = []
+        for column, value in (
+            ("pipeline", pipeline),
+            ("step_id", step_id),
+            ("candidate_model", candidate),
+            ("source", source),
+        ):
+            if value is not None:
+                where.append(f"{column} = {self._mark}")
+                args.append(value)
+        if since is not None:
+            where.append(f"recorded_at >= {self._mark}")
+            args.append(self._time(since))
+        query = "SELECT sealed, body FROM shadow_pairs"
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        query += " ORDER BY recorded_at, id"
+        if limit is not None:
+            query += f" LIMIT {self._mark}"
+            args.append(limit)
+        return query, args
+
+    def _read(self, sealed: bool, body: bytes) -> ShadowPair:
+        if sealed:
+            if self._sealer is None:
+                raise ConfigurationError(
+                    f"the shadow store {self._where()} holds encrypted pairs: configure the encryption "
+                    "keys (KERNELFLOW_ENCRYPTION_KEYS or the config's encryption section) to read them"
+                )
+            body = self._sealer.unseal(body)
+        return ShadowPair.model_validate_json(body)
+
+
+class SqliteShadowStore(_SqlShadowStore):
     """A ``ShadowStore`` in one SQLite file (WAL mode: a worker writes while a report reads)."""
 
     def __init__(self, path: str | Path, *, sealer: Sealer | None = None) -> None:
@@ -68,32 +150,17 @@ class SqliteShadowStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
 
+    def _where(self) -> str:
+        return str(self.path)
+
+    def _time(self, moment: datetime) -> object:
+        return _utc(moment)
+
     def add(self, pairs: Iterable[ShadowPair]) -> int:
-        rows = []
-        for pair in pairs:
-            body = pair.model_dump_json().encode()
-            if self._sealer is not None:
-                body = self._sealer.seal(body)
-            rows.append(
-                (
-                    pair.id,
-                    pair.source,
-                    _utc(pair.recorded_at),
-                    pair.pipeline,
-                    pair.step_id,
-                    pair.workflow_id,
-                    pair.tenant,
-                    pair.primary.model,
-                    pair.candidate.model,
-                    int(self._sealer is not None),
-                    body,
-                )
-            )
+        rows = self._rows(pairs)
         with self._lock, self._db:
             before = self._db.total_changes
-            self._db.executemany(
-                "INSERT OR IGNORE INTO shadow_pairs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
-            )
+            self._db.executemany(self._insert().replace("INSERT", "INSERT OR IGNORE", 1), rows)
             return self._db.total_changes - before
 
     def pairs(
@@ -106,40 +173,10 @@ class SqliteShadowStore:
         since: datetime | None = None,
         limit: int | None = None,
     ) -> list[ShadowPair]:
-        where: list[str] = []
-        args: list[object] = []
-        for column, value in (
-            ("pipeline", pipeline),
-            ("step_id", step_id),
-            ("candidate_model", candidate),
-            ("source", source),
-        ):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if since is not None:
-            where.append("recorded_at >= ?")
-            args.append(_utc(since))
-        query = "SELECT sealed, body FROM shadow_pairs"
-        if where:
-            query += " WHERE " + " AND ".join(where)
-        query += " ORDER BY recorded_at, id"
-        if limit is not None:
-            query += " LIMIT ?"
-            args.append(limit)
+        query, args = self._select(pipeline, step_id, candidate, source, since, limit)
         with self._lock:
             rows = self._db.execute(query, args).fetchall()
         return [self._read(bool(sealed), body) for sealed, body in rows]
-
-    def _read(self, sealed: bool, body: bytes) -> ShadowPair:
-        if sealed:
-            if self._sealer is None:
-                raise ConfigurationError(
-                    f"the shadow store {self.path} holds encrypted pairs: configure the encryption keys "
-                    "(KERNELFLOW_ENCRYPTION_KEYS or the config's encryption section) to read them"
-                )
-            body = self._sealer.unseal(body)
-        return ShadowPair.model_validate_json(body)
 
     def close(self) -> None:
         with self._lock:
@@ -165,10 +202,12 @@ _PG_SCHEMA = (
 )
 
 
-class PostgresShadowStore:
+class PostgresShadowStore(_SqlShadowStore):
     """A ``ShadowStore`` in a PostgreSQL table of the same columns as SQLite's (``recorded_at`` a
     ``timestamptz``, ``body`` a ``bytea``): one connection, used under a lock, opened again once if
     the server dropped it."""
+
+    _mark = "%s"
 
     def __init__(self, url: str, *, sealer: Sealer | None = None) -> None:
         try:
@@ -204,38 +243,21 @@ class PostgresShadowStore:
                 self._db = self._connect()
                 return work(self._db)
 
+    def _where(self) -> str:
+        return _redacted(self.url)
+
+    def _time(self, moment: datetime) -> object:
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
     def add(self, pairs: Iterable[ShadowPair]) -> int:
-        rows = []
-        for pair in pairs:
-            body = pair.model_dump_json().encode()
-            if self._sealer is not None:
-                body = self._sealer.seal(body)
-            recorded = pair.recorded_at if pair.recorded_at.tzinfo else pair.recorded_at.replace(tzinfo=UTC)
-            rows.append(
-                (
-                    pair.id,
-                    pair.source,
-                    recorded,
-                    pair.pipeline,
-                    pair.step_id,
-                    pair.workflow_id,
-                    pair.tenant,
-                    pair.primary.model,
-                    pair.candidate.model,
-                    self._sealer is not None,
-                    body,
-                )
-            )
+        rows = self._rows(pairs)
+        statement = self._insert() + " ON CONFLICT (id) DO NOTHING"
 
         def insert(db: Any) -> int:
             added = 0
             with db.transaction(), db.cursor() as cursor:
                 for row in rows:
-                    cursor.execute(
-                        "INSERT INTO shadow_pairs VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                        "ON CONFLICT (id) DO NOTHING",
-                        row,
-                    )
+                    cursor.execute(statement, row)
                     added += cursor.rowcount
             return added
 
@@ -251,39 +273,9 @@ class PostgresShadowStore:
         since: datetime | None = None,
         limit: int | None = None,
     ) -> list[ShadowPair]:
-        where: list[str] = []
-        args: list[object] = []
-        for column, value in (
-            ("pipeline", pipeline),
-            ("step_id", step_id),
-            ("candidate_model", candidate),
-            ("source", source),
-        ):
-            if value is not None:
-                where.append(f"{column} = %s")
-                args.append(value)
-        if since is not None:
-            where.append("recorded_at >= %s")
-            args.append(since if since.tzinfo else since.replace(tzinfo=UTC))
-        query = "SELECT sealed, body FROM shadow_pairs"
-        if where:
-            query += " WHERE " + " AND ".join(where)
-        query += " ORDER BY recorded_at, id"
-        if limit is not None:
-            query += " LIMIT %s"
-            args.append(limit)
+        query, args = self._select(pipeline, step_id, candidate, source, since, limit)
         rows = self._run(lambda db: db.execute(query, args).fetchall())
         return [self._read(bool(sealed), bytes(body)) for sealed, body in rows]
-
-    def _read(self, sealed: bool, body: bytes) -> ShadowPair:
-        if sealed:
-            if self._sealer is None:
-                raise ConfigurationError(
-                    f"the shadow store {_redacted(self.url)} holds encrypted pairs: configure the encryption "
-                    "keys (KERNELFLOW_ENCRYPTION_KEYS or the config's encryption section) to read them"
-                )
-            body = self._sealer.unseal(body)
-        return ShadowPair.model_validate_json(body)
 
     def close(self) -> None:
         with self._lock:
