@@ -20,6 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kernel.contracts import ChatRequest, ChatResponse, Usage
+from kernel.errors import ProviderError
 
 __all__ = [
     "BATCH_STATES",
@@ -118,6 +119,17 @@ class BatchItemResult(BaseModel):
     error_type: str | None = None
     error_message: str | None = None
     retryable: bool = False
+
+    @classmethod
+    def failed(cls, custom_id: str, error: ProviderError) -> BatchItemResult:
+        """An item that failed as a realtime call with ``error`` would have."""
+        return cls(
+            custom_id=custom_id,
+            outcome="errored",
+            error_type=type(error).__name__,
+            error_message=str(error),
+            retryable=error.retryable,
+        )
 
 
 class BatchItemReport(BaseModel):

@@ -24,6 +24,7 @@ import httpx
 
 from kernel.batch import BatchCounts, BatchItem, BatchItemResult, BatchJob, BatchLimits, BatchState
 from kernel.errors import MalformedResponse, MissingCredentials, ProviderError, error_from_status
+from providers._batch import reading_batch_job
 from providers._http import WireShapeError, as_list, as_object
 from providers._sigv4 import sign
 
@@ -214,7 +215,7 @@ async def _control(
 
 
 def _job(provider: BedrockProvider, data: Any) -> BatchJob:
-    try:
+    with reading_batch_job(provider.name):
         body = as_object(data, "the model invocation job")
         status = str(body["status"])
         arn = str(body["jobArn"])
@@ -230,10 +231,6 @@ def _job(provider: BedrockProvider, data: Any) -> BatchJob:
                 failed=int(body.get("errorRecordCount") or 0),
             ),
         )
-    except (KeyError, TypeError, ValueError, WireShapeError) as exc:
-        raise MalformedResponse(
-            f"{provider.name} answered a batch request with an unexpected body: {exc}", provider=provider.name
-        ) from exc
 
 
 async def batch_find(provider: BedrockProvider, tag: str) -> BatchJob | None:
@@ -376,21 +373,11 @@ def _result(
             if error_type
             else error_from_status(status, message, provider=provider.name, model=model)
         )
-        return _errored(custom_id, failure)
+        return BatchItemResult.failed(custom_id, failure)
     try:
         answer = provider._parse_answer(
             entry["modelOutput"], model, str(output_tool) if output_tool else None, ""
         )
     except ProviderError as exc:
-        return _errored(custom_id, exc)
+        return BatchItemResult.failed(custom_id, exc)
     return BatchItemResult(custom_id=custom_id, outcome="succeeded", response=answer)
-
-
-def _errored(custom_id: str, error: ProviderError) -> BatchItemResult:
-    return BatchItemResult(
-        custom_id=custom_id,
-        outcome="errored",
-        error_type=type(error).__name__,
-        error_message=str(error),
-        retryable=error.retryable,
-    )

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from kernel.batch import BatchCounts, BatchItem, BatchItemResult, BatchJob, BatchLimits, BatchState
 from kernel.errors import MalformedResponse, ProviderError
+from providers._batch import get_json, reading_batch_job
 from providers._http import WireShapeError, as_list, as_object
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ def payload(provider: GeminiProvider, tag: str, items: list[BatchItem]) -> dict[
 
 
 def _job(provider: GeminiProvider, data: Any) -> BatchJob:
-    try:
+    with reading_batch_job(provider.name):
         operation = as_object(data, "the batch operation")
         metadata = as_object(operation.get("metadata"), "metadata")
         state = str(metadata["state"])
@@ -61,22 +62,13 @@ def _job(provider: GeminiProvider, data: Any) -> BatchJob:
                 failed=int(stats.get("failedRequestCount") or 0),
             ),
         )
-    except (KeyError, TypeError, ValueError, WireShapeError) as exc:
-        raise MalformedResponse(
-            f"{provider.name} answered a batch request with an unexpected body: {exc}", provider=provider.name
-        ) from exc
-
-
-async def _get(provider: GeminiProvider, path: str) -> Any:
-    request = provider.client.build_request("GET", provider._url(path), headers=provider._auth_headers())
-    return provider._json_body(await provider._send(request, model=None), None)
 
 
 async def batch_find(provider: GeminiProvider, tag: str) -> BatchJob | None:
     token = ""
     for _ in range(_FIND_PAGES):
         query = f"/{provider.api_version}/batches?pageSize=100{f'&pageToken={token}' if token else ''}"
-        page = as_object(await _get(provider, query), "the batch list")
+        page = as_object(await get_json(provider, query), "the batch list")
         for raw in as_list(page.get("operations"), "operations", optional=True):
             metadata = as_object(as_object(raw, "a batch").get("metadata"), "metadata", optional=True)
             if metadata.get("displayName") == tag:
@@ -94,7 +86,7 @@ async def batch_create(provider: GeminiProvider, tag: str, items: list[BatchItem
 
 
 async def batch_status(provider: GeminiProvider, batch_id: str) -> BatchJob:
-    return _job(provider, await _get(provider, f"/{provider.api_version}/batches/{batch_id}"))
+    return _job(provider, await get_json(provider, f"/{provider.api_version}/batches/{batch_id}"))
 
 
 async def batch_cancel(provider: GeminiProvider, batch_id: str) -> BatchJob:
@@ -105,7 +97,9 @@ async def batch_cancel(provider: GeminiProvider, batch_id: str) -> BatchJob:
 async def batch_results(
     provider: GeminiProvider, batch_id: str, custom_ids: list[str], model: str
 ) -> list[BatchItemResult]:
-    operation = as_object(await _get(provider, f"/{provider.api_version}/batches/{batch_id}"), "the batch")
+    operation = as_object(
+        await get_json(provider, f"/{provider.api_version}/batches/{batch_id}"), "the batch"
+    )
     job = _job(provider, operation)
     try:
         response = as_object(operation.get("response"), "response", optional=True)
@@ -130,22 +124,12 @@ async def batch_results(
             failure = provider._classify(
                 int(error.get("code") or 500), {"error": error}, json.dumps(error), model
             )
-            results.append(_errored(custom_id, failure))
+            results.append(BatchItemResult.failed(custom_id, failure))
         else:
             try:
                 answer = provider._parse_response(entry.get("response"), model)
             except ProviderError as exc:
-                results.append(_errored(custom_id, exc))
+                results.append(BatchItemResult.failed(custom_id, exc))
                 continue
             results.append(BatchItemResult(custom_id=custom_id, outcome="succeeded", response=answer))
     return results
-
-
-def _errored(custom_id: str, error: ProviderError) -> BatchItemResult:
-    return BatchItemResult(
-        custom_id=custom_id,
-        outcome="errored",
-        error_type=type(error).__name__,
-        error_message=str(error),
-        retryable=error.retryable,
-    )

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from kernel.batch import BatchCounts, BatchItem, BatchItemResult, BatchJob, BatchLimits, BatchState
 from kernel.errors import MalformedResponse, ProviderError, error_from_status
+from providers._batch import get_json, reading_batch_job
 from providers._http import WireShapeError, as_list, as_object
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ def item_line(provider: OpenAIProvider, item: BatchItem) -> dict[str, Any]:
 
 
 def _job(provider: OpenAIProvider, data: Any) -> BatchJob:
-    try:
+    with reading_batch_job(provider.name):
         body = as_object(data, "the batch")
         status = str(body["status"])
         counts = as_object(body.get("request_counts"), "request_counts", optional=True)
@@ -77,22 +78,13 @@ def _job(provider: OpenAIProvider, data: Any) -> BatchJob:
             created_at=int(body.get("created_at") or 0),
             expires_at=body.get("expires_at"),
         )
-    except (KeyError, TypeError, ValueError, WireShapeError) as exc:
-        raise MalformedResponse(
-            f"{provider.name} answered a batch request with an unexpected body: {exc}", provider=provider.name
-        ) from exc
-
-
-async def _get(provider: OpenAIProvider, path: str) -> Any:
-    request = provider.client.build_request("GET", provider._url(path), headers=provider._auth_headers())
-    return provider._json_body(await provider._send(request, model=None), None)
 
 
 async def batch_find(provider: OpenAIProvider, tag: str) -> BatchJob | None:
     after: str | None = None
     for _ in range(_FIND_PAGES):
         query = f"/batches?limit=100{f'&after={after}' if after else ''}"
-        page = as_object(await _get(provider, query), "the batch list")
+        page = as_object(await get_json(provider, query), "the batch list")
         data = as_list(page.get("data"), "data", optional=True)
         for raw in data:
             if (
@@ -126,7 +118,7 @@ async def batch_create(provider: OpenAIProvider, tag: str, items: list[BatchItem
 
 
 async def batch_status(provider: OpenAIProvider, batch_id: str) -> BatchJob:
-    return _job(provider, await _get(provider, f"/batches/{batch_id}"))
+    return _job(provider, await get_json(provider, f"/batches/{batch_id}"))
 
 
 async def batch_cancel(provider: OpenAIProvider, batch_id: str) -> BatchJob:
@@ -155,7 +147,7 @@ async def _lines(provider: OpenAIProvider, file_id: Any) -> list[dict[str, Any]]
 async def batch_results(
     provider: OpenAIProvider, batch_id: str, custom_ids: list[str], model: str
 ) -> list[BatchItemResult]:
-    batch = as_object(await _get(provider, f"/batches/{batch_id}"), "the batch")
+    batch = as_object(await get_json(provider, f"/batches/{batch_id}"), "the batch")
     state = _STATES.get(str(batch.get("status")), "in_progress")
     lines = await _lines(provider, batch.get("output_file_id")) + await _lines(
         provider, batch.get("error_file_id")
@@ -187,27 +179,17 @@ def _result(provider: OpenAIProvider, custom_id: str, model: str, line: dict[str
             model=model,
             code=code,
         )
-        return _errored(custom_id, failure)
+        return BatchItemResult.failed(custom_id, failure)
     status = int(response.get("status_code") or 0)
     body = response.get("body")
     if status >= 400 or status == 0:
         message, vendor_code = provider._error_details(body, json.dumps(body))
-        return _errored(
+        return BatchItemResult.failed(
             custom_id,
             error_from_status(status or 500, message, provider=provider.name, model=model, code=vendor_code),
         )
     try:
         answer = provider._parse_response(body, model)
     except ProviderError as exc:
-        return _errored(custom_id, exc)
+        return BatchItemResult.failed(custom_id, exc)
     return BatchItemResult(custom_id=custom_id, outcome="succeeded", response=answer)
-
-
-def _errored(custom_id: str, error: ProviderError) -> BatchItemResult:
-    return BatchItemResult(
-        custom_id=custom_id,
-        outcome="errored",
-        error_type=type(error).__name__,
-        error_message=str(error),
-        retryable=error.retryable,
-    )
